@@ -1,0 +1,468 @@
+//! AutoConfig: read `config.json`, dispatch on `model_type` to a typed configuration, and keep
+//! every key we do not use so that a load/save round trip loses nothing.
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// The model types we can build, with the family that implements each. Aliases share a family.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "opt", "gpt2"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (transformers' "linear").
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Llama-style decoder (Llama 1-3, Mistral without sliding window, SmolLM, Qwen2 with biases).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama `attention_bias`; never in Qwen2).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// OPT decoder (facebook/opt-*): learned positions with offset 2, ReLU, optional post-LN and
+/// a `word_embed_proj_dim` narrower than the hidden size (project_in/project_out).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub ffn_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub do_layer_norm_before: bool,
+    pub word_embed_proj_dim: usize,
+    pub enable_bias: bool,
+    pub layer_norm_elementwise_affine: bool,
+    pub remove_final_layer_norm: bool,
+    pub activation: Activation,
+    pub tie_word_embeddings: bool,
+}
+
+/// GPT-2: learned positions, Conv1D weights stored `[in, out]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_positions: usize,
+    pub n_inner: usize,
+    pub layer_norm_epsilon: f64,
+    pub activation: Activation,
+    pub scale_attn_weights: bool,
+    pub scale_attn_by_inverse_layer_idx: bool,
+    pub tie_word_embeddings: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Silu,
+    /// Exact erf GELU.
+    Gelu,
+    /// tanh approximation ("gelu_new", "gelu_pytorch_tanh").
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str, path: &Path) -> Result<Self> {
+        Ok(match name {
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("unsupported activation `{other}` (supported: relu, silu, gelu, gelu_new, gelu_pytorch_tanh)"),
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Architecture {
+    Llama(LlamaConfig),
+    Qwen2(LlamaConfig),
+    Opt(OptConfig),
+    Gpt2(Gpt2Config),
+}
+
+/// A parsed `config.json`: the typed view the models use plus the original JSON object.
+#[derive(Clone, Debug)]
+pub struct AutoConfig {
+    pub model_type: String,
+    pub arch: Architecture,
+    /// Every key of the original file, in its order. Saved back as is (with our updates).
+    pub raw: Map<String, Value>,
+    pub source: Option<PathBuf>,
+}
+
+impl AutoConfig {
+    /// Read `config.json` from a file path or from a model folder.
+    pub fn from_pretrained(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let value = crate::error::read_json(&file)?;
+        let mut cfg = Self::from_value(value, &file, Some(&file))?;
+        cfg.source = Some(file);
+        Ok(cfg)
+    }
+
+    /// Parse a JSON config. `name_hint` is used to infer `model_type` when the key is missing,
+    /// as transformers does from the checkpoint name.
+    pub fn from_value(value: Value, origin: &Path, name_hint: Option<&Path>) -> Result<Self> {
+        let raw = match value {
+            Value::Object(map) => map,
+            _ => return Err(Error::format(origin, "config is not a JSON object")),
+        };
+        let model_type = match raw.get("model_type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => infer_model_type(&name_hint.unwrap_or(origin).to_string_lossy()).ok_or_else(|| {
+                Error::format(
+                    origin,
+                    format!(
+                        "no `model_type` key and none of the supported types ({}) appears in the name",
+                        SUPPORTED_MODEL_TYPES.join(", ")
+                    ),
+                )
+            })?,
+        };
+        let r = Reader { map: &raw, path: origin };
+        let arch = match model_type.as_str() {
+            "llama" | "mistral" => Architecture::Llama(r.llama(false)?),
+            "qwen2" => Architecture::Qwen2(r.llama(true)?),
+            "opt" => Architecture::Opt(r.opt()?),
+            "gpt2" => Architecture::Gpt2(r.gpt2()?),
+            other => {
+                return Err(Error::format(
+                    origin,
+                    format!("unknown model_type `{other}`; supported: {}", SUPPORTED_MODEL_TYPES.join(", ")),
+                ))
+            }
+        };
+        Ok(AutoConfig { model_type, arch, raw, source: None })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.arch {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => c.vocab_size,
+            Architecture::Opt(c) => c.vocab_size,
+            Architecture::Gpt2(c) => c.vocab_size,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match &self.arch {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => c.num_hidden_layers,
+            Architecture::Opt(c) => c.num_hidden_layers,
+            Architecture::Gpt2(c) => c.n_layer,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match &self.arch {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => c.hidden_size,
+            Architecture::Opt(c) => c.hidden_size,
+            Architecture::Gpt2(c) => c.n_embd,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        match &self.arch {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => c.max_position_embeddings,
+            Architecture::Opt(c) => c.max_position_embeddings,
+            Architecture::Gpt2(c) => c.n_positions,
+        }
+    }
+
+    pub fn tie_word_embeddings(&self) -> bool {
+        match &self.arch {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => c.tie_word_embeddings,
+            Architecture::Opt(c) => c.tie_word_embeddings,
+            Architecture::Gpt2(c) => c.tie_word_embeddings,
+        }
+    }
+
+    /// Token ids from the config (generation_config.json may override them).
+    pub fn token_id(&self, key: &str) -> Vec<u32> {
+        match self.raw.get(key) {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// The JSON written by `save_pretrained`: the original keys, sorted like transformers
+    /// (`sort_keys=True`), 2-space indent, trailing newline.
+    pub fn to_json_string(&self) -> String {
+        let sorted: std::collections::BTreeMap<&String, &Value> = self.raw.iter().collect();
+        let mut s = serde_json::to_string_pretty(&sorted).expect("JSON values always serialize");
+        s.push('\n');
+        s
+    }
+}
+
+/// Infer the model type from a name the way transformers does: the longest supported type
+/// that appears in the name.
+pub fn infer_model_type(name: &str) -> Option<String> {
+    let lower = name.to_lowercase();
+    SUPPORTED_MODEL_TYPES
+        .iter()
+        .filter(|t| lower.contains(*t))
+        .max_by_key(|t| t.len())
+        .map(|t| t.to_string())
+}
+
+/// Typed access to config keys with errors that name the file and key.
+struct Reader<'a> {
+    map: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn err(&self, key: &str, what: &str) -> Error {
+        Error::format(self.path, format!("key `{key}`: {what}"))
+    }
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => Ok(Some(n as usize)),
+                None => Err(self.err(key, &format!("expected a non-negative integer, found {v}"))),
+            },
+        }
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+    fn positive(&self, key: &str) -> Result<usize> {
+        let v = self.usize(key)?;
+        if v == 0 {
+            return Err(self.err(key, "must be positive"));
+        }
+        Ok(v)
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, &format!("expected a number, found {v}"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.err(key, &format!("expected true/false, found {v}"))),
+        }
+    }
+    fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(self.err(key, &format!("expected a string, found {v}"))),
+        }
+    }
+
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        let obj = match self.map.get("rope_scaling") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(o)) => o,
+            Some(v) => return Err(self.err("rope_scaling", &format!("expected an object, found {v}"))),
+        };
+        let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let num = |k: &str| -> Result<f64> {
+            obj.get(k).and_then(Value::as_f64).ok_or_else(|| self.err("rope_scaling", &format!("`{k}` missing or not a number")))
+        };
+        Ok(match kind {
+            "default" => None,
+            "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => Some(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            }),
+            other => {
+                return Err(self.err(
+                    "rope_scaling",
+                    &format!("rope type `{other}` is not supported (supported: default, linear, llama3)"),
+                ))
+            }
+        })
+    }
+
+    fn llama(&self, qwen2: bool) -> Result<LlamaConfig> {
+        let hidden_size = self.positive("hidden_size")?;
+        let heads = self.positive("num_attention_heads")?;
+        let kv_heads = self.usize_opt("num_key_value_heads")?.unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(self.err(
+                "num_key_value_heads",
+                &format!("{kv_heads} does not divide num_attention_heads {heads}"),
+            ));
+        }
+        let head_dim = match self.usize_opt("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => return Err(self.err("head_dim", "missing and hidden_size is not divisible by num_attention_heads")),
+        };
+        if head_dim % 2 != 0 {
+            return Err(self.err("head_dim", "must be even for rotary embeddings"));
+        }
+        let act = self.str_or("hidden_act", "silu")?;
+        if Activation::parse(act, self.path)? != Activation::Silu {
+            return Err(self.err("hidden_act", &format!("`{act}` is not supported for this architecture (silu only)")));
+        }
+        let attention_bias = self.bool_or("attention_bias", false)?;
+        Ok(LlamaConfig {
+            vocab_size: self.positive("vocab_size")?,
+            hidden_size,
+            intermediate_size: self.positive("intermediate_size")?,
+            num_hidden_layers: self.usize("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta: self.f64_or("rope_theta", 10000.0)?,
+            rope_scaling: self.rope_scaling()?,
+            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+            mlp_bias: self.bool_or("mlp_bias", false)?,
+        })
+    }
+
+    fn opt(&self) -> Result<OptConfig> {
+        let hidden_size = self.positive("hidden_size")?;
+        let heads = self.positive("num_attention_heads")?;
+        if hidden_size % heads != 0 {
+            return Err(self.err("num_attention_heads", "does not divide hidden_size"));
+        }
+        Ok(OptConfig {
+            vocab_size: self.positive("vocab_size")?,
+            hidden_size,
+            ffn_dim: self.positive("ffn_dim")?,
+            num_hidden_layers: self.usize("num_hidden_layers")?,
+            num_attention_heads: heads,
+            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            do_layer_norm_before: self.bool_or("do_layer_norm_before", true)?,
+            word_embed_proj_dim: self.usize_opt("word_embed_proj_dim")?.unwrap_or(hidden_size),
+            enable_bias: self.bool_or("enable_bias", true)?,
+            layer_norm_elementwise_affine: self.bool_or("layer_norm_elementwise_affine", true)?,
+            remove_final_layer_norm: self.bool_or("_remove_final_layer_norm", false)?,
+            activation: Activation::parse(self.str_or("activation_function", "relu")?, self.path)?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
+        })
+    }
+
+    fn gpt2(&self) -> Result<Gpt2Config> {
+        let n_embd = self.positive("n_embd")?;
+        let n_head = self.positive("n_head")?;
+        if n_embd % n_head != 0 {
+            return Err(self.err("n_head", "does not divide n_embd"));
+        }
+        if self.bool_or("reorder_and_upcast_attn", false)? {
+            // Only changes numerics in half precision; we compute attention in f32 anyway.
+        }
+        Ok(Gpt2Config {
+            vocab_size: self.positive("vocab_size")?,
+            n_embd,
+            n_layer: self.usize("n_layer")?,
+            n_head,
+            n_positions: self.usize_opt("n_positions")?.unwrap_or(1024),
+            n_inner: self.usize_opt("n_inner")?.unwrap_or(4 * n_embd),
+            layer_norm_epsilon: self.f64_or("layer_norm_epsilon", 1e-5)?,
+            activation: Activation::parse(self.str_or("activation_function", "gelu_new")?, self.path)?,
+            scale_attn_weights: self.bool_or("scale_attn_weights", true)?,
+            scale_attn_by_inverse_layer_idx: self.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<AutoConfig> {
+        AutoConfig::from_value(v, Path::new("config.json"), None)
+    }
+
+    #[test]
+    fn infers_longest_matching_type() {
+        assert_eq!(infer_model_type("Qwen/Qwen2-0.5B").as_deref(), Some("qwen2"));
+        assert_eq!(infer_model_type("facebook/opt-125m").as_deref(), Some("opt"));
+        assert_eq!(infer_model_type("openai-community/gpt2-large").as_deref(), Some("gpt2"));
+        assert_eq!(infer_model_type("bert-base"), None);
+    }
+
+    #[test]
+    fn unknown_model_type_lists_supported() {
+        let err = parse(json!({"model_type": "bert", "hidden_size": 8})).unwrap_err().to_string();
+        assert!(err.contains("unknown model_type `bert`"), "{err}");
+        assert!(err.contains("llama") && err.contains("gpt2"), "{err}");
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn llama_defaults_and_gqa() {
+        let c = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2,"unused_key":{"a":1}}))
+        .unwrap();
+        let Architecture::Llama(l) = &c.arch else { panic!("wrong arch") };
+        assert_eq!((l.head_dim, l.num_key_value_heads, l.rope_theta), (8, 2, 10000.0));
+        assert!(c.to_json_string().contains("unused_key"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse(json!({"model_type":"llama","vocab_size":"ten"})).unwrap_err().to_string();
+        assert!(err.contains("vocab_size"), "{err}");
+        let err = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":3}))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+        let err = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"rope_scaling":{"rope_type":"yarn","factor":2.0}}))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_only() {
+        let c = parse(json!({"model_type":"qwen2","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2}))
+        .unwrap();
+        let Architecture::Qwen2(l) = &c.arch else { panic!("wrong arch") };
+        assert!(l.qkv_bias && !l.o_bias);
+    }
+}

@@ -1,0 +1,147 @@
+//! Scaled dot-product attention over a key/value cache, shared by every architecture.
+//! Keys and values are cached per (batch row, kv head) as contiguous `[len, head_dim]` rows.
+
+use crate::kernels;
+use rayon::prelude::*;
+
+/// Per-layer key/value cache plus the attention mask of every position seen so far.
+#[derive(Default)]
+pub struct KvCache {
+    batch: usize,
+    /// `layers[l].0[b * kv_heads + h]` = keys `[len, head_dim]`; `.1` = values.
+    layers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    /// `mask[b][j]` is 1 when position j of row b may be attended to.
+    mask: Vec<Vec<u8>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: usize) -> Self {
+        KvCache { batch, layers: (0..num_layers).map(|_| (vec![], vec![])).collect(), mask: vec![vec![]; batch] }
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.mask.first().map_or(0, Vec::len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn mask(&self) -> &[Vec<u8>] {
+        &self.mask
+    }
+    /// Register `t` new positions. `attention_mask`, if given, is HF-style `[batch, past + t]`
+    /// (or just `[batch, t]`); only its last `t` columns are new.
+    pub fn push_positions(&mut self, t: usize, attention_mask: Option<&[Vec<u8>]>) {
+        for b in 0..self.batch {
+            match attention_mask {
+                Some(m) => {
+                    let row = &m[b];
+                    self.mask[b].extend_from_slice(&row[row.len() - t..]);
+                }
+                None => self.mask[b].extend(std::iter::repeat(1).take(t)),
+            }
+        }
+    }
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| 4 * (k.iter().map(Vec::len).sum::<usize>() + v.iter().map(Vec::len).sum::<usize>())).sum()
+    }
+    /// Drop everything after the first `len` positions (used to reuse a prompt prefix).
+    pub fn truncate(&mut self, len: usize, head_dim: usize) {
+        for (k, v) in &mut self.layers {
+            for x in k.iter_mut().chain(v.iter_mut()) {
+                x.truncate(len * head_dim);
+            }
+        }
+        for m in &mut self.mask {
+            m.truncate(len);
+        }
+    }
+
+    /// Positions following the transformers `generate` convention: the count of attended
+    /// tokens before each position (cumsum(mask) - 1), 1 for masked positions.
+    pub fn default_positions(&self, t: usize) -> Vec<Vec<usize>> {
+        self.mask
+            .iter()
+            .map(|row| {
+                let mut count = 0usize;
+                let all: Vec<usize> = row
+                    .iter()
+                    .map(|&m| {
+                        count += m as usize;
+                        if m == 0 { 1 } else { count - 1 }
+                    })
+                    .collect();
+                all[all.len() - t..].to_vec()
+            })
+            .collect()
+    }
+}
+
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Append the new keys/values of layer `layer` to the cache and attend.
+/// `q` is `[batch * t, heads * head_dim]`, `k`/`v` are `[batch * t, kv_heads * head_dim]`.
+/// The new positions must already be registered with [`KvCache::push_positions`].
+/// Returns `[batch * t, heads * head_dim]`.
+pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let (hd, kvh, nh) = (s.head_dim, s.kv_heads, s.heads);
+    let batch = cache.batch;
+    let (kc, vc) = &mut cache.layers[layer];
+    if kc.is_empty() {
+        *kc = vec![vec![]; batch * kvh];
+        *vc = vec![vec![]; batch * kvh];
+    }
+    for b in 0..batch {
+        for i in 0..t {
+            let row = (b * t + i) * kvh * hd;
+            for h in 0..kvh {
+                kc[b * kvh + h].extend_from_slice(&k[row + h * hd..row + (h + 1) * hd]);
+                vc[b * kvh + h].extend_from_slice(&v[row + h * hd..row + (h + 1) * hd]);
+            }
+        }
+    }
+    let total = cache.mask[0].len();
+    let past = total - t;
+    let (kc, vc) = (&cache.layers[layer].0, &cache.layers[layer].1);
+    let mask = &cache.mask;
+    let group = nh / kvh;
+    let heads_out: Vec<Vec<f32>> = (0..batch * nh)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / nh, bh % nh);
+            let kv = b * kvh + h / group;
+            let (keys, vals) = (&kc[kv], &vc[kv]);
+            // scores[i, j] = q_i · k_j
+            let mut scores = vec![0f32; t * total];
+            kernels::gemm_serial(t, total, hd, &q[(b * t) * nh * hd + h * hd..], nh * hd, 1, keys, 1, hd, &mut scores);
+            for i in 0..t {
+                let row = &mut scores[i * total..(i + 1) * total];
+                let limit = past + i; // causal: keys 0..=limit
+                for (j, sc) in row.iter_mut().enumerate() {
+                    *sc = if j <= limit && mask[b][j] != 0 { *sc * s.scale } else { f32::NEG_INFINITY };
+                }
+                kernels::softmax(row);
+            }
+            let mut out = vec![0f32; t * hd];
+            kernels::gemm_serial(t, hd, total, &scores, total, 1, vals, hd, 1, &mut out);
+            out
+        })
+        .collect();
+    let mut out = vec![0f32; batch * t * nh * hd];
+    for (bh, o) in heads_out.iter().enumerate() {
+        let (b, h) = (bh / nh, bh % nh);
+        for i in 0..t {
+            let dst = (b * t + i) * nh * hd + h * hd;
+            out[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
+    out
+}

@@ -1,0 +1,176 @@
+//! GPT-2: learned absolute positions, pre-LayerNorm blocks, GELU (tanh) MLP. Its `Conv1D`
+//! weights are stored `[in, out]`; they are transposed once at load into the Linear layout.
+
+use super::attention::{attend, AttentionShape, KvCache};
+use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use crate::config::{AutoConfig, Gpt2Config};
+use crate::error::Result;
+use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
+use std::sync::Arc;
+
+pub struct Gpt2Block {
+    pub ln_1: LayerNorm,
+    pub c_attn: Linear,
+    pub attn_c_proj: Linear,
+    pub ln_2: LayerNorm,
+    pub c_fc: Linear,
+    pub mlp_c_proj: Linear,
+}
+
+pub struct Gpt2 {
+    pub config: AutoConfig,
+    pub cfg: Gpt2Config,
+    pub wte: Arc<DenseMatrix>,
+    pub wpe: Vec<f32>,
+    pub h: Vec<Gpt2Block>,
+    pub ln_f: LayerNorm,
+    pub lm_head: Option<Linear>,
+}
+
+/// Checkpoint tensor names and shapes (Conv1D weights as stored, `[in, out]`).
+pub fn tensor_shapes(c: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
+    let e = c.n_embd;
+    let mut v = vec![
+        ("transformer.wte.weight".to_string(), vec![c.vocab_size, e]),
+        ("transformer.wpe.weight".to_string(), vec![c.n_positions, e]),
+    ];
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        for (n, inp, out) in [("attn.c_attn", e, 3 * e), ("attn.c_proj", e, e), ("mlp.c_fc", e, c.n_inner), ("mlp.c_proj", c.n_inner, e)] {
+            v.push((format!("{p}.{n}.weight"), vec![inp, out]));
+            v.push((format!("{p}.{n}.bias"), vec![out]));
+        }
+        for n in ["ln_1", "ln_2"] {
+            v.push((format!("{p}.{n}.weight"), vec![e]));
+            v.push((format!("{p}.{n}.bias"), vec![e]));
+        }
+    }
+    v.push(("transformer.ln_f.weight".into(), vec![e]));
+    v.push(("transformer.ln_f.bias".into(), vec![e]));
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![c.vocab_size, e]));
+    }
+    v
+}
+
+impl Gpt2 {
+    pub fn load(config: AutoConfig, cfg: Gpt2Config, ld: &Loader) -> Result<Self> {
+        let e = cfg.n_embd;
+        let eps = cfg.layer_norm_epsilon;
+        let wte = Arc::new(ld.matrix("transformer.wte.weight", cfg.vocab_size, e)?);
+        let wpe = crate::formats::read_f32_checked(ld.src, "transformer.wpe.weight", &[cfg.n_positions, e])?;
+        let mut h = vec![];
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            h.push(Gpt2Block {
+                ln_1: ld.layer_norm(&format!("{p}.ln_1"), e, eps, true)?,
+                c_attn: ld.conv1d(&format!("{p}.attn.c_attn"), e, 3 * e)?,
+                attn_c_proj: ld.conv1d(&format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: ld.layer_norm(&format!("{p}.ln_2"), e, eps, true)?,
+                c_fc: ld.conv1d(&format!("{p}.mlp.c_fc"), e, cfg.n_inner)?,
+                mlp_c_proj: ld.conv1d(&format!("{p}.mlp.c_proj"), cfg.n_inner, e)?,
+            });
+        }
+        let ln_f = ld.layer_norm("transformer.ln_f", e, eps, true)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", e, cfg.vocab_size, false)?) };
+        Ok(Gpt2 { config, cfg, wte, wpe, h, ln_f, lm_head })
+    }
+
+    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
+        let c = &self.cfg;
+        let b = &self.h[i];
+        let e = c.n_embd;
+        let rows = x.len() / e;
+        let hd = e / c.n_head;
+        let qkv = b.c_attn.forward(&b.ln_1.forward(x), rows);
+        let (mut q, mut k, mut v) = (vec![0f32; rows * e], vec![0f32; rows * e], vec![0f32; rows * e]);
+        for r in 0..rows {
+            let src = &qkv[r * 3 * e..(r + 1) * 3 * e];
+            q[r * e..(r + 1) * e].copy_from_slice(&src[..e]);
+            k[r * e..(r + 1) * e].copy_from_slice(&src[e..2 * e]);
+            v[r * e..(r + 1) * e].copy_from_slice(&src[2 * e..]);
+        }
+        let mut scale = if c.scale_attn_weights { 1.0 / (hd as f32).sqrt() } else { 1.0 };
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (i + 1) as f32;
+        }
+        let shape = AttentionShape { heads: c.n_head, kv_heads: c.n_head, head_dim: hd, scale };
+        let attn = attend(cache, i, &shape, t, &q, &k, &v);
+        add_in_place(x, &b.attn_c_proj.forward(&attn, rows));
+        let mut f = b.c_fc.forward(&b.ln_2.forward(x), rows);
+        activate(c.activation, &mut f);
+        add_in_place(x, &b.mlp_c_proj.forward(&f, rows));
+    }
+}
+
+impl CausalLM for Gpt2 {
+    fn config(&self) -> &AutoConfig {
+        &self.config
+    }
+
+    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+        let (batch, t) = input.dims(cache, self.config.vocab_size())?;
+        let e = self.cfg.n_embd;
+        let mut x = vec![0f32; batch * t * e];
+        for (row, &id) in x.chunks_exact_mut(e).zip(&input.ids) {
+            self.wte.row_into(id as usize, row);
+        }
+        cache.push_positions(t, input.attention_mask.as_deref());
+        let positions: Vec<usize> = match &input.position_ids {
+            Some(p) => p.iter().flatten().copied().collect(),
+            None => cache.default_positions(t).into_iter().flatten().collect(),
+        };
+        for (row, &pos) in x.chunks_exact_mut(e).zip(&positions) {
+            let pos = pos.min(self.cfg.n_positions - 1);
+            add_in_place(row, &self.wpe[pos * e..(pos + 1) * e]);
+        }
+        for i in 0..self.h.len() {
+            self.block_forward(i, &mut x, t, cache);
+        }
+        let x = super::select_rows(&x, batch, t, e, mode);
+        let x = self.ln_f.forward(&x);
+        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.wte))
+    }
+
+    fn linears(&self) -> Vec<LinearRef<'_>> {
+        let mut out = vec![];
+        for (i, b) in self.h.iter().enumerate() {
+            for (name, lin) in
+                [("attn.c_attn", &b.c_attn), ("attn.c_proj", &b.attn_c_proj), ("mlp.c_fc", &b.c_fc), ("mlp.c_proj", &b.mlp_c_proj)]
+            {
+                out.push(LinearRef { name: format!("transformer.h.{i}.{name}"), linear: lin });
+            }
+        }
+        if let Some(l) = &self.lm_head {
+            out.push(LinearRef { name: "lm_head".into(), linear: l });
+        }
+        out
+    }
+
+    fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+        let c = &self.cfg;
+        let e = c.n_embd;
+        let mut out = vec![
+            ("transformer.wte.weight".to_string(), crate::nn::LinearKernel::to_f32(self.wte.as_ref()), vec![c.vocab_size, e]),
+            ("transformer.wpe.weight".to_string(), self.wpe.clone(), vec![c.n_positions, e]),
+        ];
+        let mut ln = |name: String, n: &LayerNorm| {
+            out.push((format!("{name}.weight"), n.weight.clone().unwrap_or_default(), vec![e]));
+            out.push((format!("{name}.bias"), n.bias.clone().unwrap_or_default(), vec![e]));
+        };
+        for (i, b) in self.h.iter().enumerate() {
+            ln(format!("transformer.h.{i}.ln_1"), &b.ln_1);
+            ln(format!("transformer.h.{i}.ln_2"), &b.ln_2);
+        }
+        ln("transformer.ln_f".into(), &self.ln_f);
+        out
+    }
+
+    fn embedding_bytes(&self) -> usize {
+        crate::nn::LinearKernel::storage_bytes(self.wte.as_ref())
+    }
+
+    fn conv1d_weights(&self) -> bool {
+        true
+    }
+}

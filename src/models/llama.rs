@@ -1,0 +1,219 @@
+//! Llama-family decoder (Llama 1–3, Mistral-style, SmolLM; Qwen2 adds q/k/v biases):
+//! RMSNorm, rotary position embeddings (default, linear or llama3 scaling), grouped-query
+//! attention and a SwiGLU MLP.
+
+use super::attention::{attend, AttentionShape, KvCache};
+use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
+use crate::error::Result;
+use crate::nn::{add_in_place, DenseMatrix, Linear, Loader, RmsNorm};
+use std::sync::Arc;
+
+pub struct LlamaLayer {
+    pub input_layernorm: RmsNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: RmsNorm,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Llama {
+    pub config: AutoConfig,
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Arc<DenseMatrix>,
+    pub layers: Vec<LlamaLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to the input embeddings.
+    pub lm_head: Option<Linear>,
+    inv_freq: Vec<f32>,
+}
+
+/// Inverse rotary frequencies, with the configured scaling folded in.
+pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let base: Vec<f32> =
+        (0..head_dim / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32).collect();
+    match scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let f = f as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    if medium {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                    } else {
+                        scaled as f32
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Rotate each head of `x` (`[rows, heads * head_dim]`) by its row's position, in the
+/// "rotate half" layout transformers uses.
+pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], inv_freq: &[f32]) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; half];
+    let mut sin = vec![0f32; half];
+    for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+        for i in 0..half {
+            let angle = pos as f32 * inv_freq[i];
+            cos[i] = (angle as f64).cos() as f32;
+            sin[i] = (angle as f64).sin() as f32;
+        }
+        for h in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (h[i], h[i + half]);
+                h[i] = a * cos[i] - b * sin[i];
+                h[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+impl Llama {
+    pub fn load(config: AutoConfig, cfg: LlamaConfig, ld: &Loader) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let embed_tokens = Arc::new(ld.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(LlamaLayer {
+                input_layernorm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, cfg.qkv_bias)?,
+                k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, cfg.qkv_bias)?,
+                v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, cfg.qkv_bias)?,
+                o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, cfg.o_bias)?,
+                post_attention_layernorm: ld.rms_norm(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                gate_proj: ld.linear(&format!("{p}.mlp.gate_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                up_proj: ld.linear(&format!("{p}.mlp.up_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                down_proj: ld.linear(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+            });
+        }
+        let norm = ld.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
+        // Some tied checkpoints still carry lm_head.weight; the config decides.
+        let lm_head =
+            if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", h, cfg.vocab_size, false)?) };
+        let inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        Ok(Llama { config, cfg, embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Run decoder block `i` on hidden states `x` (`[rows, hidden]`), in place.
+    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, positions: &[usize], cache: &mut KvCache) {
+        let layer = &self.layers[i];
+        let cfg = &self.cfg;
+        let rows = x.len() / cfg.hidden_size;
+        let hn = layer.input_layernorm.forward(x);
+        let mut q = layer.q_proj.forward(&hn, rows);
+        let mut k = layer.k_proj.forward(&hn, rows);
+        let v = layer.v_proj.forward(&hn, rows);
+        apply_rope(&mut q, cfg.num_attention_heads, cfg.head_dim, positions, &self.inv_freq);
+        apply_rope(&mut k, cfg.num_key_value_heads, cfg.head_dim, positions, &self.inv_freq);
+        let attn = attend(cache, i, &self.attention_shape(), t, &q, &k, &v);
+        add_in_place(x, &layer.o_proj.forward(&attn, rows));
+        let hn = layer.post_attention_layernorm.forward(x);
+        let mut gate = layer.gate_proj.forward(&hn, rows);
+        let up = layer.up_proj.forward(&hn, rows);
+        for (g, u) in gate.iter_mut().zip(&up) {
+            *g = crate::kernels::silu(*g) * u;
+        }
+        add_in_place(x, &layer.down_proj.forward(&gate, rows));
+    }
+}
+
+impl CausalLM for Llama {
+    fn config(&self) -> &AutoConfig {
+        &self.config
+    }
+
+    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+        let (batch, t) = input.dims(cache, self.config.vocab_size())?;
+        let h = self.cfg.hidden_size;
+        let mut x = vec![0f32; batch * t * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(&input.ids) {
+            self.embed_tokens.row_into(id as usize, row);
+        }
+        cache.push_positions(t, input.attention_mask.as_deref());
+        let positions: Vec<usize> = match &input.position_ids {
+            Some(p) => p.iter().flatten().copied().collect(),
+            None => cache.default_positions(t).into_iter().flatten().collect(),
+        };
+        for i in 0..self.layers.len() {
+            self.block_forward(i, &mut x, t, &positions, cache);
+        }
+        let x = super::select_rows(&x, batch, t, h, mode);
+        let x = self.norm.forward(&x);
+        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens))
+    }
+
+    fn linears(&self) -> Vec<LinearRef<'_>> {
+        let mut out = vec![];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (name, lin) in [
+                ("self_attn.q_proj", &l.q_proj),
+                ("self_attn.k_proj", &l.k_proj),
+                ("self_attn.v_proj", &l.v_proj),
+                ("self_attn.o_proj", &l.o_proj),
+                ("mlp.gate_proj", &l.gate_proj),
+                ("mlp.up_proj", &l.up_proj),
+                ("mlp.down_proj", &l.down_proj),
+            ] {
+                out.push(LinearRef { name: format!("{p}.{name}"), linear: lin });
+            }
+        }
+        if let Some(l) = &self.lm_head {
+            out.push(LinearRef { name: "lm_head".into(), linear: l });
+        }
+        out
+    }
+
+    fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+        let h = self.cfg.hidden_size;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            crate::nn::LinearKernel::to_f32(self.embed_tokens.as_ref()),
+            vec![self.cfg.vocab_size, h],
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.clone(), vec![h]));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.clone(),
+                vec![h],
+            ));
+        }
+        out.push(("model.norm.weight".into(), self.norm.weight.clone(), vec![h]));
+        out
+    }
+
+    fn embedding_bytes(&self) -> usize {
+        crate::nn::LinearKernel::storage_bytes(self.embed_tokens.as_ref())
+    }
+}

@@ -1,0 +1,340 @@
+//! AutoModelForCausalLM: one file per architecture behind the [`CausalLM`] trait, plus loading
+//! (`from_pretrained`, `from_config`) and saving (`save_pretrained`).
+
+pub mod attention;
+pub mod gpt2;
+pub mod llama;
+pub mod opt;
+
+pub use attention::KvCache;
+
+use crate::config::{Architecture, AutoConfig};
+use crate::error::{Error, Result};
+use crate::formats::WeightSource;
+use crate::nn::{DenseMatrix, Linear, LinearKernel, Loader, WeightDType};
+use crate::tensor::{DType, RawTensor, TensorInfo};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Which positions need logits: all (perplexity) or only the last of each row (generation),
+/// which skips most of the vocabulary projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    All,
+    Last,
+}
+
+/// A batch of token ids `[batch, t]` (flattened), with an optional HF-style attention mask
+/// covering past and new positions, and optional explicit position ids for the new tokens.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardInput {
+    pub ids: Vec<u32>,
+    pub batch: usize,
+    pub attention_mask: Option<Vec<Vec<u8>>>,
+    pub position_ids: Option<Vec<Vec<usize>>>,
+}
+
+impl ForwardInput {
+    pub fn single(ids: &[u32]) -> Self {
+        ForwardInput { ids: ids.to_vec(), batch: 1, ..Default::default() }
+    }
+    pub fn batch(rows: &[Vec<u32>]) -> Result<Self> {
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != t) {
+            return Err(Error::InvalidArgument("all rows of a batch must have the same length (pad them)".into()));
+        }
+        Ok(ForwardInput { ids: rows.concat(), batch: rows.len(), ..Default::default() })
+    }
+    /// Validate against the cache and vocabulary; returns `(batch, t)`.
+    pub fn dims(&self, cache: &KvCache, vocab_size: usize) -> Result<(usize, usize)> {
+        if let Some(&bad) = self.ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary of {vocab_size}")));
+        }
+        if self.batch == 0 || self.ids.is_empty() || self.ids.len() % self.batch != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "input of {} ids does not split into {} rows",
+                self.ids.len(),
+                self.batch
+            )));
+        }
+        if cache.batch() != self.batch {
+            return Err(Error::InvalidArgument(format!(
+                "cache was made for batch {} but input has batch {}",
+                cache.batch(),
+                self.batch
+            )));
+        }
+        let t = self.ids.len() / self.batch;
+        if let Some(m) = &self.attention_mask {
+            if m.len() != self.batch || m.iter().any(|r| r.len() != t && r.len() != cache.len() + t) {
+                return Err(Error::InvalidArgument("attention mask must be [batch, t] or [batch, past + t]".into()));
+            }
+        }
+        if let Some(p) = &self.position_ids {
+            if p.len() != self.batch || p.iter().any(|r| r.len() != t) {
+                return Err(Error::InvalidArgument("position ids must be [batch, t]".into()));
+            }
+        }
+        Ok((self.batch, t))
+    }
+}
+
+/// A named linear layer of a model, for quantization and saving.
+pub struct LinearRef<'a> {
+    pub name: String,
+    pub linear: &'a Linear,
+}
+
+pub trait CausalLM: Send + Sync {
+    fn config(&self) -> &AutoConfig;
+    /// Logits `[batch, t, vocab]` (or `[batch, vocab]` with [`LogitsMode::Last`]). The cache
+    /// is extended with the new positions.
+    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>>;
+    /// Every linear layer with its checkpoint prefix (GPT-2 Conv1D layers report their
+    /// checkpoint prefix too; they are held as `[out, in]`).
+    fn linears(&self) -> Vec<LinearRef<'_>>;
+    /// Every other parameter (embeddings, norms, biases of non-linear parts) with its name and shape.
+    fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)>;
+    /// Bytes of the token embedding table (reported apart from the linears).
+    fn embedding_bytes(&self) -> usize;
+    /// Linear weights stored transposed in checkpoints (GPT-2 Conv1D).
+    fn conv1d_weights(&self) -> bool {
+        false
+    }
+
+    fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.config().num_layers(), batch)
+    }
+
+    /// Bytes of all parameters as held in memory (packed sizes for quantized layers).
+    fn footprint_bytes(&self) -> usize {
+        let linears: usize = self.linears().iter().map(|l| l.linear.storage_bytes()).sum();
+        let others: usize = self
+            .other_tensors()
+            .iter()
+            .filter(|(n, _, _)| !is_embedding_name(n))
+            .map(|(_, v, _)| v.len() * 4)
+            .sum();
+        linears + others + self.embedding_bytes()
+    }
+
+    /// Number of parameters (tied weights counted once).
+    fn num_parameters(&self) -> usize {
+        let linears: usize = self
+            .linears()
+            .iter()
+            .map(|l| l.linear.in_features() * l.linear.out_features() + l.linear.bias.as_ref().map_or(0, Vec::len))
+            .sum();
+        linears + self.other_tensors().iter().map(|(_, v, _)| v.len()).sum::<usize>()
+    }
+}
+
+fn is_embedding_name(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name == "transformer.wte.weight"
+}
+
+/// Keep only the last position of every row when only next-token logits are needed.
+pub(crate) fn select_rows(x: &[f32], batch: usize, t: usize, h: usize, mode: LogitsMode) -> Vec<f32> {
+    match mode {
+        LogitsMode::All => x.to_vec(),
+        LogitsMode::Last => (0..batch).flat_map(|b| x[((b + 1) * t - 1) * h..(b + 1) * t * h].iter().copied()).collect(),
+    }
+}
+
+/// Project hidden states to the vocabulary with `lm_head`, or the tied embedding matrix.
+pub(crate) fn project_logits(x: &[f32], lm_head: Option<&Linear>, embed: &DenseMatrix) -> Vec<f32> {
+    match lm_head {
+        Some(l) => l.forward(x, x.len() / l.in_features()),
+        None => {
+            let rows = x.len() / embed.cols();
+            let mut out = vec![0f32; rows * embed.rows()];
+            embed.forward(x, rows, &mut out);
+            out
+        }
+    }
+}
+
+/// Options for [`AutoModelForCausalLM::from_pretrained`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub dtype: WeightDType,
+}
+
+/// The Auto class: picks the architecture from the config.
+pub struct AutoModelForCausalLM;
+
+impl AutoModelForCausalLM {
+    /// Build the model for `config` from the tensors in `weights`.
+    pub fn from_weights(config: AutoConfig, weights: &dyn WeightSource, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
+        let ld = Loader::new(weights, opts.dtype);
+        Ok(match config.arch.clone() {
+            Architecture::Llama(c) | Architecture::Qwen2(c) => Box::new(llama::Llama::load(config, c, &ld)?),
+            Architecture::Opt(c) => Box::new(opt::Opt::load(config, c, &ld)?),
+            Architecture::Gpt2(c) => Box::new(gpt2::Gpt2::load(config, c, &ld)?),
+        })
+    }
+
+    /// A model with seeded random weights (HF-style init: normal(0, 0.02) matrices, unit norm
+    /// weights, zero biases).
+    pub fn from_config(config: AutoConfig, seed: u64, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
+        let weights = RandomWeights::new(&config, seed);
+        Self::from_weights(config, &weights, opts)
+    }
+}
+
+/// The tensors a checkpoint of `config` holds: names and shapes in Hugging Face convention.
+pub fn checkpoint_tensors(config: &AutoConfig) -> Vec<(String, Vec<usize>)> {
+    match &config.arch {
+        Architecture::Llama(c) | Architecture::Qwen2(c) => llama_tensor_shapes(c),
+        Architecture::Opt(c) => opt::tensor_shapes(c),
+        Architecture::Gpt2(c) => gpt2::tensor_shapes(c),
+    }
+}
+
+fn llama_tensor_shapes(c: &crate::config::LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, im) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (n, o, inp, bias) in [
+            ("self_attn.q_proj", q, h, c.qkv_bias),
+            ("self_attn.k_proj", kv, h, c.qkv_bias),
+            ("self_attn.v_proj", kv, h, c.qkv_bias),
+            ("self_attn.o_proj", h, q, c.o_bias),
+            ("mlp.gate_proj", im, h, c.mlp_bias),
+            ("mlp.up_proj", im, h, c.mlp_bias),
+            ("mlp.down_proj", h, im, c.mlp_bias),
+        ] {
+            v.push((format!("{p}.{n}.weight"), vec![o, inp]));
+            if bias {
+                v.push((format!("{p}.{n}.bias"), vec![o]));
+            }
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".into(), vec![h]));
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    v
+}
+
+/// Deterministic random tensors for every name of a config's checkpoint, generated on demand
+/// (so a synthetic model larger than memory can be streamed to disk).
+pub struct RandomWeights {
+    shapes: BTreeMap<String, Vec<usize>>,
+    seed: u64,
+    std: f64,
+}
+
+impl RandomWeights {
+    pub fn new(config: &AutoConfig, seed: u64) -> Self {
+        let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        RandomWeights { shapes: checkpoint_tensors(config).into_iter().collect(), seed, std }
+    }
+    fn values(&self, name: &str, n: usize) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let is_norm_weight = name.ends_with(".weight")
+            && (name.contains("norm") || name.contains("ln_") || name.contains("layer_norm"));
+        if name.ends_with(".bias") {
+            return vec![0.0; n];
+        }
+        if is_norm_weight {
+            return vec![1.0; n];
+        }
+        let mut h: u64 = self.seed ^ 0x9E37_79B9_7F4A_7C15;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+        (0..n)
+            .map(|_| {
+                // Box-Muller normal sample.
+                let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+                let u2: f64 = rng.gen();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std) as f32
+            })
+            .collect()
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.shapes.get(name).map(|s| TensorInfo { dtype: DType::F32, shape: s.clone() })
+    }
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| Error::tensor("<random weights>", name, "no such tensor in this architecture"))?;
+        Ok(RawTensor::from_f32(shape.clone(), &self.values(name, shape.iter().product())))
+    }
+    fn file_of(&self, _name: &str) -> std::path::PathBuf {
+        "<random weights>".into()
+    }
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        vec![]
+    }
+}
+
+/// All tensors of a loaded model under their checkpoint names, converted to `dtype`.
+pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawTensor)> {
+    let conv = |shape: Vec<usize>, v: &[f32]| -> RawTensor {
+        match dtype {
+            WeightDType::F32 => RawTensor::from_f32(shape, v),
+            WeightDType::F16 => RawTensor::from_f16(shape, &v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()),
+            WeightDType::BF16 => {
+                RawTensor::from_bf16(shape, &v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())
+            }
+        }
+    };
+    let mut out = vec![];
+    for (name, values, shape) in model.other_tensors() {
+        out.push((name, conv(shape, &values)));
+    }
+    for l in model.linears() {
+        let (o, i) = (l.linear.out_features(), l.linear.in_features());
+        let w = l.linear.weight.to_f32();
+        if model.conv1d_weights() && l.name != "lm_head" {
+            let mut t = vec![0f32; w.len()];
+            for r in 0..o {
+                for c in 0..i {
+                    t[c * o + r] = w[r * i + c];
+                }
+            }
+            out.push((format!("{}.weight", l.name), conv(vec![i, o], &t)));
+        } else {
+            out.push((format!("{}.weight", l.name), conv(vec![o, i], &w)));
+        }
+        if let Some(b) = &l.linear.bias {
+            out.push((format!("{}.bias", l.name), conv(vec![o], b)));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Check that a checkpoint holds no tensor the architecture does not know (a sign of a wrong
+/// config), ignoring buffers transformers also ignores.
+pub fn unexpected_tensors(config: &AutoConfig, weights: &dyn WeightSource) -> Vec<String> {
+    let known: std::collections::HashSet<String> = checkpoint_tensors(config).into_iter().map(|(n, _)| n).collect();
+    weights
+        .names()
+        .into_iter()
+        .filter(|n| !known.contains(n))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq") && !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias"))
+        .filter(|n| n != "lm_head.weight")
+        .collect()
+}
+
+/// Load config + weights from a model folder.
+pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
+    let config = AutoConfig::from_pretrained(dir)?;
+    let weights = crate::formats::open_weights(dir)?;
+    AutoModelForCausalLM::from_weights(config, weights.as_ref(), opts)
+}

@@ -1,0 +1,278 @@
+//! OPT decoder (facebook/opt-*): learned positions offset by 2, LayerNorm before (or, as in
+//! opt-350m, after) each sub-layer, ReLU MLP, and optional project_in/project_out when the
+//! word embeddings are narrower than the hidden size.
+
+use super::attention::{attend, AttentionShape, KvCache};
+use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use crate::config::{AutoConfig, OptConfig};
+use crate::error::Result;
+use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
+use std::sync::Arc;
+
+/// OPT's learned position table starts two rows in (a fairseq leftover).
+const POSITION_OFFSET: usize = 2;
+const LN_EPS: f64 = 1e-5;
+
+pub struct OptLayer {
+    pub self_attn_layer_norm: LayerNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub final_layer_norm: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+pub struct Opt {
+    pub config: AutoConfig,
+    pub cfg: OptConfig,
+    pub embed_tokens: Arc<DenseMatrix>,
+    pub embed_positions: Vec<f32>,
+    pub project_in: Option<Linear>,
+    pub project_out: Option<Linear>,
+    pub layers: Vec<OptLayer>,
+    pub final_layer_norm: Option<LayerNorm>,
+    pub lm_head: Option<Linear>,
+}
+
+fn has_final_norm(c: &OptConfig) -> bool {
+    c.do_layer_norm_before && !c.remove_final_layer_norm
+}
+
+/// Checkpoint tensor names and shapes for an OPT config.
+pub fn tensor_shapes(c: &OptConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, p) = (c.hidden_size, c.word_embed_proj_dim);
+    let d = "model.decoder";
+    let mut v = vec![
+        (format!("{d}.embed_tokens.weight"), vec![c.vocab_size, p]),
+        (format!("{d}.embed_positions.weight"), vec![c.max_position_embeddings + POSITION_OFFSET, h]),
+    ];
+    if p != h {
+        v.push((format!("{d}.project_in.weight"), vec![h, p]));
+        v.push((format!("{d}.project_out.weight"), vec![p, h]));
+    }
+    let ln = |v: &mut Vec<(String, Vec<usize>)>, name: String| {
+        if c.layer_norm_elementwise_affine {
+            v.push((format!("{name}.weight"), vec![h]));
+            v.push((format!("{name}.bias"), vec![h]));
+        }
+    };
+    for i in 0..c.num_hidden_layers {
+        let l = format!("{d}.layers.{i}");
+        for (n, o, inp) in [
+            ("self_attn.k_proj", h, h),
+            ("self_attn.v_proj", h, h),
+            ("self_attn.q_proj", h, h),
+            ("self_attn.out_proj", h, h),
+            ("fc1", c.ffn_dim, h),
+            ("fc2", h, c.ffn_dim),
+        ] {
+            v.push((format!("{l}.{n}.weight"), vec![o, inp]));
+            if c.enable_bias {
+                v.push((format!("{l}.{n}.bias"), vec![o]));
+            }
+        }
+        ln(&mut v, format!("{l}.self_attn_layer_norm"));
+        ln(&mut v, format!("{l}.final_layer_norm"));
+    }
+    if has_final_norm(c) {
+        ln(&mut v, format!("{d}.final_layer_norm"));
+    }
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![c.vocab_size, p]));
+    }
+    v
+}
+
+impl Opt {
+    pub fn load(config: AutoConfig, cfg: OptConfig, ld: &Loader) -> Result<Self> {
+        let (h, p) = (cfg.hidden_size, cfg.word_embed_proj_dim);
+        let d = "model.decoder";
+        let affine = cfg.layer_norm_elementwise_affine;
+        let embed_tokens = Arc::new(ld.matrix(&format!("{d}.embed_tokens.weight"), cfg.vocab_size, p)?);
+        let embed_positions = crate::formats::read_f32_checked(
+            ld.src,
+            &format!("{d}.embed_positions.weight"),
+            &[cfg.max_position_embeddings + POSITION_OFFSET, h],
+        )?;
+        let (project_in, project_out) = if p != h {
+            (
+                Some(ld.linear(&format!("{d}.project_in"), p, h, false)?),
+                Some(ld.linear(&format!("{d}.project_out"), h, p, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        let b = cfg.enable_bias;
+        let mut layers = vec![];
+        for i in 0..cfg.num_hidden_layers {
+            let l = format!("{d}.layers.{i}");
+            layers.push(OptLayer {
+                self_attn_layer_norm: ld.layer_norm(&format!("{l}.self_attn_layer_norm"), h, LN_EPS, affine)?,
+                q_proj: ld.linear(&format!("{l}.self_attn.q_proj"), h, h, b)?,
+                k_proj: ld.linear(&format!("{l}.self_attn.k_proj"), h, h, b)?,
+                v_proj: ld.linear(&format!("{l}.self_attn.v_proj"), h, h, b)?,
+                out_proj: ld.linear(&format!("{l}.self_attn.out_proj"), h, h, b)?,
+                final_layer_norm: ld.layer_norm(&format!("{l}.final_layer_norm"), h, LN_EPS, affine)?,
+                fc1: ld.linear(&format!("{l}.fc1"), h, cfg.ffn_dim, b)?,
+                fc2: ld.linear(&format!("{l}.fc2"), cfg.ffn_dim, h, b)?,
+            });
+        }
+        let final_layer_norm = if has_final_norm(&cfg) {
+            Some(ld.layer_norm(&format!("{d}.final_layer_norm"), h, LN_EPS, affine)?)
+        } else {
+            None
+        };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", p, cfg.vocab_size, false)?) };
+        Ok(Opt { config, cfg, embed_tokens, embed_positions, project_in, project_out, layers, final_layer_norm, lm_head })
+    }
+
+    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
+        let c = &self.cfg;
+        let layer = &self.layers[i];
+        let rows = x.len() / c.hidden_size;
+        let pre = c.do_layer_norm_before;
+        let hn = if pre { layer.self_attn_layer_norm.forward(x) } else { x.to_vec() };
+        let q = layer.q_proj.forward(&hn, rows);
+        let k = layer.k_proj.forward(&hn, rows);
+        let v = layer.v_proj.forward(&hn, rows);
+        let hd = c.hidden_size / c.num_attention_heads;
+        let shape = AttentionShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_attention_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let attn = attend(cache, i, &shape, t, &q, &k, &v);
+        add_in_place(x, &layer.out_proj.forward(&attn, rows));
+        if !pre {
+            x.copy_from_slice(&layer.self_attn_layer_norm.forward(x));
+        }
+        let hn = if pre { layer.final_layer_norm.forward(x) } else { x.to_vec() };
+        let mut f = layer.fc1.forward(&hn, rows);
+        activate(c.activation, &mut f);
+        add_in_place(x, &layer.fc2.forward(&f, rows));
+        if !pre {
+            x.copy_from_slice(&layer.final_layer_norm.forward(x));
+        }
+    }
+}
+
+impl CausalLM for Opt {
+    fn config(&self) -> &AutoConfig {
+        &self.config
+    }
+
+    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+        let (batch, t) = input.dims(cache, self.config.vocab_size())?;
+        let c = &self.cfg;
+        let (h, p) = (c.hidden_size, c.word_embed_proj_dim);
+        let mut e = vec![0f32; batch * t * p];
+        for (row, &id) in e.chunks_exact_mut(p).zip(&input.ids) {
+            self.embed_tokens.row_into(id as usize, row);
+        }
+        let mut x = match &self.project_in {
+            Some(l) => l.forward(&e, batch * t),
+            None => e,
+        };
+        cache.push_positions(t, input.attention_mask.as_deref());
+        // OPT derives positions from the mask: cumsum(mask) * mask - 1, i.e. -1 at padding.
+        let positions: Vec<i64> = match &input.position_ids {
+            Some(pids) => pids.iter().flatten().map(|&v| v as i64).collect(),
+            None => cache
+                .mask()
+                .iter()
+                .flat_map(|row| {
+                    let mut n = 0i64;
+                    let all: Vec<i64> = row
+                        .iter()
+                        .map(|&m| {
+                            n += m as i64;
+                            n * m as i64 - 1
+                        })
+                        .collect();
+                    all[all.len() - t..].to_vec()
+                })
+                .collect(),
+        };
+        let max_row = c.max_position_embeddings + POSITION_OFFSET;
+        for (row, &pos) in x.chunks_exact_mut(h).zip(&positions) {
+            let r = (pos + POSITION_OFFSET as i64).clamp(0, max_row as i64 - 1) as usize;
+            add_in_place(row, &self.embed_positions[r * h..(r + 1) * h]);
+        }
+        for i in 0..self.layers.len() {
+            self.block_forward(i, &mut x, t, cache);
+        }
+        let mut x = super::select_rows(&x, batch, t, h, mode);
+        if let Some(ln) = &self.final_layer_norm {
+            x = ln.forward(&x);
+        }
+        if let Some(l) = &self.project_out {
+            x = l.forward(&x, x.len() / h);
+        }
+        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens))
+    }
+
+    fn linears(&self) -> Vec<LinearRef<'_>> {
+        let mut out = vec![];
+        let d = "model.decoder";
+        if let Some(l) = &self.project_in {
+            out.push(LinearRef { name: format!("{d}.project_in"), linear: l });
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, lin) in [
+                ("self_attn.k_proj", &l.k_proj),
+                ("self_attn.v_proj", &l.v_proj),
+                ("self_attn.q_proj", &l.q_proj),
+                ("self_attn.out_proj", &l.out_proj),
+                ("fc1", &l.fc1),
+                ("fc2", &l.fc2),
+            ] {
+                out.push(LinearRef { name: format!("{d}.layers.{i}.{name}"), linear: lin });
+            }
+        }
+        if let Some(l) = &self.project_out {
+            out.push(LinearRef { name: format!("{d}.project_out"), linear: l });
+        }
+        if let Some(l) = &self.lm_head {
+            out.push(LinearRef { name: "lm_head".into(), linear: l });
+        }
+        out
+    }
+
+    fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+        let c = &self.cfg;
+        let (h, d) = (c.hidden_size, "model.decoder");
+        let mut out = vec![
+            (
+                format!("{d}.embed_tokens.weight"),
+                crate::nn::LinearKernel::to_f32(self.embed_tokens.as_ref()),
+                vec![c.vocab_size, c.word_embed_proj_dim],
+            ),
+            (
+                format!("{d}.embed_positions.weight"),
+                self.embed_positions.clone(),
+                vec![c.max_position_embeddings + POSITION_OFFSET, h],
+            ),
+        ];
+        let mut ln = |name: String, n: &LayerNorm| {
+            if let (Some(w), Some(b)) = (&n.weight, &n.bias) {
+                out.push((format!("{name}.weight"), w.clone(), vec![h]));
+                out.push((format!("{name}.bias"), b.clone(), vec![h]));
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            ln(format!("{d}.layers.{i}.self_attn_layer_norm"), &l.self_attn_layer_norm);
+            ln(format!("{d}.layers.{i}.final_layer_norm"), &l.final_layer_norm);
+        }
+        if let Some(n) = &self.final_layer_norm {
+            ln(format!("{d}.final_layer_norm"), n);
+        }
+        out
+    }
+
+    fn embedding_bytes(&self) -> usize {
+        crate::nn::LinearKernel::storage_bytes(self.embed_tokens.as_ref())
+    }
+}

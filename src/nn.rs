@@ -1,0 +1,297 @@
+//! Building blocks shared by the model files: linear layers (dense or packed), embeddings,
+//! norms, rotary embeddings, and the loader that reads them from a checkpoint with checks.
+
+use crate::error::{Error, Result};
+use crate::formats::{read_f32_checked, WeightSource};
+use crate::kernels;
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// The matrix part of a linear layer: `y[m, out] = x[m, in] · Wᵀ`. Dense and packed
+/// (GPTQ, AWQ, NF4, int8) weights implement this, so models do not care how weights are held.
+pub trait LinearKernel: Send + Sync {
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// `out` has `m * out_features` elements and is overwritten.
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]);
+    /// Bytes held in memory for this weight (packed size for quantized kernels).
+    fn storage_bytes(&self) -> usize;
+    /// Short description of the storage, e.g. "f32", "gptq-4bit-g128".
+    fn storage_name(&self) -> String;
+    /// The weight as a dense row-major `[out, in]` f32 matrix.
+    fn to_f32(&self) -> Vec<f32>;
+}
+
+/// Element type used to hold dense weights in memory (`--dtype`). Compute is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(WeightDType::F32),
+            "f16" | "float16" => Ok(WeightDType::F16),
+            "bf16" | "bfloat16" => Ok(WeightDType::BF16),
+            other => Err(Error::InvalidArgument(format!("unknown dtype `{other}` (use f32, f16 or bf16)"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDType::F32 => "f32",
+            WeightDType::F16 => "f16",
+            WeightDType::BF16 => "bf16",
+        }
+    }
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDType::F32 => "float32",
+            WeightDType::F16 => "float16",
+            WeightDType::BF16 => "bfloat16",
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDType::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// A dense `[rows, cols]` matrix held in f32, f16 or bf16.
+pub enum DenseMatrix {
+    F32 { rows: usize, cols: usize, data: Vec<f32> },
+    F16 { rows: usize, cols: usize, data: Vec<f16> },
+    BF16 { rows: usize, cols: usize, data: Vec<bf16> },
+}
+
+impl DenseMatrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>, dtype: WeightDType) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        match dtype {
+            WeightDType::F32 => DenseMatrix::F32 { rows, cols, data },
+            WeightDType::F16 => DenseMatrix::F16 { rows, cols, data: data.iter().map(|&v| f16::from_f32(v)).collect() },
+            WeightDType::BF16 => DenseMatrix::BF16 { rows, cols, data: data.iter().map(|&v| bf16::from_f32(v)).collect() },
+        }
+    }
+    pub fn rows(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } | DenseMatrix::BF16 { rows, .. } => *rows,
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { cols, .. } | DenseMatrix::F16 { cols, .. } | DenseMatrix::BF16 { cols, .. } => *cols,
+        }
+    }
+    pub fn dtype(&self) -> WeightDType {
+        match self {
+            DenseMatrix::F32 { .. } => WeightDType::F32,
+            DenseMatrix::F16 { .. } => WeightDType::F16,
+            DenseMatrix::BF16 { .. } => WeightDType::BF16,
+        }
+    }
+    /// Copy row `i` into `out` as f32 (embedding lookup).
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        let c = self.cols();
+        match self {
+            DenseMatrix::F32 { data, .. } => out.copy_from_slice(&data[i * c..(i + 1) * c]),
+            DenseMatrix::F16 { data, .. } => kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out),
+            DenseMatrix::BF16 { data, .. } => kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out),
+        }
+    }
+}
+
+impl LinearKernel for DenseMatrix {
+    fn in_features(&self) -> usize {
+        self.cols()
+    }
+    fn out_features(&self) -> usize {
+        self.rows()
+    }
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.rows(), self.cols());
+        match self {
+            DenseMatrix::F32 { data, .. } => kernels::matmul_nt(x, m, k, data, n, out),
+            DenseMatrix::F16 { data, .. } => kernels::matmul_nt_half(x, m, k, data, n, out),
+            DenseMatrix::BF16 { data, .. } => kernels::matmul_nt_half(x, m, k, data, n, out),
+        }
+    }
+    fn storage_bytes(&self) -> usize {
+        self.rows() * self.cols() * self.dtype().bytes()
+    }
+    fn storage_name(&self) -> String {
+        self.dtype().name().to_string()
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            DenseMatrix::F32 { data, .. } => data.clone(),
+            DenseMatrix::F16 { data, .. } => data.iter().map(|v| v.to_f32()).collect(),
+            DenseMatrix::BF16 { data, .. } => data.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+}
+
+/// A linear layer: a weight kernel plus an optional f32 bias.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Arc<dyn LinearKernel>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn in_features(&self) -> usize {
+        self.weight.in_features()
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.out_features()
+    }
+    /// `x` is `[m, in]`; returns `[m, out]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let n = self.out_features();
+        let mut out = vec![0f32; m * n];
+        self.weight.forward(x, m, &mut out);
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(n) {
+                for (o, bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+        out
+    }
+    pub fn storage_bytes(&self) -> usize {
+        self.weight.storage_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// RMSNorm (Llama): `x / sqrt(mean(x²) + eps) * w`.
+pub struct RmsNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.weight.len();
+        let mut out = vec![0f32; x.len()];
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            for ((o, v), w) in or.iter_mut().zip(xr).zip(&self.weight) {
+                *o = w * (v * inv);
+            }
+        }
+        out
+    }
+}
+
+/// LayerNorm with optional affine parameters.
+pub struct LayerNorm {
+    pub weight: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+    pub dim: usize,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.dim;
+        let mut out = vec![0f32; x.len()];
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = xr.iter().sum::<f32>() / d as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for (i, (o, v)) in or.iter_mut().zip(xr).enumerate() {
+                let mut y = (v - mean) * inv;
+                if let Some(w) = &self.weight {
+                    y *= w[i];
+                }
+                if let Some(b) = &self.bias {
+                    y += b[i];
+                }
+                *o = y;
+            }
+        }
+        out
+    }
+    pub fn storage_bytes(&self) -> usize {
+        4 * (self.weight.as_ref().map_or(0, Vec::len) + self.bias.as_ref().map_or(0, Vec::len))
+    }
+}
+
+/// Reads layers from a checkpoint, checking names, shapes and finiteness, and converting dense
+/// weights to the requested in-memory dtype.
+pub struct Loader<'a> {
+    pub src: &'a dyn WeightSource,
+    pub dtype: WeightDType,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(src: &'a dyn WeightSource, dtype: WeightDType) -> Self {
+        Loader { src, dtype }
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.src.info(name).is_some()
+    }
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        read_f32_checked(self.src, name, &[len])
+    }
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
+        let data = read_f32_checked(self.src, name, &[rows, cols])?;
+        Ok(DenseMatrix::new(rows, cols, data, self.dtype))
+    }
+    /// A PyTorch `nn.Linear` stored as `<prefix>.weight` `[out, in]` (+ `<prefix>.bias`).
+    pub fn linear(&self, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
+        let weight = self.matrix(&format!("{prefix}.weight"), out_features, in_features)?;
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out_features)?) } else { None };
+        Ok(Linear { weight: Arc::new(weight), bias })
+    }
+    /// A GPT-2 `Conv1D`, stored transposed as `[in, out]`; held as `[out, in]` like Linear.
+    pub fn conv1d(&self, prefix: &str, in_features: usize, out_features: usize) -> Result<Linear> {
+        let t = read_f32_checked(self.src, &format!("{prefix}.weight"), &[in_features, out_features])?;
+        let mut w = vec![0f32; t.len()];
+        for i in 0..in_features {
+            for o in 0..out_features {
+                w[o * in_features + i] = t[i * out_features + o];
+            }
+        }
+        let bias = Some(self.vector(&format!("{prefix}.bias"), out_features)?);
+        Ok(Linear { weight: Arc::new(DenseMatrix::new(out_features, in_features, w, self.dtype)), bias })
+    }
+    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f64, affine: bool) -> Result<LayerNorm> {
+        let (weight, bias) = if affine {
+            (Some(self.vector(&format!("{prefix}.weight"), dim)?), Some(self.vector(&format!("{prefix}.bias"), dim)?))
+        } else {
+            (None, None)
+        };
+        Ok(LayerNorm { weight, bias, dim, eps: eps as f32 })
+    }
+    pub fn rms_norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.vector(name, dim)?, eps: eps as f32 })
+    }
+}
+
+/// Apply `act` in place.
+pub fn activate(act: crate::config::Activation, v: &mut [f32]) {
+    use crate::config::Activation::*;
+    let f: fn(f32) -> f32 = match act {
+        Relu => |x| x.max(0.0),
+        Silu => kernels::silu,
+        Gelu => kernels::gelu_erf,
+        GeluTanh => kernels::gelu_tanh,
+    };
+    for x in v {
+        *x = f(*x);
+    }
+}
+
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
