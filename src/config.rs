@@ -288,15 +288,33 @@ impl Reader<'_> {
         }
     }
 
+    /// transformers ≥ 5 writes `rope_parameters` (with `rope_theta` inside); older
+    /// configs write `rope_scaling` and a top-level `rope_theta`.
+    fn rope_object(&self) -> Result<Option<(&'static str, &Map<String, Value>)>> {
+        for key in ["rope_parameters", "rope_scaling"] {
+            match self.map.get(key) {
+                None | Some(Value::Null) => continue,
+                Some(Value::Object(o)) => return Ok(Some((key, o))),
+                Some(v) => return Err(self.err(key, &format!("expected an object, found {v}"))),
+            }
+        }
+        Ok(None)
+    }
+
+    fn rope_theta(&self) -> Result<f64> {
+        if let Some((key, o)) = self.rope_object()? {
+            if let Some(v) = o.get("rope_theta") {
+                return v.as_f64().ok_or_else(|| self.err(key, "`rope_theta` is not a number"));
+            }
+        }
+        self.f64_or("rope_theta", 10000.0)
+    }
+
     fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
-        let obj = match self.map.get("rope_scaling") {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Object(o)) => o,
-            Some(v) => return Err(self.err("rope_scaling", &format!("expected an object, found {v}"))),
-        };
+        let Some((key, obj)) = self.rope_object()? else { return Ok(None) };
         let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
         let num = |k: &str| -> Result<f64> {
-            obj.get(k).and_then(Value::as_f64).ok_or_else(|| self.err("rope_scaling", &format!("`{k}` missing or not a number")))
+            obj.get(k).and_then(Value::as_f64).ok_or_else(|| self.err(key, &format!("`{k}` missing or not a number")))
         };
         Ok(match kind {
             "default" => None,
@@ -309,7 +327,7 @@ impl Reader<'_> {
             }),
             other => {
                 return Err(self.err(
-                    "rope_scaling",
+                    key,
                     &format!("rope type `{other}` is not supported (supported: default, linear, llama3)"),
                 ))
             }
@@ -348,7 +366,7 @@ impl Reader<'_> {
             num_key_value_heads: kv_heads,
             head_dim,
             rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
-            rope_theta: self.f64_or("rope_theta", 10000.0)?,
+            rope_theta: self.rope_theta()?,
             rope_scaling: self.rope_scaling()?,
             max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,

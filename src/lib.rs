@@ -3,9 +3,12 @@
 //! The pipeline is the architecture: [`hub`] finds the files → [`config`], [`tokenizer`] and
 //! [`models`] are the Auto classes → [`formats`] read and write checkpoints → [`eval`] measures.
 
+pub mod auto;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod formats;
+pub mod generate;
 pub mod fsutil;
 pub mod hub;
 pub mod kernels;

@@ -1,0 +1,144 @@
+//! Logits and greedy generation of tiny random models of every architecture against
+//! transformers (fixtures made by scripts/golden/make_tiny_models.py).
+
+use autoquant::config::AutoConfig;
+use autoquant::generate::{generate, generate_batch, GenerationConfig};
+use autoquant::models::{AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions, LogitsMode};
+use autoquant::nn::WeightDType;
+use serde_json::Value;
+use std::path::PathBuf;
+
+const MODELS: &[&str] = &["llama_gqa_tied", "llama_linear_rope", "qwen2", "opt_prelayernorm", "opt_350m_style", "gpt2"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
+}
+
+fn load(name: &str, dtype: WeightDType) -> Box<dyn CausalLM> {
+    let dir = fixture(name);
+    let config = AutoConfig::from_pretrained(&dir).unwrap();
+    let weights = autoquant::formats::safetensors::SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    AutoModelForCausalLM::from_weights(config, &weights, &LoadOptions { dtype }).unwrap()
+}
+
+fn expected(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids2(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+}
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// Run every logits case; returns the max |Δ| over compared positions.
+fn max_logit_error(name: &str, model: &dyn CausalLM) -> f32 {
+    let exp = expected(name);
+    let mut worst = 0f32;
+    for case in exp["cases"].as_array().unwrap() {
+        let Some(logits) = case.get("logits") else { continue };
+        let rows = ids2(&case["input_ids"]);
+        let mut input = ForwardInput::batch(&rows).unwrap();
+        let mask = case.get("attention_mask").filter(|m| !m.is_null()).map(|m| {
+            ids2(m).into_iter().map(|r| r.into_iter().map(|x| x as u8).collect::<Vec<u8>>()).collect::<Vec<_>>()
+        });
+        input.attention_mask = mask.clone();
+        if let Some(p) = case.get("position_ids").filter(|p| !p.is_null()) {
+            input.position_ids = Some(ids2(p).into_iter().map(|r| r.into_iter().map(|x| x as usize).collect()).collect());
+        }
+        let mut cache = model.new_cache(rows.len());
+        let got = model.forward(&input, &mut cache, LogitsMode::All).unwrap();
+        let want = floats(logits);
+        assert_eq!(got.len(), want.len(), "{name}/{}", case["name"]);
+        let (t, vocab) = (rows[0].len(), want.len() / (rows.len() * rows[0].len()));
+        for b in 0..rows.len() {
+            for i in 0..t {
+                if mask.as_ref().is_some_and(|m| m[b][i] == 0) {
+                    continue;
+                }
+                let o = (b * t + i) * vocab;
+                for v in 0..vocab {
+                    worst = worst.max((got[o + v] - want[o + v]).abs());
+                }
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn logits_match_transformers_f32() {
+    for name in MODELS {
+        let model = load(name, WeightDType::F32);
+        let err = max_logit_error(name, model.as_ref());
+        println!("{name}: max |Δlogit| = {err:.2e}");
+        assert!(err <= 1e-4, "{name}: max |Δlogit| {err} > 1e-4");
+    }
+}
+
+#[test]
+fn half_precision_weights_stay_close() {
+    for name in MODELS {
+        let err = max_logit_error(name, load(name, WeightDType::BF16).as_ref());
+        assert!(err > 0.0 && err < 0.05, "{name}: bf16 max |Δlogit| {err}");
+        let err = max_logit_error(name, load(name, WeightDType::F16).as_ref());
+        assert!(err > 0.0 && err < 0.01, "{name}: f16 max |Δlogit| {err}");
+    }
+}
+
+#[test]
+fn kv_cache_decode_equals_full_forward() {
+    for name in MODELS {
+        let model = load(name, WeightDType::F32);
+        let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 90).collect();
+        let full = model.forward(&ForwardInput::single(&ids), &mut model.new_cache(1), LogitsMode::All).unwrap();
+        let vocab = full.len() / ids.len();
+        let mut cache = model.new_cache(1);
+        model.forward(&ForwardInput::single(&ids[..4]), &mut cache, LogitsMode::Last).unwrap();
+        for (i, &id) in ids.iter().enumerate().skip(4) {
+            let step = model.forward(&ForwardInput::single(&[id]), &mut cache, LogitsMode::Last).unwrap();
+            for v in 0..vocab {
+                assert!((step[v] - full[i * vocab + v]).abs() < 1e-4, "{name} pos {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for name in MODELS {
+        let model = load(name, WeightDType::F32);
+        let exp = expected(name);
+        for case in exp["cases"].as_array().unwrap() {
+            let Some(gen) = case.get("generated_ids") else { continue };
+            let prompts = ids2(&case["input_ids"]);
+            let want = ids2(gen);
+            let n = case["max_new_tokens"].as_u64().unwrap() as usize;
+            let cfg = GenerationConfig { max_new_tokens: n, ..Default::default() };
+            if case.get("attention_mask").is_some() {
+                let mask = ids2(&case["attention_mask"]);
+                let trimmed: Vec<Vec<u32>> =
+                    prompts.iter().zip(&mask).map(|(p, m)| p.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect()).collect();
+                let pad = prompts[1][0];
+                let got = generate_batch(model.as_ref(), &trimmed, pad, &cfg).unwrap();
+                assert_eq!(got, want, "{name}/{}", case["name"]);
+            } else {
+                let out = generate(model.as_ref(), &prompts[0], &cfg, |_| Ok(false)).unwrap();
+                assert_eq!(vec![out.new_ids], want, "{name}/{}", case["name"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn from_config_is_seeded_and_runs() {
+    let config = AutoConfig::from_pretrained(&fixture("llama_gqa_tied")).unwrap();
+    let a = AutoModelForCausalLM::from_config(config.clone(), 7, &LoadOptions::default()).unwrap();
+    let b = AutoModelForCausalLM::from_config(config.clone(), 7, &LoadOptions::default()).unwrap();
+    let c = AutoModelForCausalLM::from_config(config, 8, &LoadOptions::default()).unwrap();
+    let run = |m: &dyn CausalLM| m.forward(&ForwardInput::single(&[1, 2, 3]), &mut m.new_cache(1), LogitsMode::All).unwrap();
+    assert_eq!(run(a.as_ref()), run(b.as_ref()));
+    assert_ne!(run(a.as_ref()), run(c.as_ref()));
+}
