@@ -127,3 +127,94 @@ pub fn generation_defaults(dir: &Path, config: &AutoConfig, tok: &AutoTokenizer,
     }
     Ok(g)
 }
+
+/// Options for [`save_pretrained`].
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    pub dtype: crate::nn::WeightDType,
+    /// Shard past this many bytes (transformers' default is 5 GB).
+    pub max_shard_bytes: u64,
+    pub overwrite: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions { dtype: crate::nn::WeightDType::F32, max_shard_bytes: 5_000_000_000, overwrite: false }
+    }
+}
+
+/// Write a model folder that transformers loads: `config.json` (original keys kept),
+/// `generation_config.json`, tokenizer files and safetensors (sharded past the limit, with the
+/// standard index). Everything is written into a temporary folder that is renamed at the end,
+/// so a failure leaves nothing behind.
+pub fn save_pretrained(
+    model: &dyn CausalLM,
+    tokenizer: Option<&AutoTokenizer>,
+    generation: Option<&GenerationConfig>,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<PathBuf> {
+    use crate::formats::safetensors::{save_safetensors, TensorSpec};
+    let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
+    let mut config = model.config().clone();
+    let dtype_key = if config.raw.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+    config.raw.insert(dtype_key.into(), opts.dtype.torch_name().into());
+    config.raw.insert("model_type".into(), config.model_type.clone().into());
+    crate::fsutil::write_atomic(&out.path().join("config.json"), config.to_json_string().as_bytes())?;
+    if let Some(g) = generation {
+        let mut m = serde_json::Map::new();
+        if let Some(b) = config.token_id("bos_token_id").first() {
+            m.insert("bos_token_id".into(), (*b).into());
+        }
+        match g.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                m.insert("eos_token_id".into(), (*one).into());
+            }
+            many => {
+                m.insert("eos_token_id".into(), many.to_vec().into());
+            }
+        }
+        if g.do_sample {
+            m.insert("do_sample".into(), true.into());
+            m.insert("temperature".into(), (g.temperature as f64).into());
+            m.insert("top_k".into(), g.top_k.into());
+            m.insert("top_p".into(), (g.top_p as f64).into());
+        }
+        if g.repetition_penalty != 1.0 {
+            m.insert("repetition_penalty".into(), (g.repetition_penalty as f64).into());
+        }
+        let text = serde_json::to_string_pretty(&m).expect("JSON map serializes") + "\n";
+        crate::fsutil::write_atomic(&out.path().join("generation_config.json"), text.as_bytes())?;
+    }
+    if let Some(t) = tokenizer {
+        t.save(out.path())?;
+    }
+    let tensors = crate::models::state_dict(model, opts.dtype);
+    let specs: Vec<TensorSpec> =
+        tensors.iter().map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone())).collect();
+    let mut by_name: std::collections::HashMap<String, crate::tensor::RawTensor> = tensors.into_iter().collect();
+    save_safetensors(out.path(), &specs, opts.max_shard_bytes, &Default::default(), |spec| {
+        by_name.remove(&spec.name).ok_or_else(|| Error::tensor(dir, &spec.name, "produced twice"))
+    })?;
+    out.commit()
+}
+
+/// Parse sizes like "5GB", "500MB", "2GiB", "1000" (bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| Error::InvalidArgument(format!("bad size `{s}`")))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1048576.0,
+        "GIB" => 1073741824.0,
+        _ => return Err(Error::InvalidArgument(format!("bad size unit in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"))),
+    };
+    Ok((n * mult) as u64)
+}

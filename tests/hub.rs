@@ -30,7 +30,7 @@ fn offline(cache: &Path) -> HubOptions {
 /// A tiny valid safetensors file: one F32 tensor `w` of shape [2] holding [1.5, -2.0].
 fn tiny_safetensors() -> Vec<u8> {
     let mut header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.to_vec();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();

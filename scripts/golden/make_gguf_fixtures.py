@@ -84,7 +84,7 @@ def make_all_types(rng):
     w.add_array("test.array_i32", [1, -2, 3])
     w.add_array("test.array_str", ["a", "", "ccc"])
     w.add_array("test.array_f32", [0.5, -1.0])
-    w.add_uint32("general.alignment", 64)
+    w.add_custom_alignment(64)  # non-default, so the reader must honour the key
 
     entries = []
 

@@ -49,7 +49,71 @@ pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> 
 
 /// Open the weights of a model folder: sharded or single safetensors, else `pytorch_model.bin`
 /// (sharded or not). GGUF files are opened with [`gguf::GgufWeights`].
+///
+/// Order: `model.safetensors.index.json`, `model.safetensors`, a single other `*.safetensors`
+/// (e.g. AutoGPTQ's `gptq_model-4bit-128g.safetensors`), `pytorch_model.bin.index.json`,
+/// `pytorch_model.bin`. Several other `*.safetensors` with no index is ambiguous and an error.
 pub fn open_weights(dir: &Path) -> Result<Box<dyn WeightSource>> {
-    let _ = dir;
-    Err(Error::Unsupported("open_weights: not implemented yet".into()))
+    let st_index = dir.join(safetensors::INDEX_FILE_NAME);
+    if st_index.is_file() {
+        return Ok(Box::new(safetensors::ShardedSafetensors::open(&st_index)?));
+    }
+    let st_single = dir.join(safetensors::SINGLE_FILE_NAME);
+    if st_single.is_file() {
+        return Ok(Box::new(safetensors::SafetensorsFile::open(&st_single)?));
+    }
+    let others = other_safetensors_files(dir)?;
+    match others.as_slice() {
+        [one] => return Ok(Box::new(safetensors::SafetensorsFile::open(one)?)),
+        [] => {}
+        many => {
+            let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+            return Err(Error::format(
+                dir,
+                format!(
+                    "several .safetensors files and no {}; cannot tell which holds the weights: {}",
+                    safetensors::INDEX_FILE_NAME,
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    let pt_index = dir.join(pytorch::INDEX_FILE_NAME);
+    if pt_index.is_file() {
+        return Ok(Box::new(pytorch::ShardedPytorch::open(&pt_index)?));
+    }
+    let pt_single = dir.join(pytorch::SINGLE_FILE_NAME);
+    if pt_single.is_file() {
+        return Ok(Box::new(pytorch::PytorchFile::open(&pt_single)?));
+    }
+    Err(Error::NotFound {
+        model: dir.display().to_string(),
+        tried: vec![
+            st_index.display().to_string(),
+            st_single.display().to_string(),
+            format!("{}/*.safetensors (exactly one)", dir.display()),
+            pt_index.display().to_string(),
+            pt_single.display().to_string(),
+        ],
+    })
+}
+
+/// Visible `*.safetensors` files in `dir` (hidden ones are our own unfinished temporaries), sorted.
+fn other_safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".safetensors") && !name.starts_with('.') && entry.path().is_file() {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    Ok(found)
 }

@@ -317,6 +317,21 @@ impl AutoTokenizer {
         })
     }
 
+    /// The tokenizer embedded in a GGUF file (see [`AutoTokenizer::from_gguf_metadata`]).
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        Self::from_gguf_file_with(path, GgufPreTokenizerFlavor::Reference)
+    }
+
+    pub fn from_gguf_file_with(path: &Path, flavor: GgufPreTokenizerFlavor) -> Result<Self> {
+        let file = crate::formats::gguf::GgufFile::open(path)?;
+        Self::from_gguf_metadata_with(file.metadata(), flavor).map_err(|e| match e {
+            // Name the real file instead of the in-memory placeholder.
+            Error::Format { path: p, msg } if p == gguf_origin() => Error::format(path, msg),
+            Error::Unsupported(msg) => Error::Unsupported(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
     /// Build the tokenizer embedded in a GGUF file's metadata, matching llama.cpp and the
     /// original Hugging Face tokenizer (see [`GgufPreTokenizerFlavor::Reference`]).
     pub fn from_gguf_metadata(md: &crate::formats::gguf::Metadata) -> Result<Self> {

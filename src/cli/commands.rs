@@ -1,0 +1,328 @@
+//! One function per command. Human-readable output goes to stdout, or JSON with `--json`;
+//! progress goes to stderr.
+
+use super::*;
+use autoquant::auto::{parse_size, save_pretrained, Checkpoint, Pretrained, SaveOptions};
+use autoquant::eval::{bench as benchmod, memory, perplexity};
+use autoquant::generate::{generate as run_generate, GenerationConfig};
+use autoquant::hub::HubOptions;
+use autoquant::models::LoadOptions;
+use autoquant::nn::WeightDType;
+use autoquant::tokenizer::ChatMessage;
+use autoquant::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::Write;
+
+pub struct Context {
+    pub json: bool,
+}
+
+impl ModelArgs {
+    fn hub(&self) -> HubOptions {
+        HubOptions {
+            revision: self.revision.clone(),
+            cache_dir: self.cache_dir.clone(),
+            offline: self.offline.then_some(true),
+            ..Default::default()
+        }
+    }
+    fn load(&self) -> Result<Pretrained> {
+        let opts = LoadOptions { dtype: WeightDType::parse(&self.dtype)? };
+        let p = Pretrained::load(&self.model, &opts, &self.hub())?;
+        eprintln!(
+            "loaded {} ({}, {} layers, {:.1}M params, {} weights, {:.1} MiB) in {:.2}s",
+            p.files.describe(),
+            p.config.model_type,
+            p.config.num_layers(),
+            p.model.num_parameters() as f64 / 1e6,
+            self.dtype,
+            p.model.footprint_bytes() as f64 / (1 << 20) as f64,
+            p.load_seconds
+        );
+        Ok(p)
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+fn peak_rss() -> serde_json::Value {
+    memory::peak_rss_bytes().map_or(serde_json::Value::Null, |b| b.into())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn progress_bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (elapsed {{elapsed}}, ETA {{eta}})"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model.model, &a.model.hub())?;
+    let counts = memory::count_parameters(&ckpt.config);
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut tensors = vec![];
+    for name in ckpt.weights.names() {
+        if let Some(i) = ckpt.weights.info(&name) {
+            *dtypes.entry(format!("{:?}", i.dtype)).or_default() += 1;
+            tensors.push(json!({"name": name, "dtype": format!("{:?}", i.dtype), "shape": i.shape}));
+        }
+    }
+    let files: Vec<String> = ckpt.weights.files().iter().map(|p| p.display().to_string()).collect();
+    let stored_dtypes = match &ckpt.files.gguf {
+        Some(g) => {
+            let f = autoquant::formats::gguf::GgufFile::open(g)?;
+            let mut m: std::collections::BTreeMap<String, usize> = Default::default();
+            for t in f.tensor_infos() {
+                *m.entry(t.ggml_type.name().to_string()).or_default() += 1;
+            }
+            m
+        }
+        None => dtypes.clone(),
+    };
+    let value = json!({
+        "source": ckpt.files.describe(),
+        "model_type": ckpt.config.model_type,
+        "architecture": format!("{:?}", ckpt.config.arch),
+        "parameters": counts,
+        "stored_dtypes": stored_dtypes,
+        "files": files,
+        "config": ckpt.config.raw,
+        "tensors": if a.tensors { json!(tensors) } else { json!(tensors.len()) },
+        "peak_rss_bytes": peak_rss(),
+    });
+    if ctx.json {
+        print_json(&value);
+        return Ok(());
+    }
+    println!("source:        {}", ckpt.files.describe());
+    println!("model_type:    {}", ckpt.config.model_type);
+    println!("architecture:  {:#?}", ckpt.config.arch);
+    println!(
+        "parameters:    {} total ({} in decoder-block linears, {} embeddings/head, {} other)",
+        counts.total, counts.block_linear_weights, counts.embeddings_and_head, counts.other
+    );
+    println!("stored dtypes: {:?}", stored_dtypes);
+    println!("tensors:       {}", tensors.len());
+    for f in &files {
+        println!("file:          {f}");
+    }
+    if a.tensors {
+        for t in &tensors {
+            println!("  {} {} {}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""), t["shape"]);
+        }
+    }
+    Ok(())
+}
+
+pub fn estimate(ctx: &Context, a: EstimateArgs) -> Result<()> {
+    let path = std::path::Path::new(&a.model);
+    let config = if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+        autoquant::config::AutoConfig::from_pretrained(path)?
+    } else {
+        let files = autoquant::hub::resolve(&a.model, &HubOptions { offline: a.offline.then_some(true), ..Default::default() })?;
+        match &files.gguf {
+            Some(g) => {
+                let f = autoquant::formats::gguf::GgufFile::open(g)?;
+                autoquant::config::AutoConfig::from_value(f.hf_config()?, g, Some(g))?
+            }
+            None => autoquant::config::AutoConfig::from_pretrained(&files.dir)?,
+        }
+    };
+    let group = if a.group_size <= 0 { 0 } else { a.group_size as usize };
+    let e = memory::estimate(&config, group);
+    if ctx.json {
+        print_json(&json!(e));
+        return Ok(());
+    }
+    let p = &e.params;
+    println!("{} model: {} parameters", e.model_type, p.total);
+    println!(
+        "  = {} in decoder-block linear weights (quantizable) + {} embeddings/lm_head + {} norms, biases, positions",
+        p.block_linear_weights, p.embeddings_and_head, p.other
+    );
+    println!("Weights only (activations and KV cache come on top):");
+    for r in &e.rows {
+        println!("  {:<10} {:>9.3} GB {:>9.3} GiB  {:>6.2} bits/weight  — {}", r.scheme, memory::gb(r.bytes), memory::gib(r.bytes), r.bits_per_block_weight, r.explanation);
+    }
+    Ok(())
+}
+
+pub fn generate(ctx: &Context, a: GenerateArgs) -> Result<()> {
+    let p = a.model.load()?;
+    let mut cfg = GenerationConfig { eos_token_ids: p.generation.eos_token_ids.clone(), ..Default::default() };
+    cfg.max_new_tokens = a.max_new_tokens;
+    cfg.do_sample = !a.greedy && (a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some());
+    cfg.temperature = a.temperature.unwrap_or(1.0);
+    cfg.top_k = a.top_k.unwrap_or(if cfg.do_sample { 50 } else { 0 });
+    cfg.top_p = a.top_p.unwrap_or(1.0);
+    cfg.repetition_penalty = a.repetition_penalty;
+    cfg.seed = a.seed;
+    cfg.stop_strings = a.stop.clone();
+    let (text, add_special) = if a.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        (p.tokenizer.apply_chat_template(&msgs, true)?, false)
+    } else {
+        (a.prompt.clone(), true)
+    };
+    let ids = p.tokenizer.encode(&text, add_special)?;
+    let mut stream = p.tokenizer.stream_decoder(true);
+    let mut generated = String::new();
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    let longest_stop = cfg.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+    let out = run_generate(p.model.as_ref(), &ids, &cfg, |id| {
+        if let Some(piece) = stream.push(id)? {
+            generated.push_str(&piece);
+        }
+        let stop_at = cfg.stop_strings.iter().filter_map(|s| generated.find(s.as_str())).min();
+        // Print what can no longer turn into a stop string.
+        let safe = match stop_at {
+            Some(i) => i,
+            None => floor_char_boundary(&generated, generated.len().saturating_sub(longest_stop.saturating_sub(1))),
+        };
+        if !ctx.json && safe > printed {
+            let mut h = stdout.lock();
+            let _ = h.write_all(generated[printed..safe].as_bytes());
+            let _ = h.flush();
+            printed = safe;
+        }
+        if let Some(i) = stop_at {
+            generated.truncate(i);
+        }
+        Ok(stop_at.is_some())
+    })?;
+    if out.stop_reason != autoquant::generate::StopReason::StopString {
+        if let Some(rest) = stream.finish()? {
+            generated.push_str(&rest);
+        }
+    }
+    if ctx.json {
+        print_json(&json!({
+            "prompt": text,
+            "prompt_ids": ids,
+            "generated_ids": out.new_ids,
+            "text": generated,
+            "stop_reason": out.stop_reason,
+            "prefill_seconds": out.prefill_seconds,
+            "decode_seconds": out.decode_seconds,
+            "decode_tokens_per_second": out.decode_tokens_per_second(),
+            "peak_rss_bytes": peak_rss(),
+        }));
+    } else {
+        if generated.len() > printed {
+            print!("{}", &generated[printed..]);
+        }
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} new tokens, stop: {:?}, prefill {:.2}s, decode {:.1} tok/s]",
+            out.prompt_tokens,
+            out.new_ids.len(),
+            out.stop_reason,
+            out.prefill_seconds,
+            out.decode_tokens_per_second()
+        );
+    }
+    Ok(())
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
+    let p = a.model.load()?;
+    let text = perplexity::load_text(&a.data)?;
+    let ids = p.tokenizer.encode(&text, a.add_special_tokens)?;
+    let protocol = if a.llama_cpp {
+        perplexity::Protocol::LlamaCpp { bos: if p.tokenizer.adds_bos() { p.tokenizer.bos_token_id() } else { None } }
+    } else if let Some(stride) = a.stride {
+        perplexity::Protocol::Stride { stride }
+    } else {
+        perplexity::Protocol::Paper
+    };
+    let opts = perplexity::PplOptions { seqlen: a.seqlen, protocol, max_windows: a.max_windows };
+    let pb: Option<ProgressBar> = None;
+    let mut pb = pb;
+    let r = perplexity::perplexity(p.model.as_ref(), &ids, &p.tokenizer.describe(), &opts, |done, total, running| {
+        let bar = pb.get_or_insert_with(|| progress_bar(total, "perplexity"));
+        bar.set_position(done as u64);
+        bar.set_message(format!("ppl {running:.3}"));
+    })?;
+    if let Some(bar) = pb {
+        bar.finish_and_clear();
+    }
+    if ctx.json {
+        let mut v = json!(r);
+        v["data"] = json!(a.data.display().to_string());
+        v["model"] = json!(a.model.model);
+        v["dtype"] = json!(a.model.dtype);
+        v["peak_rss_bytes"] = peak_rss();
+        print_json(&v);
+    } else {
+        println!(
+            "perplexity {:.4}  ({} protocol, seqlen {}, {} windows, {} scored tokens of {}, tokenizer {}, {:.1}s, {:.0} tok/s)",
+            r.perplexity, r.protocol, r.seqlen, r.windows, r.scored_tokens, r.text_tokens, r.tokenizer, r.seconds, r.tokens_per_second
+        );
+    }
+    Ok(())
+}
+
+pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
+    let p = a.model.load()?;
+    let opts = benchmod::BenchOptions { prompt_len: a.prompt_len, gen_len: a.gen_len, repetitions: a.repetitions, all_logits: false };
+    let r = benchmod::bench(p.model.as_ref(), &opts)?;
+    if ctx.json {
+        let mut v = json!(r);
+        v["model"] = json!(a.model.model);
+        v["dtype"] = json!(a.model.dtype);
+        print_json(&v);
+    } else {
+        println!(
+            "prefill pp{}: {:.1} tok/s   decode tg{}: {:.1} tok/s   footprint {:.1} MiB   peak RSS {:.1} MiB   ({} threads)",
+            r.prompt_len,
+            r.prefill_tokens_per_second,
+            r.gen_len,
+            r.decode_tokens_per_second,
+            mib(r.footprint_bytes as u64),
+            mib(r.peak_rss_bytes.unwrap_or(0)),
+            r.threads
+        );
+    }
+    Ok(())
+}
+
+pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
+    let p = a.model.load()?;
+    let opts = SaveOptions {
+        dtype: WeightDType::parse(&a.model.dtype)?,
+        max_shard_bytes: parse_size(&a.max_shard_size)?,
+        overwrite: a.overwrite,
+    };
+    if opts.max_shard_bytes == 0 {
+        return Err(Error::InvalidArgument("--max-shard-size must be positive".into()));
+    }
+    let dir = save_pretrained(p.model.as_ref(), Some(&p.tokenizer), Some(&p.generation), &a.output, &opts)?;
+    if ctx.json {
+        print_json(&json!({"output": dir.display().to_string(), "dtype": a.model.dtype, "peak_rss_bytes": peak_rss()}));
+    } else {
+        println!("wrote {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Command-line interface: argument definitions and one function per command.
+
+mod commands;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "autoquant", version, about = "Load, quantize, save and measure Hugging Face causal LMs on the CPU")]
+pub struct Cli {
+    /// Print results as JSON on stdout (progress and logs go to stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Report the peak resident memory (RSS) of the process at the end.
+    #[arg(long, global = true)]
+    pub peak_rss: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to find and load a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model folder, a .gguf file, or a hub id `org/name[@revision]` (Hugging Face cache).
+    pub model: String,
+    /// In-memory dtype of dense weights: f32, f16 or bf16 (compute is f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Never use the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// Hugging Face cache folder (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show a model's config, architecture, parameter count, dtypes and files.
+    Info(InfoArgs),
+    /// Estimate memory from config.json alone (no weights are read).
+    Estimate(EstimateArgs),
+    /// Generate text from a prompt, streamed to the terminal.
+    Generate(GenerateArgs),
+    /// Perplexity of a model on a text file.
+    Ppl(PplArgs),
+    /// Prefill and decode speed, and peak memory.
+    Bench(BenchArgs),
+    /// Load a model and write it as a Hugging Face folder (safetensors), e.g. GGUF → HF.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Also list every tensor with its dtype and shape.
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EstimateArgs {
+    /// A model folder, config.json, .gguf file or hub id.
+    pub model: String,
+    /// Group size assumed for the int4 row (-1 for per-channel).
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    pub group_size: i64,
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Always pick the most likely token (the default unless --temperature/--top-k/--top-p is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text file: plain, WikiText raw, or JSON lines with a `text` field.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    /// Sliding-window mode (transformers docs): move windows by this many tokens.
+    #[arg(long, conflicts_with = "llama_cpp")]
+    pub stride: Option<usize>,
+    /// llama.cpp convention: score only the second half of each window, first token set to BOS.
+    #[arg(long)]
+    pub llama_cpp: bool,
+    /// Use only the first K windows.
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Prepend BOS to the text before tokenizing (off: the papers' protocol adds none for Llama-style
+    /// tokenizers that do not add BOS).
+    #[arg(long)]
+    pub add_special_tokens: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_len: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output folder (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Shard size limit, e.g. 5GB, 500MB.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+}
+
+pub fn run(cli: Cli) -> autoquant::Result<()> {
+    let ctx = commands::Context { json: cli.json };
+    match cli.command {
+        Command::Info(a) => commands::info(&ctx, a),
+        Command::Estimate(a) => commands::estimate(&ctx, a),
+        Command::Generate(a) => commands::generate(&ctx, a),
+        Command::Ppl(a) => commands::ppl(&ctx, a),
+        Command::Bench(a) => commands::bench(&ctx, a),
+        Command::Convert(a) => commands::convert(&ctx, a),
+    }
+}
