@@ -12,7 +12,11 @@ use std::sync::Arc;
 pub trait LinearKernel: Send + Sync {
     fn in_features(&self) -> usize;
     fn out_features(&self) -> usize;
-    /// `out` has `m * out_features` elements and is overwritten.
+    /// Output features `rows` only: `out` is `[m, rows.len()]` and is overwritten. Single
+    /// threaded; callers parallelize over row blocks (see [`forward_many`]).
+    fn forward_rows(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: &mut [f32]);
+    /// All output features: `out` has `m * out_features` elements and is overwritten.
+    /// Packed kernels can use [`forward_rows_parallel`]; dense weights use a GEMM for large `m`.
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]);
     /// Bytes held in memory for this weight (packed size for quantized kernels).
     fn storage_bytes(&self) -> usize;
@@ -113,12 +117,22 @@ impl LinearKernel for DenseMatrix {
     fn out_features(&self) -> usize {
         self.rows()
     }
+    fn forward_rows(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.cols();
+        let (r0, r1) = (rows.start, rows.end);
+        match self {
+            DenseMatrix::F32 { data, .. } => kernels::gemv_block(x, m, k, &data[r0 * k..r1 * k], out),
+            DenseMatrix::F16 { data, .. } => kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out),
+            DenseMatrix::BF16 { data, .. } => kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out),
+        }
+    }
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.rows(), self.cols());
         match self {
-            DenseMatrix::F32 { data, .. } => kernels::matmul_nt(x, m, k, data, n, out),
-            DenseMatrix::F16 { data, .. } => kernels::matmul_nt_half(x, m, k, data, n, out),
-            DenseMatrix::BF16 { data, .. } => kernels::matmul_nt_half(x, m, k, data, n, out),
+            DenseMatrix::F32 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt(x, m, k, data, n, out),
+            DenseMatrix::F16 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt_half(x, m, k, data, n, out),
+            DenseMatrix::BF16 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt_half(x, m, k, data, n, out),
+            _ => forward_rows_parallel(self, x, m, out),
         }
     }
     fn storage_bytes(&self) -> usize {
@@ -134,6 +148,68 @@ impl LinearKernel for DenseMatrix {
             DenseMatrix::BF16 { data, .. } => data.iter().map(|v| v.to_f32()).collect(),
         }
     }
+}
+
+/// Output rows per parallel task in matrix-vector mode: big enough to amortize scheduling,
+/// small enough to balance two to a few dozen threads.
+const ROW_BLOCK: usize = 64;
+
+/// Compute all output rows of several kernels sharing the input `x` (`[m, in]`), as one
+/// parallel pass over (kernel, row block) tasks. Returns `(kernel index, first row, [m, rows])`.
+fn forward_blocks(kernels: &[&dyn LinearKernel], x: &[f32], m: usize) -> Vec<(usize, usize, Vec<f32>)> {
+    use rayon::prelude::*;
+    let tasks: Vec<(usize, usize)> = kernels
+        .iter()
+        .enumerate()
+        .flat_map(|(i, k)| (0..k.out_features()).step_by(ROW_BLOCK).map(move |r| (i, r)))
+        .collect();
+    tasks
+        .into_par_iter()
+        .map(|(i, r0)| {
+            let r1 = (r0 + ROW_BLOCK).min(kernels[i].out_features());
+            let mut out = vec![0f32; m * (r1 - r0)];
+            kernels[i].forward_rows(x, m, r0..r1, &mut out);
+            (i, r0, out)
+        })
+        .collect()
+}
+
+/// `forward` for any kernel by splitting its output rows across threads.
+pub fn forward_rows_parallel(kernel: &dyn LinearKernel, x: &[f32], m: usize, out: &mut [f32]) {
+    let n = kernel.out_features();
+    scatter_blocks(forward_blocks(&[kernel], x, m), m, &mut [(out, n)]);
+}
+
+fn scatter_blocks(parts: Vec<(usize, usize, Vec<f32>)>, m: usize, outs: &mut [(&mut [f32], usize)]) {
+    for (i, r0, block) in parts {
+        let (out, n) = &mut outs[i];
+        let width = block.len() / m;
+        for r in 0..m {
+            out[r * *n + r0..r * *n + r0 + width].copy_from_slice(&block[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Several linear layers applied to the same input. For a few rows (decoding) all their
+/// matrix-vector work is spread over the threads in one pass, which matters because each
+/// layer alone is too small to keep both cores busy; for many rows each uses its GEMM.
+pub fn forward_many(linears: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = linears.iter().map(|l| vec![0f32; m * l.out_features()]).collect();
+    if m > kernels::GEMV_MAX_ROWS {
+        for (l, o) in linears.iter().zip(outs.iter_mut()) {
+            l.weight.forward(x, m, o);
+        }
+    } else {
+        let ks: Vec<&dyn LinearKernel> = linears.iter().map(|l| l.weight.as_ref()).collect();
+        let parts = forward_blocks(&ks, x, m);
+        let mut views: Vec<(&mut [f32], usize)> =
+            outs.iter_mut().zip(linears).map(|(o, l)| (o.as_mut_slice(), l.out_features())).collect();
+        scatter_blocks(parts, m, &mut views);
+    }
+    for (l, o) in linears.iter().zip(outs.iter_mut()) {
+        l.add_bias(o);
+    }
+    outs
 }
 
 /// A linear layer: a weight kernel plus an optional f32 bias.
@@ -155,14 +231,17 @@ impl Linear {
         let n = self.out_features();
         let mut out = vec![0f32; m * n];
         self.weight.forward(x, m, &mut out);
+        self.add_bias(&mut out);
+        out
+    }
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
-            for row in out.chunks_exact_mut(n) {
+            for row in out.chunks_exact_mut(b.len()) {
                 for (o, bi) in row.iter_mut().zip(b) {
                     *o += bi;
                 }
             }
         }
-        out
     }
     pub fn storage_bytes(&self) -> usize {
         self.weight.storage_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)

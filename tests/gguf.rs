@@ -424,6 +424,30 @@ fn tiny_qwen2_matches_transformers() {
     assert_eq!(weights.read("model.layers.0.self_attn.q_proj.weight").unwrap().to_f32(), raw);
 }
 
+#[test]
+fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
+    let weights = GgufWeights::open(&fixture("llama3_rope.gguf")).unwrap();
+    assert!(weights.names().is_empty(), "rope_freqs is not a model parameter");
+    let config = weights.hf_config().unwrap();
+    assert_eq!(
+        config["rope_scaling"],
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    );
+    assert_eq!(config["head_dim"], 128);
+    assert_eq!(config["num_key_value_heads"], 1);
+    assert_eq!(config["vocab_size"], 128256);
+    assert_eq!(config["rope_theta"], 500000.0);
+
+    // Factors that no llama3 parameters explain are refused, naming the tensor.
+    let mut bytes = std::fs::read(fixture("llama3_rope.gguf")).unwrap();
+    let at = weights.file().tensor_info("rope_freqs.weight").unwrap().file_offset as usize;
+    bytes[at..at + 4].copy_from_slice(&3.0f32.to_le_bytes());
+    let (_f, r) = open_bytes(&bytes);
+    let msg = err_text(&r.unwrap().hf_config().unwrap_err());
+    assert!(msg.contains("rope_freqs.weight") && msg.contains("llama3"), "{msg}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real SmolLM2-135M-Instruct GGUF (fetched by the assets script; skipped when absent).
 
@@ -444,7 +468,9 @@ fn smollm2_path() -> Option<PathBuf> {
 fn smollm2_config_tensors_and_speed() {
     let Some(path) = smollm2_path() else { return };
     let golden = read_json("smollm2_golden.json");
+    let t0 = std::time::Instant::now();
     let weights = GgufWeights::open(&path).unwrap();
+    eprintln!("opened {} in {:.3} s", path.display(), t0.elapsed().as_secs_f64());
     let file = weights.file();
     assert_eq!(file.version(), 3);
     assert_eq!(file.architecture(), Some("llama"));

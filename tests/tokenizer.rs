@@ -163,9 +163,15 @@ fn synthetic_gguf_tokenizers_match_transformers() {
         assert_eq!(tok.eos_token_ids(), vec![2]);
 
         // A saved folder reloads through the tokenizer.json path with the same behaviour.
-        let dir = tempfile::tempdir().expect("tempdir");
-        tok.save(dir.path()).expect("save");
-        let reloaded = AutoTokenizer::from_dir(dir.path()).expect("reload");
+        // AUTOQUANT_TOKENIZER_SAVE_DIR keeps the folders for `make_tokenizer_golden.py
+        // --check-saved-synthetic DIR` (transformers reloading them).
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = match std::env::var_os("AUTOQUANT_TOKENIZER_SAVE_DIR") {
+            Some(d) => PathBuf::from(d).join(name),
+            None => tmp.path().to_path_buf(),
+        };
+        tok.save(&dir).expect("save");
+        let reloaded = AutoTokenizer::from_dir(&dir).expect("reload");
         check_synthetic_case(&reloaded, case, &format!("{name} saved+reloaded"));
         assert_eq!(reloaded.bos_token(), tok.bos_token());
         assert_eq!(reloaded.eos_token(), tok.eos_token());
@@ -332,6 +338,10 @@ fn smollm2_saved_folder_reloads_with_the_same_ids() {
     }
     let reloaded = AutoTokenizer::from_dir(&dir).expect("reload");
     assert_eq!(reloaded.describe(), "tokenizer.json 49152 tokens");
+    // from_path dispatches on folder versus file.
+    assert_eq!(AutoTokenizer::from_path(&dir).expect("folder").describe(), reloaded.describe());
+    assert_eq!(AutoTokenizer::from_path(&path).expect("gguf").describe(), tok.describe());
+    assert!(AutoTokenizer::from_path(&dir.join("absent")).is_err());
     assert_encodes(&reloaded, &strings(&golden["texts"]), &id_lists(&golden["ids_reference"]), true, "reloaded");
     assert_eq!(reloaded.special_token_ids(), tok.special_token_ids());
     assert_eq!(reloaded.bos_token_id(), tok.bos_token_id());

@@ -222,6 +222,43 @@ def make_tiny_model(rng, arch):
     (OUT / f"tiny_{arch}.json").write_text(json.dumps({"config": config, "tensors": manifest}, indent=1) + "\n")
 
 
+def make_llama3_rope():
+    """A weightless llama header plus the `rope_freqs` tensor llama.cpp's converter writes for
+    Llama 3.1 scaling (factor 8, low/high freq factors 1/4, original context 8192): the reader
+    must recover those parameters. transformers ignores this tensor, so the test asserts the
+    parameters written here."""
+    head_dim, theta = 128, 500000.0
+    factor, low_freq_factor, high_freq_factor, original = 8.0, 1.0, 4.0, 8192
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_wavelen, high_wavelen = original / low_freq_factor, original / high_freq_factor
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            divisors.append(1.0)
+        elif wavelen > low_wavelen:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    w = gguf.GGUFWriter(str(OUT / "llama3_rope.gguf"), arch="llama")
+    w.add_context_length(131072)
+    w.add_embedding_length(4 * head_dim)
+    w.add_block_count(1)
+    w.add_feed_forward_length(1024)
+    w.add_head_count(4)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(theta)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(128256)
+    w.add_tensor("rope_freqs.weight", np.array(divisors, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def transformers_reading(path):
     """Config and state dict exactly as transformers builds them from a GGUF file."""
     import torch
@@ -297,6 +334,7 @@ def main():
     make_unsupported(rng)
     make_tiny_model(rng, "llama")
     make_tiny_model(rng, "qwen2")
+    make_llama3_rope()
     if args.smollm2:
         make_smollm2_golden(args.smollm2)
     total = sum(f.stat().st_size for f in OUT.iterdir())

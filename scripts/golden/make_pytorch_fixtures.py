@@ -50,12 +50,21 @@ def exact_floats(t):
     return [float(v) for v in t.detach().to(torch.float64).reshape(-1).tolist()]
 
 
+BIT_VIEWS = {torch.float32: (torch.int32, 32), torch.float16: (torch.int16, 16),
+             torch.bfloat16: (torch.int16, 16), torch.float64: (torch.int64, 64)}
+
+
 def describe(t):
+    t = t.detach()
+    out = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
     if t.dtype.is_floating_point:
-        values = exact_floats(t)
+        out["values"] = exact_floats(t)
+        # JSON readers need not round decimals correctly; the raw bit patterns compare exactly.
+        view, width = BIT_VIEWS[t.dtype]
+        out["bits"] = [int(v) % (1 << width) for v in t.contiguous().view(view).reshape(-1).tolist()]
     else:
-        values = [int(v) for v in t.reshape(-1).tolist()]
-    return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "values": values}
+        out["values"] = [int(v) for v in t.reshape(-1).tolist()]
+    return out
 
 
 def build_state_dict():

@@ -95,7 +95,8 @@ def tokenization_cases(tok):
     return cases
 
 
-def greedy(model, ids):
+def greedy(model, ids, stop_on_eos):
+    extra = {} if stop_on_eos else {"eos_token_id": None}
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
@@ -104,6 +105,7 @@ def greedy(model, ids):
         max_new_tokens=MAX_NEW_TOKENS,
         return_dict_in_generate=True,
         output_logits=True,
+        **extra,
     )
     seconds = time.perf_counter() - start
     new = out.sequences[0, ids.shape[1]:].tolist()
@@ -119,13 +121,22 @@ def generation_cases(model, tok):
     chat_text = tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=False)
     chat_ids = tok(chat_text, add_special_tokens=False, return_tensors="pt").input_ids
     cases = []
-    for name, prompt, ids in [("plain", PLAIN_PROMPT, plain_ids), ("chat", chat_text, chat_ids)]:
-        new, margins, seconds = greedy(model, ids)
+    runs = [
+        # The plain prompt ends with EOS before 32 tokens, so it is also run without EOS stop
+        # to get a full 32-token continuation.
+        ("plain", PLAIN_PROMPT, plain_ids, True),
+        ("plain_ignore_eos", PLAIN_PROMPT, plain_ids, False),
+        ("chat", chat_text, chat_ids, True),
+    ]
+    for name, prompt, ids, stop_on_eos in runs:
+        new, margins, seconds = greedy(model, ids, stop_on_eos)
         cases.append({
             "name": name,
             "prompt": prompt,
             "messages": CHAT_MESSAGES if name == "chat" else None,
             "prompt_ids": ids[0].tolist(),
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "stop_on_eos": stop_on_eos,
             "generated_ids": new,
             "generated_text": tok.decode(new, skip_special_tokens=False),
             "stopped_on_eos": len(new) < MAX_NEW_TOKENS,
@@ -352,7 +363,7 @@ def main():
             "tokenize_text_tokens_per_second": round(all_ids.shape[1] / (t4 - t3), 1),
             "ppl_seconds": gptq["seconds"],
             "ppl_tokens_per_second": gptq["tokens_per_second"],
-            "greedy_decode_tokens_per_second": generation[0]["decode_tokens_per_second"],
+            "greedy_decode_tokens_per_second": generation[1]["decode_tokens_per_second"],
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
         },

@@ -22,8 +22,10 @@ Writes tests/fixtures/tokenizer/*.json:
 Usage (venv with transformers, tokenizers, gguf):
   python scripts/golden/make_tokenizer_golden.py [--gpt2-dir DIR] [--gguf FILE]
   python scripts/golden/make_tokenizer_golden.py --check-saved DIR
-      (loads a folder written by AutoTokenizer::save with transformers and compares its ids on
-       the text set with smollm2.json's reference ids)
+  python scripts/golden/make_tokenizer_golden.py --check-saved-synthetic DIR
+      (load folders written by AutoTokenizer::save -- set AUTOQUANT_TOKENIZER_SAVE_DIR=DIR when
+       running `cargo test --test tokenizer` -- with transformers and compare their ids with the
+       fixtures: DIR itself for SmolLM2, DIR/<case> for the synthetic cases)
 Defaults: ${AUTOQUANT_HOME:-~/.cache/autoquant}/assets/{gpt2,smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 (scripts/fetch_assets.sh puts them there).
 """
@@ -375,14 +377,32 @@ def check_saved(folder):
     return 0 if not bad and rendered == golden["chats"][1]["rendered"] else 1
 
 
+def check_saved_synthetic(folder):
+    """Like check_saved, for the synthetic cases saved under folder/<case name>/."""
+    from transformers import AutoTokenizer
+
+    golden = json.loads((OUT / "synthetic.json").read_text(encoding="utf-8"))
+    failures = 0
+    for case in golden["cases"]:
+        tok = AutoTokenizer.from_pretrained(folder / case["name"])
+        ids = encode_all(tok, case["texts"])
+        bad = [t for t, a, b in zip(case["texts"], ids, case["ids"]) if a != b]
+        print(f"{case['name']}: {len(case['texts']) - len(bad)}/{len(case['texts'])} texts equal")
+        failures += len(bad)
+    return 1 if failures else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpt2-dir", type=Path, default=ASSETS / "gpt2")
     ap.add_argument("--gguf", type=Path, default=ASSETS / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--check-saved", type=Path)
+    ap.add_argument("--check-saved-synthetic", type=Path)
     args = ap.parse_args()
     if args.check_saved:
         return check_saved(args.check_saved)
+    if args.check_saved_synthetic:
+        return check_saved_synthetic(args.check_saved_synthetic)
     for needed in (args.gpt2_dir / "vocab.json", args.gpt2_dir / "merges.txt", args.gguf):
         if not needed.is_file():
             sys.exit(f"missing {needed}: run scripts/fetch_assets.sh first (or pass --gpt2-dir / --gguf)")

@@ -429,7 +429,7 @@ impl<'a> Cursor<'a> {
                 let min_elem_bytes = match elem_type {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     8 | 10 | 11 | 12 => 8,
                     9 => 12,
                     t => return Err(self.err(format!("metadata array `{key}` has unknown element type {t}"))),
@@ -543,7 +543,7 @@ impl GgufFile {
                 .ok_or_else(|| Error::tensor(&path, &name, format!("unknown ggml type id {type_id}")))?;
             let offset = cur.u64(&|| format!("the data offset of tensor `{name}`"))?;
             let n_bytes = tensor_byte_size(ggml_type, &dims).map_err(|msg| Error::tensor(&path, &name, msg))?;
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(Error::tensor(
                     &path,
                     &name,
@@ -882,7 +882,7 @@ fn tensor_byte_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, Stri
         .filter(|&n| n <= isize::MAX as u64)
         .ok_or_else(|| format!("dimensions {dims:?} overflow the element count"))?;
     let row = dims.first().copied().unwrap_or(1);
-    if row % block as u64 != 0 {
+    if !row.is_multiple_of(block as u64) {
         return Err(format!("row length {row} is not a multiple of the {ty} block size {block}"));
     }
     (numel / block as u64)
@@ -898,7 +898,7 @@ fn tensor_byte_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, Stri
 /// Dequantize `bytes` of type `ty` into `out` (whose length gives the element count).
 pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
     let (block, type_size) = ty.block_layout();
-    if out.len() % block != 0 || bytes.len() != out.len() / block * type_size {
+    if !out.len().is_multiple_of(block) || bytes.len() != out.len() / block * type_size {
         return Err(format!(
             "{} bytes of {ty} cannot hold {} values (blocks of {block} values in {type_size} bytes)",
             bytes.len(),
@@ -1260,7 +1260,7 @@ impl GgufWeights {
                 let stem = t.name.split('.').nth(2).unwrap_or("");
                 if let Some(n) = heads(stem)? {
                     let rows = shape.first().copied().unwrap_or(0);
-                    if n == 0 || rows % (2 * n) != 0 {
+                    if n == 0 || !rows.is_multiple_of(2 * n) {
                         return Err(Error::tensor(
                             &path,
                             &t.name,

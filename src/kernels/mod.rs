@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Below this many activation rows a matrix-vector loop beats a GEMM (which packs its inputs).
-const GEMV_MAX_ROWS: usize = 4;
+pub const GEMV_MAX_ROWS: usize = 4;
 
 /// Dot product written with independent lane accumulators so LLVM emits wide FMA code.
 #[inline]
@@ -108,6 +108,28 @@ where
         let width = local.len() / m;
         for r in 0..m {
             out[r * n + j0..r * n + j0 + width].copy_from_slice(&local[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// `out[m, rows] = x[m, k] · w[rows, k]ᵀ` for a block of weight rows, single threaded.
+pub fn gemv_block(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    let rows = w.len() / k;
+    for (j, wrow) in w.chunks_exact(k).enumerate() {
+        for r in 0..m {
+            out[r * rows + j] = dot(&x[r * k..(r + 1) * k], wrow);
+        }
+    }
+}
+
+/// [`gemv_block`] for 16-bit weights, widened a row at a time.
+pub fn gemv_block_half<T: HalfFloat>(x: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32]) {
+    let rows = w.len() / k;
+    let mut buf = vec![0f32; k];
+    for (j, wrow) in w.chunks_exact(k).enumerate() {
+        T::convert_slice(wrow, &mut buf);
+        for r in 0..m {
+            out[r * rows + j] = dot(&x[r * k..(r + 1) * k], &buf);
         }
     }
 }

@@ -119,6 +119,9 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
             let (b, h) = (bh / nh, bh % nh);
             let kv = b * kvh + h / group;
             let (keys, vals) = (&kc[kv], &vc[kv]);
+            if t == 1 {
+                return attend_one(&q[b * nh * hd + h * hd..][..hd], keys, vals, &mask[b], s.scale);
+            }
             // scores[i, j] = q_i · k_j
             let mut scores = vec![0f32; t * total];
             kernels::gemm_serial(t, total, hd, &q[(b * t) * nh * hd + h * hd..], nh * hd, 1, keys, 1, hd, &mut scores);
@@ -141,6 +144,24 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
         for i in 0..t {
             let dst = (b * t + i) * nh * hd + h * hd;
             out[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
+    out
+}
+
+/// One query against the whole cache (decoding): plain dot products beat a GEMM call here.
+fn attend_one(q: &[f32], keys: &[f32], vals: &[f32], mask: &[u8], scale: f32) -> Vec<f32> {
+    let hd = q.len();
+    let mut scores: Vec<f32> = keys
+        .chunks_exact(hd)
+        .zip(mask)
+        .map(|(k, &m)| if m != 0 { kernels::dot(q, k) * scale } else { f32::NEG_INFINITY })
+        .collect();
+    kernels::softmax(&mut scores);
+    let mut out = vec![0f32; hd];
+    for (p, v) in scores.iter().zip(vals.chunks_exact(hd)) {
+        if *p != 0.0 {
+            kernels::axpy(*p, v, &mut out);
         }
     }
     out

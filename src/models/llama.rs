@@ -6,7 +6,7 @@ use super::attention::{attend, AttentionShape, KvCache};
 use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
 use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
 use crate::error::Result;
-use crate::nn::{add_in_place, DenseMatrix, Linear, Loader, RmsNorm};
+use crate::nn::{add_in_place, forward_many, DenseMatrix, Linear, Loader, RmsNorm};
 use std::sync::Arc;
 
 pub struct LlamaLayer {
@@ -130,16 +130,16 @@ impl Llama {
         let cfg = &self.cfg;
         let rows = x.len() / cfg.hidden_size;
         let hn = layer.input_layernorm.forward(x);
-        let mut q = layer.q_proj.forward(&hn, rows);
-        let mut k = layer.k_proj.forward(&hn, rows);
-        let v = layer.v_proj.forward(&hn, rows);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
+            .try_into()
+            .expect("three outputs");
         apply_rope(&mut q, cfg.num_attention_heads, cfg.head_dim, positions, &self.inv_freq);
         apply_rope(&mut k, cfg.num_key_value_heads, cfg.head_dim, positions, &self.inv_freq);
         let attn = attend(cache, i, &self.attention_shape(), t, &q, &k, &v);
         add_in_place(x, &layer.o_proj.forward(&attn, rows));
         let hn = layer.post_attention_layernorm.forward(x);
-        let mut gate = layer.gate_proj.forward(&hn, rows);
-        let up = layer.up_proj.forward(&hn, rows);
+        let [mut gate, up]: [Vec<f32>; 2] =
+            forward_many(&[&layer.gate_proj, &layer.up_proj], &hn, rows).try_into().expect("two outputs");
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = crate::kernels::silu(*g) * u;
         }

@@ -6,7 +6,7 @@ use super::attention::{attend, AttentionShape, KvCache};
 use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
 use crate::config::{AutoConfig, OptConfig};
 use crate::error::Result;
-use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
+use crate::nn::{activate, add_in_place, forward_many, DenseMatrix, LayerNorm, Linear, Loader};
 use std::sync::Arc;
 
 /// OPT's learned position table starts two rows in (a fairseq leftover).
@@ -134,9 +134,9 @@ impl Opt {
         let rows = x.len() / c.hidden_size;
         let pre = c.do_layer_norm_before;
         let hn = if pre { layer.self_attn_layer_norm.forward(x) } else { x.to_vec() };
-        let q = layer.q_proj.forward(&hn, rows);
-        let k = layer.k_proj.forward(&hn, rows);
-        let v = layer.v_proj.forward(&hn, rows);
+        let [q, k, v]: [Vec<f32>; 3] = forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
+            .try_into()
+            .expect("three outputs");
         let hd = c.hidden_size / c.num_attention_heads;
         let shape = AttentionShape {
             heads: c.num_attention_heads,

@@ -317,6 +317,18 @@ impl AutoTokenizer {
         })
     }
 
+    /// A model folder ([`AutoTokenizer::from_dir`]) or a `.gguf` file
+    /// ([`AutoTokenizer::from_gguf_file`]).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_dir(path)
+        } else if path.is_file() {
+            Self::from_gguf_file(path)
+        } else {
+            Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+        }
+    }
+
     /// The tokenizer embedded in a GGUF file (see [`AutoTokenizer::from_gguf_metadata`]).
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
         Self::from_gguf_file_with(path, GgufPreTokenizerFlavor::Reference)
