@@ -4,6 +4,8 @@
 # at test time; golden fixtures are committed (see docs/golden.md to regenerate them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+AUTOQUANT_REQUIRE_ASSETS=1
+export AUTOQUANT_REQUIRE_ASSETS
 AUTOQUANT_ASSETS="$(scripts/fetch_assets.sh | tail -n 1)"
 export AUTOQUANT_ASSETS
 echo "assets: $AUTOQUANT_ASSETS" >&2

@@ -461,7 +461,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let err = parse(json!({"model_type":"llama","vocab_size":"ten"})).unwrap_err().to_string();
+        let err = parse(json!({"model_type":"llama","vocab_size":"ten","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8}))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("vocab_size"), "{err}");
         let err = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":3}))

@@ -17,8 +17,8 @@ fn fixture(name: &str) -> PathBuf {
 fn load(name: &str, dtype: WeightDType) -> Box<dyn CausalLM> {
     let dir = fixture(name);
     let config = AutoConfig::from_pretrained(&dir).unwrap();
-    let weights = autoquant::formats::safetensors::SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
-    AutoModelForCausalLM::from_weights(config, &weights, &LoadOptions { dtype }).unwrap()
+    let weights = autoquant::formats::open_weights(&dir).unwrap();
+    AutoModelForCausalLM::from_weights(config, weights.as_ref(), &LoadOptions { dtype }).unwrap()
 }
 
 fn expected(name: &str) -> Value {

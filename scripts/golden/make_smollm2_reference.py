@@ -292,6 +292,7 @@ def main():
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
 
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=GGUF_NAME)
     t1 = time.perf_counter()
@@ -365,7 +366,10 @@ def main():
             "ppl_tokens_per_second": gptq["tokens_per_second"],
             "greedy_decode_tokens_per_second": generation[1]["decode_tokens_per_second"],
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+            # Timings on a shared machine are only meaningful when these are below the core count.
+            "load_average_1m_at_start": round(load_before, 2),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         },
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -55,6 +55,7 @@ pub struct PplResult {
 
 /// A window to run: `ids[start..end]`, scoring targets at positions `score_from..` (a target at
 /// window position `j` is predicted by the logits at `j - 1`).
+#[derive(Debug)]
 struct Window {
     start: usize,
     end: usize,

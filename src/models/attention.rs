@@ -128,10 +128,12 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
             for i in 0..t {
                 let row = &mut scores[i * total..(i + 1) * total];
                 let limit = past + i; // causal: keys 0..=limit
-                for (j, sc) in row.iter_mut().enumerate() {
-                    *sc = if j <= limit && mask[b][j] != 0 { *sc * s.scale } else { f32::NEG_INFINITY };
+                let (visible, future) = row.split_at_mut(limit + 1);
+                for (sc, &m) in visible.iter_mut().zip(&mask[b]) {
+                    *sc = if m != 0 { *sc * s.scale } else { f32::NEG_INFINITY };
                 }
-                kernels::softmax(row);
+                kernels::softmax(visible);
+                future.fill(0.0);
             }
             let mut out = vec![0f32; t * hd];
             kernels::gemm_serial(t, hd, total, &scores, total, 1, vals, hd, 1, &mut out);
