@@ -1,0 +1,77 @@
+//! The command-line tool end to end on the real SmolLM2 GGUF.
+
+mod common;
+
+use common::asset;
+use serde_json::Value;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_autoquant")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = run(args);
+    assert!(ok, "autoquant {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn generate_estimate_info_ppl_convert() {
+    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let m = model.to_str().unwrap();
+
+    let g = json(&["generate", m, "--prompt", "The capital of France is", "--max-new-tokens", "32", "--json"]);
+    assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{g}");
+    assert_eq!(g["stop_reason"], "eos");
+
+    let s = json(&["generate", m, "--prompt", "The capital of France is", "--stop", "answer", "--json"]);
+    assert_eq!(s["stop_reason"], "stop_string");
+    assert_eq!(s["text"].as_str().unwrap(), " Paris.\n\nThe ");
+
+    let chat = json(&["generate", m, "--chat", "--prompt", "What is the capital of France?", "--json"]);
+    assert!(chat["text"].as_str().unwrap().contains("Paris"), "{chat}");
+
+    let sampled = |seed: &str| json(&["generate", m, "--prompt", "Once upon a time", "--temperature", "0.9", "--top-p", "0.9", "--seed", seed, "--max-new-tokens", "12", "--json"])["generated_ids"].clone();
+    assert_eq!(sampled("1"), sampled("1"));
+    assert_ne!(sampled("1"), sampled("2"));
+
+    let e = json(&["estimate", m, "--json"]);
+    assert_eq!(e["params"]["total"], 134_515_008u64);
+    let f32_row = &e["rows"][0];
+    assert_eq!(f32_row["bytes"], 4 * 134_515_008u64);
+
+    let i = json(&["info", m, "--json"]);
+    assert_eq!(i["model_type"], "llama");
+    assert_eq!(i["stored_dtypes"]["Q4_1"], 210);
+
+    let Some(text) = asset("text/wiki.eval.txt") else { return };
+    let p = json(&["ppl", m, "--data", text.to_str().unwrap(), "--seqlen", "128", "--max-windows", "2", "--json"]);
+    assert_eq!(p["protocol"], "paper");
+    assert_eq!(p["windows"], 2);
+    assert_eq!(p["scored_tokens"], 254);
+    assert!(p["perplexity"].as_f64().unwrap() > 1.0 && p["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    // GGUF → Hugging Face folder in f16, then the same greedy text from the folder.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2-f16");
+    let (ok, _, err) = run(&["convert", m, "-o", out.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(ok, "{err}");
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let g2 = json(&["generate", out.to_str().unwrap(), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"]);
+    assert!(g2["text"].as_str().unwrap().starts_with(" Paris."), "{g2}");
+}
+
+#[test]
+fn errors_are_clear_and_exit_nonzero() {
+    let (ok, _, err) = run(&["estimate", "/nonexistent/model-dir"]);
+    assert!(!ok && err.contains("/nonexistent/model-dir"), "{err}");
+    let (ok, _, err) = run(&["info", "../../etc/passwd-model"]);
+    assert!(!ok && err.starts_with("error:"), "{err}");
+    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let (ok, _, err) = run(&["ppl", model.to_str().unwrap(), "--data", "/nonexistent.txt"]);
+    assert!(!ok && err.contains("/nonexistent.txt"), "{err}");
+}
