@@ -209,7 +209,7 @@ jq -n \
     --argjson reps "$REPS" --argjson windows "$PPL_WINDOWS" --argjson quick "$QUICK" \
     --argjson load_start "$LOAD_AT_START" --argjson load_end "$(load1)" \
     --arg uptime "$(uptime)" --arg aq_version "$("$AQ_BIN" --version)" \
-    --arg aq_commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --arg aq_commit "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
     --arg lcp "$LLAMA_CPP_PYTHON_VERSION" --argjson llama_commit "$LLAMA_COMMIT" \
     --arg lb_args "$LLAMA_BENCH_ARGS" \
     '{date:$started, machine:{cpu:$cpu, nproc:$nproc, load1_at_start:$load_start, load1_at_end:$load_end,

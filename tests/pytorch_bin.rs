@@ -104,7 +104,7 @@ fn reads_sharded_bin_through_open_weights() {
     assert!(src.file_of("transposed").ends_with("pytorch_model-00003-of-00003.bin"));
     assert_eq!(src.files().len(), 4);
     // The type is reachable directly too.
-    assert!(ShardedPytorch::open(&dir.join("pytorch_model.bin.index.json")).is_ok());
+    assert!(ShardedPytorch::open_index(&dir.join("pytorch_model.bin.index.json")).is_ok());
 }
 
 #[test]

@@ -167,7 +167,7 @@ fn sharding_matches_huggingface_hub() {
     assert_eq!(keys, sorted);
 
     // Every shard carries the format metadata; the set reads back identically.
-    let sharded = ShardedSafetensors::open(&out.join("model.safetensors.index.json")).unwrap();
+    let sharded = ShardedSafetensors::open_index(&out.join("model.safetensors.index.json")).unwrap();
     for shard in sharded.shards() {
         assert_eq!(shard.metadata().get("format").map(String::as_str), Some("pt"));
     }
@@ -426,11 +426,11 @@ fn shard_escaping_the_folder_is_refused() {
     let inner = tmp.path().join("inner");
     std::fs::create_dir(&inner).unwrap();
     let index = set_index(&inner, r#"{"weight_map": {"half": "../model-00002-of-00005.safetensors"}}"#);
-    let err = ShardedSafetensors::open(&index).unwrap_err().to_string();
+    let err = ShardedSafetensors::open_index(&index).unwrap_err().to_string();
     assert!(err.contains("../model-00002-of-00005.safetensors") && err.contains("`half`"), "{err}");
     assert!(err.contains("model.safetensors.index.json"), "{err}");
     let index = set_index(&inner, r#"{"weight_map": {"half": "/etc/passwd"}}"#);
-    assert!(ShardedSafetensors::open(&index).unwrap_err().to_string().contains("absolute"));
+    assert!(ShardedSafetensors::open_index(&index).unwrap_err().to_string().contains("absolute"));
 }
 
 #[test]
@@ -442,13 +442,13 @@ fn missing_shard_or_tensor_is_named() {
 
     let tmp = sharded_copy();
     let index = set_index(tmp.path(), r#"{"weight_map": {"ghost.weight": "model-00001-of-00005.safetensors"}}"#);
-    let err = ShardedSafetensors::open(&index).unwrap_err().to_string();
+    let err = ShardedSafetensors::open_index(&index).unwrap_err().to_string();
     assert!(err.contains("`ghost.weight`") && err.contains("absent") && err.contains("model-00001-of-00005"), "{err}");
 
     let index = set_index(tmp.path(), r#"{"metadata": {}}"#);
-    assert!(ShardedSafetensors::open(&index).unwrap_err().to_string().contains("weight_map"));
+    assert!(ShardedSafetensors::open_index(&index).unwrap_err().to_string().contains("weight_map"));
     let index = set_index(tmp.path(), r#"{"weight_map": {"#);
-    assert!(ShardedSafetensors::open(&index).unwrap_err().to_string().contains("malformed JSON"));
+    assert!(ShardedSafetensors::open_index(&index).unwrap_err().to_string().contains("malformed JSON"));
 }
 
 // ---------------------------------------------------------------------------------------------

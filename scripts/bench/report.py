@@ -29,14 +29,22 @@ EXTRA = [
 ]
 
 
-def throughputs(rec):
-    """{metric: tokens/s} of one record (one tool run)."""
+def throughputs(rec, worst=False):
+    """{metric: tokens/s} of one record (one tool run): its best repetition, or its worst."""
+    pick = min if worst else max
     res, system, kind = rec["result"], rec["system"], rec["kind"]
     if system == "autoquant" and kind == "bench":
+        if worst:
+            return {"prefill": res["prompt_len"] / max(res["prefill_seconds"]),
+                    "decode": res["gen_len"] / max(res["decode_seconds"])}
         return {"prefill": res["prefill_tokens_per_second"], "decode": res["decode_tokens_per_second"]}
     if system == "autoquant" and kind == "ppl":
         return {"ppl": res["tokens_per_second"]}
     if system == "transformers":
+        if worst:
+            return {"prefill": res["prompt_len"] / max(res["prefill_seconds"]),
+                    "ppl": res["ppl"]["tokens_per_second"],
+                    "decode": res["gen_len"] / max(res["decode_seconds"])}
         return {"prefill": res["prefill_tokens_per_second"], "ppl": res["ppl"]["tokens_per_second"],
                 "decode": res["decode_tokens_per_second"]}
     if system == "llama.cpp":
@@ -44,7 +52,7 @@ def throughputs(rec):
         for test in res:  # one entry for pp512 (n_gen 0), one for tg128 (n_prompt 0)
             metric = "prefill" if test["n_gen"] == 0 else "decode"
             samples = test.get("samples_ts") or [test["avg_ts"]]
-            out[metric] = max(samples)
+            out[metric] = pick(samples)
         return out
     raise ValueError(f"unknown record {system}/{kind}")
 
@@ -62,8 +70,11 @@ def main():
         records = [json.loads(line) for line in f if line.strip()]
 
     # best[(system, variant, metric)] and per_round[round][(system, variant, metric)]
-    best, per_round, extra_info = {}, {}, {}
+    best, worst, per_round, extra_info = {}, {}, {}, {}
     for rec in records:
+        for metric, tps in throughputs(rec, worst=True).items():
+            key = (rec["system"], rec["variant"], metric)
+            worst[key] = min(worst.get(key, float("inf")), tps)
         for metric, tps in throughputs(rec).items():
             key = (rec["system"], rec["variant"], metric)
             best[key] = max(best.get(key, 0.0), tps)
@@ -100,8 +111,11 @@ def main():
         }
     for key, num, den in EXTRA:
         r = ratio(best, num, den)
+        rounds = [x for x in (ratio(t, num, den) for _, t in sorted(per_round.items())) if x is not None]
         if r is not None:
-            ratios[key] = {"ratio": r, "numerator": "/".join(num), "denominator": "/".join(den)}
+            ratios[key] = {"ratio": r, "numerator": "/".join(num), "denominator": "/".join(den),
+                           "per_round": rounds,
+                           "median_of_rounds": statistics.median(rounds) if rounds else None}
 
     # Load from others makes every number low and the ratios unreliable; flag it.
     threads = meta["settings"]["threads"]
@@ -120,6 +134,7 @@ def main():
     for (system, variant, metric), tps in sorted(best.items()):
         entry = systems.setdefault(f"{system} {variant}", {"system": system, "variant": variant})
         entry[f"{metric}_tokens_per_second"] = tps
+        entry[f"{metric}_slowest_run_tokens_per_second"] = worst[(system, variant, metric)]
         entry.update(extra_info.get((system, variant), {}))
 
     report = dict(meta, results=list(systems.values()), ratios=ratios, records=records)
@@ -152,6 +167,14 @@ def print_table(report):
     for key, r in report["ratios"].items():
         goal = f"goal {r['goal']:<13} {'met' if r['met'] else 'NOT met'}" if "goal" in r and r["ratio"] else ""
         print(f"  {key:<30}{fmt(r['ratio'], 2):>7}  {goal}")
+    unstable = [f"{e['system']} {e['variant']} {metric} {e[f'{metric}_slowest_run_tokens_per_second']:.1f}"
+                f"..{e[f'{metric}_tokens_per_second']:.1f}"
+                for e in report["results"] for metric in ("prefill", "ppl", "decode")
+                if f"{metric}_tokens_per_second" in e
+                and e[f"{metric}_tokens_per_second"] > 1.5 * e[f"{metric}_slowest_run_tokens_per_second"]]
+    if unstable:
+        print()
+        print("unstable (slowest..fastest run differ by more than 1.5x): " + "; ".join(unstable))
     m = report["machine"]
     print()
     print(f"load average: {m['load1_at_start']} at start, max {m['load1_max']}, {m['nproc']} cores"

@@ -7,6 +7,7 @@ pub mod safetensors;
 
 use crate::error::{Error, Result};
 use crate::tensor::{RawTensor, TensorInfo};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// A read-only set of named tensors (one file, a sharded set, or a GGUF file).
@@ -56,7 +57,7 @@ pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> 
 pub fn open_weights(dir: &Path) -> Result<Box<dyn WeightSource>> {
     let st_index = dir.join(safetensors::INDEX_FILE_NAME);
     if st_index.is_file() {
-        return Ok(Box::new(safetensors::ShardedSafetensors::open(&st_index)?));
+        return Ok(Box::new(safetensors::ShardedSafetensors::open_index(&st_index)?));
     }
     let st_single = dir.join(safetensors::SINGLE_FILE_NAME);
     if st_single.is_file() {
@@ -80,7 +81,7 @@ pub fn open_weights(dir: &Path) -> Result<Box<dyn WeightSource>> {
     }
     let pt_index = dir.join(pytorch::INDEX_FILE_NAME);
     if pt_index.is_file() {
-        return Ok(Box::new(pytorch::ShardedPytorch::open(&pt_index)?));
+        return Ok(Box::new(pytorch::ShardedPytorch::open_index(&pt_index)?));
     }
     let pt_single = dir.join(pytorch::SINGLE_FILE_NAME);
     if pt_single.is_file() {
@@ -116,4 +117,81 @@ fn other_safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     found.sort();
     Ok(found)
+}
+
+/// A checkpoint split over several files of one container format, described by an index JSON
+/// (`model.safetensors.index.json` or `pytorch_model.bin.index.json`).
+#[derive(Debug)]
+pub struct ShardedWeights<S> {
+    index_path: PathBuf,
+    shards: Vec<S>,
+    /// Tensor name → shard index, and names in index order.
+    owner: HashMap<String, usize>,
+    order: Vec<String>,
+}
+
+impl<S: WeightSource> ShardedWeights<S> {
+    /// Read the index's `weight_map` (shard names checked not to escape the folder), open each
+    /// shard once with `open_shard`, and check every listed tensor is in its shard.
+    pub fn open(index_path: &Path, open_shard: impl Fn(&Path) -> Result<S>) -> Result<Self> {
+        let weight_map = safetensors::read_weight_map(index_path)?;
+        let mut shards: Vec<S> = Vec::new();
+        let mut shard_of_path: HashMap<PathBuf, usize> = HashMap::new();
+        let mut owner = HashMap::new();
+        let mut order = Vec::with_capacity(weight_map.len());
+        for (name, shard_path) in weight_map {
+            let idx = match shard_of_path.get(&shard_path) {
+                Some(&i) => i,
+                None => {
+                    shards.push(open_shard(&shard_path)?);
+                    shard_of_path.insert(shard_path.clone(), shards.len() - 1);
+                    shards.len() - 1
+                }
+            };
+            if shards[idx].info(&name).is_none() {
+                return Err(Error::tensor(
+                    &shard_path,
+                    name.as_str(),
+                    format!("listed in {} but absent from this shard", index_path.display()),
+                ));
+            }
+            owner.insert(name.clone(), idx);
+            order.push(name);
+        }
+        Ok(ShardedWeights { index_path: index_path.to_path_buf(), shards, owner, order })
+    }
+
+    pub fn index_path(&self) -> &Path {
+        &self.index_path
+    }
+
+    pub fn shards(&self) -> &[S] {
+        &self.shards
+    }
+}
+
+impl<S: WeightSource> WeightSource for ShardedWeights<S> {
+    fn names(&self) -> Vec<String> {
+        self.order.clone()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.shards[*self.owner.get(name)?].info(name)
+    }
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        match self.owner.get(name) {
+            Some(&i) => self.shards[i].read(name),
+            None => Err(Error::tensor(&self.index_path, name, "not in the weight_map")),
+        }
+    }
+    fn file_of(&self, name: &str) -> PathBuf {
+        match self.owner.get(name) {
+            Some(&i) => self.shards[i].file_of(name),
+            None => self.index_path.clone(),
+        }
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.index_path.clone()];
+        v.extend(self.shards.iter().flat_map(|s| s.files()));
+        v
+    }
 }

@@ -929,67 +929,11 @@ impl WeightSource for PytorchFile {
 }
 
 /// A checkpoint split over several `.bin` files, described by `pytorch_model.bin.index.json`.
-#[derive(Debug)]
-pub struct ShardedPytorch {
-    index_path: PathBuf,
-    shards: Vec<PytorchFile>,
-    owner: HashMap<String, usize>,
-    order: Vec<String>,
-}
+pub type ShardedPytorch = crate::formats::ShardedWeights<PytorchFile>;
 
 impl ShardedPytorch {
-    pub fn open(index_path: &Path) -> Result<Self> {
-        let weight_map = crate::formats::safetensors::read_weight_map(index_path)?;
-        let mut shards: Vec<PytorchFile> = Vec::new();
-        let mut shard_of_path: HashMap<PathBuf, usize> = HashMap::new();
-        let mut owner = HashMap::new();
-        let mut order = Vec::new();
-        for (name, shard_path) in weight_map {
-            let idx = match shard_of_path.get(&shard_path) {
-                Some(&i) => i,
-                None => {
-                    shards.push(PytorchFile::open(&shard_path)?);
-                    shard_of_path.insert(shard_path.clone(), shards.len() - 1);
-                    shards.len() - 1
-                }
-            };
-            if !shards[idx].tensors.contains_key(&name) {
-                return Err(Error::tensor(
-                    &shard_path,
-                    name.as_str(),
-                    format!("listed in {} but absent from this shard", index_path.display()),
-                ));
-            }
-            owner.insert(name.clone(), idx);
-            order.push(name);
-        }
-        Ok(ShardedPytorch { index_path: index_path.to_path_buf(), shards, owner, order })
-    }
-}
-
-impl WeightSource for ShardedPytorch {
-    fn names(&self) -> Vec<String> {
-        self.order.clone()
-    }
-    fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.shards[*self.owner.get(name)?].info(name)
-    }
-    fn read(&self, name: &str) -> Result<RawTensor> {
-        match self.owner.get(name) {
-            Some(&i) => self.shards[i].read(name),
-            None => Err(Error::tensor(&self.index_path, name, "not in the weight_map")),
-        }
-    }
-    fn file_of(&self, name: &str) -> PathBuf {
-        match self.owner.get(name) {
-            Some(&i) => self.shards[i].path.clone(),
-            None => self.index_path.clone(),
-        }
-    }
-    fn files(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.index_path.clone()];
-        v.extend(self.shards.iter().map(|s| s.path.clone()));
-        v
+    pub fn open_index(index_path: &Path) -> Result<Self> {
+        Self::open(index_path, PytorchFile::open)
     }
 }
 

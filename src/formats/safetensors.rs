@@ -273,76 +273,11 @@ pub(crate) fn read_weight_map(index_path: &Path) -> Result<Vec<(String, PathBuf)
 }
 
 /// A checkpoint split over several safetensors files, described by `model.safetensors.index.json`.
-#[derive(Debug)]
-pub struct ShardedSafetensors {
-    index_path: PathBuf,
-    shards: Vec<SafetensorsFile>,
-    /// Tensor name → shard index, and names in index order.
-    owner: HashMap<String, usize>,
-    order: Vec<String>,
-}
+pub type ShardedSafetensors = crate::formats::ShardedWeights<SafetensorsFile>;
 
 impl ShardedSafetensors {
-    pub fn open(index_path: &Path) -> Result<Self> {
-        let weight_map = read_weight_map(index_path)?;
-        let mut shards: Vec<SafetensorsFile> = Vec::new();
-        let mut shard_of_path: HashMap<PathBuf, usize> = HashMap::new();
-        let mut owner = HashMap::new();
-        let mut order = Vec::with_capacity(weight_map.len());
-        for (name, shard_path) in weight_map {
-            let idx = match shard_of_path.get(&shard_path) {
-                Some(&i) => i,
-                None => {
-                    shards.push(SafetensorsFile::open(&shard_path)?);
-                    shard_of_path.insert(shard_path.clone(), shards.len() - 1);
-                    shards.len() - 1
-                }
-            };
-            if !shards[idx].entries.contains_key(&name) {
-                return Err(Error::tensor(
-                    &shard_path,
-                    name.as_str(),
-                    format!("listed in {} but absent from this shard", index_path.display()),
-                ));
-            }
-            owner.insert(name.clone(), idx);
-            order.push(name);
-        }
-        Ok(ShardedSafetensors { index_path: index_path.to_path_buf(), shards, owner, order })
-    }
-
-    pub fn index_path(&self) -> &Path {
-        &self.index_path
-    }
-
-    pub fn shards(&self) -> &[SafetensorsFile] {
-        &self.shards
-    }
-}
-
-impl WeightSource for ShardedSafetensors {
-    fn names(&self) -> Vec<String> {
-        self.order.clone()
-    }
-    fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.shards[*self.owner.get(name)?].info(name)
-    }
-    fn read(&self, name: &str) -> Result<RawTensor> {
-        match self.owner.get(name) {
-            Some(&i) => self.shards[i].read(name),
-            None => Err(Error::tensor(&self.index_path, name, "not in the weight_map")),
-        }
-    }
-    fn file_of(&self, name: &str) -> PathBuf {
-        match self.owner.get(name) {
-            Some(&i) => self.shards[i].path.clone(),
-            None => self.index_path.clone(),
-        }
-    }
-    fn files(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.index_path.clone()];
-        v.extend(self.shards.iter().map(|s| s.path.clone()));
-        v
+    pub fn open_index(index_path: &Path) -> Result<Self> {
+        Self::open(index_path, SafetensorsFile::open)
     }
 }
 
