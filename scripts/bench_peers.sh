@@ -105,7 +105,7 @@ build_llama_cpp() {
 
 # F32 / F16 / Q4_0 GGUFs made from the shipped Q4_1 file. Q4_1 and Q8_0 dequantize exactly to F32,
 # so the F32 file holds the same weights autoquant runs in f32.
-GGUF_DIR=$PEERS/gguf
+GGUF_DIR=$LLAMA_SRC/gguf  # beside the llama.cpp that made them
 make_gguf() { # TYPE -> path on stdout
     local type=$1 out=$GGUF_DIR/SmolLM2-135M-Instruct.$1.gguf
     if [ ! -f "$out" ]; then

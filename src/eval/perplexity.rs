@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::logsumexp;
 use crate::models::{CausalLM, ForwardInput, LogitsMode};
+use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 
@@ -126,14 +127,14 @@ pub fn perplexity(
         }
         let mut cache = model.new_cache(1);
         let logits = model.forward(&ForwardInput::single(&input), &mut cache, LogitsMode::All)?;
-        let mut nll = 0f64;
-        let mut count = 0;
-        for j in w.score_from..input.len() {
-            let row = &logits[(j - 1) * vocab..j * vocab];
-            let target = ids[w.start + j] as usize;
-            nll += logsumexp(row) - row[target] as f64;
-            count += 1;
-        }
+        let count = input.len() - w.score_from;
+        let nll: f64 = (w.score_from..input.len())
+            .into_par_iter()
+            .map(|j| {
+                let row = &logits[(j - 1) * vocab..j * vocab];
+                logsumexp(row) - row[ids[w.start + j] as usize] as f64
+            })
+            .sum();
         if !nll.is_finite() {
             return Err(Error::Other(format!("non-finite loss in window {wi} (tokens {}..{})", w.start, w.end)));
         }

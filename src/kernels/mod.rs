@@ -232,9 +232,13 @@ pub fn softmax(v: &mut [f32]) {
 
 /// log Σ exp(v), stable.
 pub fn logsumexp(v: &[f32]) -> f64 {
-    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let s: f64 = v.iter().map(|&x| ((x as f64) - max).exp()).sum();
-    max + s.ln()
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    // exp in f32 (vectorized), sums of 64-element chunks in f32, the total in f64.
+    let s: f64 = v
+        .chunks(64)
+        .map(|c| c.iter().map(|&x| exp_fast(x - max)).sum::<f32>() as f64)
+        .sum();
+    max as f64 + s.ln()
 }
 
 #[inline(always)]
