@@ -230,3 +230,24 @@ mod tests {
         assert!(e.to_string().contains("100 tokens"));
     }
 }
+
+#[cfg(test)]
+mod load_text_tests {
+    use super::load_text;
+
+    #[test]
+    fn json_lines_are_joined_and_bad_lines_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, "{\"text\": \"a b\"}\n\n{\"text\": \"c\", \"id\": 2}\n").unwrap();
+        assert_eq!(load_text(&p).unwrap(), "a b\n\nc");
+        std::fs::write(&p, "{\"text\": \"a\"}\n{\"txt\": 1}\n").unwrap();
+        let e = load_text(&p).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl") && e.contains("line 2"), "{e}");
+        let raw = dir.path().join("wiki.raw");
+        std::fs::write(&raw, " = Title = \n\n Text .\n").unwrap();
+        assert_eq!(load_text(&raw).unwrap(), " = Title = \n\n Text .\n");
+        std::fs::write(&raw, "  \n").unwrap();
+        assert!(load_text(&raw).unwrap_err().to_string().contains("empty"));
+    }
+}
