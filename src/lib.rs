@@ -14,6 +14,7 @@ pub mod hub;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod quant;
 pub mod tensor;
 pub mod tokenizer;
 

@@ -1,0 +1,2 @@
+//! Quantization methods, one module per method, sharing calibration and layer streaming
+//! (issues 3–5). Kernels for packed low-bit matmul live in `kernels`, formats in `formats`.
