@@ -2,6 +2,7 @@
 //! through [`WeightSource`], whatever the container.
 
 pub mod gguf;
+pub mod gptq_pack;
 pub mod pytorch;
 pub mod safetensors;
 
