@@ -248,6 +248,29 @@ impl Linear {
     }
 }
 
+/// Rows below which element-wise work stays on one thread (decoding has one row).
+const PAR_MIN_ROWS: usize = 16;
+
+/// Apply `f(input_row, output_row)` to every row of width `d`, in parallel for many rows.
+pub fn for_each_row(x: &[f32], out: &mut [f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if x.len() / d.max(1) >= PAR_MIN_ROWS {
+        x.par_chunks_exact(d).zip(out.par_chunks_exact_mut(d)).for_each(|(xr, or)| f(xr, or));
+    } else {
+        x.chunks_exact(d).zip(out.chunks_exact_mut(d)).for_each(|(xr, or)| f(xr, or));
+    }
+}
+
+/// Apply `f(row_of_a, row_of_b)` to rows of width `d`, mutating `a`, in parallel for many rows.
+pub fn for_each_row_in_place(a: &mut [f32], b: &[f32], d: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    use rayon::prelude::*;
+    if a.len() / d.max(1) >= PAR_MIN_ROWS {
+        a.par_chunks_exact_mut(d).zip(b.par_chunks_exact(d)).for_each(|(x, y)| f(x, y));
+    } else {
+        a.chunks_exact_mut(d).zip(b.chunks_exact(d)).for_each(|(x, y)| f(x, y));
+    }
+}
+
 /// RMSNorm (Llama): `x / sqrt(mean(x²) + eps) * w`.
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -258,13 +281,13 @@ impl RmsNorm {
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let d = self.weight.len();
         let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        for_each_row(x, &mut out, d, |xr, or| {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let inv = 1.0 / (ms + self.eps).sqrt();
             for ((o, v), w) in or.iter_mut().zip(xr).zip(&self.weight) {
                 *o = w * (v * inv);
             }
-        }
+        });
         out
     }
 }
@@ -281,7 +304,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let d = self.dim;
         let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        for_each_row(x, &mut out, d, |xr, or| {
             let mean = xr.iter().sum::<f32>() / d as f32;
             let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
@@ -295,7 +318,7 @@ impl LayerNorm {
                 }
                 *o = y;
             }
-        }
+        });
         out
     }
     pub fn storage_bytes(&self) -> usize {
@@ -370,7 +393,11 @@ pub fn activate(act: crate::config::Activation, v: &mut [f32]) {
 }
 
 pub fn add_in_place(a: &mut [f32], b: &[f32]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    if a.len() >= 4 * CHUNK {
+        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+    } else {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
     }
 }

@@ -113,21 +113,30 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
     let (kc, vc) = (&cache.layers[layer].0, &cache.layers[layer].1);
     let mask = &cache.mask;
     let group = nh / kvh;
-    let heads_out: Vec<Vec<f32>> = (0..batch * nh)
-        .into_par_iter()
-        .map(|bh| {
+    // Tasks are (batch row, head, block of queries): enough of them to balance the threads, and
+    // each block only looks at the keys its last query may see (the causal upper triangle is
+    // never computed).
+    const QUERY_BLOCK: usize = 64;
+    let tasks: Vec<(usize, usize)> =
+        (0..batch * nh).flat_map(|bh| (0..t).step_by(QUERY_BLOCK).map(move |i0| (bh, i0))).collect();
+    let blocks: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(bh, i0)| {
             let (b, h) = (bh / nh, bh % nh);
             let kv = b * kvh + h / group;
             let (keys, vals) = (&kc[kv], &vc[kv]);
             if t == 1 {
                 return attend_one(&q[b * nh * hd + h * hd..][..hd], keys, vals, &mask[b], s.scale);
             }
-            // scores[i, j] = q_i · k_j
-            let mut scores = vec![0f32; t * total];
-            kernels::gemm_serial(t, total, hd, &q[(b * t) * nh * hd + h * hd..], nh * hd, 1, keys, 1, hd, &mut scores);
-            for i in 0..t {
-                let row = &mut scores[i * total..(i + 1) * total];
-                let limit = past + i; // causal: keys 0..=limit
+            let i1 = (i0 + QUERY_BLOCK).min(t);
+            let (rows, width) = (i1 - i0, past + i1);
+            // scores[i, j] = q_i · k_j for the block's queries and the keys they can see.
+            let mut scores = vec![0f32; rows * width];
+            let q0 = (b * t + i0) * nh * hd + h * hd;
+            kernels::gemm_serial(rows, width, hd, &q[q0..], nh * hd, 1, keys, 1, hd, &mut scores);
+            for r in 0..rows {
+                let row = &mut scores[r * width..(r + 1) * width];
+                let limit = past + i0 + r; // causal: keys 0..=limit
                 let (visible, future) = row.split_at_mut(limit + 1);
                 for (sc, &m) in visible.iter_mut().zip(&mask[b]) {
                     *sc = if m != 0 { *sc * s.scale } else { f32::NEG_INFINITY };
@@ -135,17 +144,17 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
                 kernels::softmax(visible);
                 future.fill(0.0);
             }
-            let mut out = vec![0f32; t * hd];
-            kernels::gemm_serial(t, hd, total, &scores, total, 1, vals, hd, 1, &mut out);
+            let mut out = vec![0f32; rows * hd];
+            kernels::gemm_serial(rows, hd, width, &scores, width, 1, vals, hd, 1, &mut out);
             out
         })
         .collect();
     let mut out = vec![0f32; batch * t * nh * hd];
-    for (bh, o) in heads_out.iter().enumerate() {
+    for (&(bh, i0), o) in tasks.iter().zip(&blocks) {
         let (b, h) = (bh / nh, bh % nh);
-        for i in 0..t {
-            let dst = (b * t + i) * nh * hd + h * hd;
-            out[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        for (r, src) in o.chunks_exact(hd).enumerate() {
+            let dst = (b * t + i0 + r) * nh * hd + h * hd;
+            out[dst..dst + hd].copy_from_slice(src);
         }
     }
     out

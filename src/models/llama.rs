@@ -64,15 +64,16 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>)
 /// Rotate each head of `x` (`[rows, heads * head_dim]`) by its row's position, in the
 /// "rotate half" layout transformers uses.
 pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], inv_freq: &[f32]) {
+    use rayon::prelude::*;
     let half = head_dim / 2;
-    let mut cos = vec![0f32; half];
-    let mut sin = vec![0f32; half];
-    for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
-        for i in 0..half {
-            let angle = pos as f32 * inv_freq[i];
-            cos[i] = (angle as f64).cos() as f32;
-            sin[i] = (angle as f64).sin() as f32;
-        }
+    let rotate = |(row, &pos): (&mut [f32], &usize)| {
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|f| {
+                let angle = (pos as f32 * f) as f64;
+                (angle.cos() as f32, angle.sin() as f32)
+            })
+            .unzip();
         for h in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
                 let (a, b) = (h[i], h[i + half]);
@@ -80,6 +81,11 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usi
                 h[i + half] = b * cos[i] + a * sin[i];
             }
         }
+    };
+    if positions.len() >= 16 {
+        x.par_chunks_exact_mut(heads * head_dim).zip(positions.par_iter()).for_each(rotate);
+    } else {
+        x.chunks_exact_mut(heads * head_dim).zip(positions.iter()).for_each(rotate);
     }
 }
 
@@ -140,9 +146,11 @@ impl Llama {
         let hn = layer.post_attention_layernorm.forward(x);
         let [mut gate, up]: [Vec<f32>; 2] =
             forward_many(&[&layer.gate_proj, &layer.up_proj], &hn, rows).try_into().expect("two outputs");
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = crate::kernels::silu(*g) * u;
-        }
+        crate::nn::for_each_row_in_place(&mut gate, &up, cfg.intermediate_size, |g, u| {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = crate::kernels::silu(*g) * u;
+            }
+        });
         add_in_place(x, &layer.down_proj.forward(&gate, rows));
     }
 }
