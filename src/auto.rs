@@ -42,11 +42,19 @@ impl Checkpoint {
             let weights = GgufWeights::open(gguf)?;
             let value = weights.file().hf_config()?;
             let config = AutoConfig::from_value(value, gguf, Some(gguf))?;
-            return Ok(Checkpoint { files, config, weights: Box::new(weights) });
+            return Ok(Checkpoint {
+                files,
+                config,
+                weights: Box::new(weights),
+            });
         }
         let config = AutoConfig::from_pretrained(&files.dir)?;
         let weights = crate::formats::open_weights(&files.dir)?;
-        Ok(Checkpoint { files, config, weights })
+        Ok(Checkpoint {
+            files,
+            config,
+            weights,
+        })
     }
 
     pub fn tokenizer(&self) -> Result<AutoTokenizer> {
@@ -66,9 +74,15 @@ impl Pretrained {
         let t0 = std::time::Instant::now();
         let ckpt = Checkpoint::open(model, hub_opts)?;
         let tokenizer = ckpt.tokenizer()?;
-        let generation = generation_defaults(&ckpt.files.dir, &ckpt.config, &tokenizer, ckpt.files.gguf.is_none())?;
+        let generation = generation_defaults(
+            &ckpt.files.dir,
+            &ckpt.config,
+            &tokenizer,
+            ckpt.files.gguf.is_none(),
+        )?;
         let weight_files = ckpt.weights.files();
-        let model = AutoModelForCausalLM::from_weights(ckpt.config.clone(), ckpt.weights.as_ref(), opts)?;
+        let model =
+            AutoModelForCausalLM::from_weights(ckpt.config.clone(), ckpt.weights.as_ref(), opts)?;
         Ok(Pretrained {
             files: ckpt.files,
             config: ckpt.config,
@@ -81,25 +95,34 @@ impl Pretrained {
     }
 
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::load(&dir.to_string_lossy(), opts, &HubOptions { offline: Some(true), ..Default::default() })
+        Self::load(
+            &dir.to_string_lossy(),
+            opts,
+            &HubOptions {
+                offline: Some(true),
+                ..Default::default()
+            },
+        )
     }
 }
 
 /// EOS ids and sampling defaults: `generation_config.json` first, then the config, then the
 /// tokenizer, as transformers does.
-pub fn generation_defaults(dir: &Path, config: &AutoConfig, tok: &AutoTokenizer, read_file: bool) -> Result<GenerationConfig> {
+pub fn generation_defaults(
+    dir: &Path,
+    config: &AutoConfig,
+    tok: &AutoTokenizer,
+    read_file: bool,
+) -> Result<GenerationConfig> {
     let mut g = GenerationConfig::default();
     let path = dir.join("generation_config.json");
-    let file = if read_file && path.exists() { Some(crate::error::read_json(&path)?) } else { None };
-    let ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
-        match v {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-            _ => vec![],
-        }
+    let file = if read_file && path.exists() {
+        Some(crate::error::read_json(&path)?)
+    } else {
+        None
     };
     if let Some(f) = &file {
-        g.eos_token_ids = ids(f.get("eos_token_id"));
+        g.eos_token_ids = crate::config::token_ids(f.get("eos_token_id"));
         if let Some(v) = f.get("do_sample").and_then(|v| v.as_bool()) {
             g.do_sample = v;
         }
@@ -122,8 +145,14 @@ pub fn generation_defaults(dir: &Path, config: &AutoConfig, tok: &AutoTokenizer,
     if g.eos_token_ids.is_empty() {
         g.eos_token_ids = tok.eos_token_ids();
     }
-    if g.eos_token_ids.iter().any(|&id| id as usize >= config.vocab_size()) {
-        return Err(Error::format(&path, "eos_token_id is outside the vocabulary"));
+    if g.eos_token_ids
+        .iter()
+        .any(|&id| id as usize >= config.vocab_size())
+    {
+        return Err(Error::format(
+            &path,
+            "eos_token_id is outside the vocabulary",
+        ));
     }
     Ok(g)
 }
@@ -139,7 +168,11 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { dtype: crate::nn::WeightDType::F32, max_shard_bytes: 5_000_000_000, overwrite: false }
+        SaveOptions {
+            dtype: crate::nn::WeightDType::F32,
+            max_shard_bytes: 5_000_000_000,
+            overwrite: false,
+        }
     }
 }
 
@@ -157,10 +190,21 @@ pub fn save_pretrained(
     use crate::formats::safetensors::{save_safetensors, TensorSpec};
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
     let mut config = model.config().clone();
-    let dtype_key = if config.raw.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
-    config.raw.insert(dtype_key.into(), opts.dtype.torch_name().into());
-    config.raw.insert("model_type".into(), config.model_type.clone().into());
-    crate::fsutil::write_atomic(&out.path().join("config.json"), config.to_json_string().as_bytes())?;
+    let dtype_key = if config.raw.contains_key("torch_dtype") {
+        "torch_dtype"
+    } else {
+        "dtype"
+    };
+    config
+        .raw
+        .insert(dtype_key.into(), opts.dtype.torch_name().into());
+    config
+        .raw
+        .insert("model_type".into(), config.model_type.clone().into());
+    crate::fsutil::write_atomic(
+        &out.path().join("config.json"),
+        config.to_json_string().as_bytes(),
+    )?;
     if let Some(g) = generation {
         let mut m = serde_json::Map::new();
         if let Some(b) = config.token_id("bos_token_id").first() {
@@ -182,7 +226,10 @@ pub fn save_pretrained(
             m.insert("top_p".into(), (g.top_p as f64).into());
         }
         if g.repetition_penalty != 1.0 {
-            m.insert("repetition_penalty".into(), (g.repetition_penalty as f64).into());
+            m.insert(
+                "repetition_penalty".into(),
+                (g.repetition_penalty as f64).into(),
+            );
         }
         let text = serde_json::to_string_pretty(&m).expect("JSON map serializes") + "\n";
         crate::fsutil::write_atomic(&out.path().join("generation_config.json"), text.as_bytes())?;
@@ -191,21 +238,36 @@ pub fn save_pretrained(
         t.save(out.path())?;
     }
     let tensors = crate::models::state_dict(model, opts.dtype);
-    let specs: Vec<TensorSpec> =
-        tensors.iter().map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone())).collect();
-    let mut by_name: std::collections::HashMap<String, crate::tensor::RawTensor> = tensors.into_iter().collect();
-    save_safetensors(out.path(), &specs, opts.max_shard_bytes, &Default::default(), |spec| {
-        by_name.remove(&spec.name).ok_or_else(|| Error::tensor(dir, &spec.name, "produced twice"))
-    })?;
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let mut by_name: std::collections::HashMap<String, crate::tensor::RawTensor> =
+        tensors.into_iter().collect();
+    save_safetensors(
+        out.path(),
+        &specs,
+        opts.max_shard_bytes,
+        &Default::default(),
+        |spec| {
+            by_name
+                .remove(&spec.name)
+                .ok_or_else(|| Error::tensor(dir, &spec.name, "produced twice"))
+        },
+    )?;
     out.commit()
 }
 
 /// Parse sizes like "5GB", "500MB", "2GiB", "1000" (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| Error::InvalidArgument(format!("bad size `{s}`")))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("bad size `{s}`")))?;
     let mult = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -214,7 +276,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "KIB" => 1024.0,
         "MIB" => 1048576.0,
         "GIB" => 1073741824.0,
-        _ => return Err(Error::InvalidArgument(format!("bad size unit in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"))),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "bad size unit in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            )))
+        }
     };
     Ok((n * mult) as u64)
 }

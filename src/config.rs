@@ -126,7 +126,11 @@ pub struct AutoConfig {
 impl AutoConfig {
     /// Read `config.json` from a file path or from a model folder.
     pub fn from_pretrained(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
         let value = crate::error::read_json(&file)?;
         let mut cfg = Self::from_value(value, &file, Some(&file))?;
         cfg.source = Some(file);
@@ -152,7 +156,10 @@ impl AutoConfig {
                 )
             })?,
         };
-        let r = Reader { map: &raw, path: origin };
+        let r = Reader {
+            map: &raw,
+            path: origin,
+        };
         let arch = match model_type.as_str() {
             "llama" | "mistral" => Architecture::Llama(r.llama(false)?),
             "qwen2" => Architecture::Qwen2(r.llama(true)?),
@@ -161,11 +168,19 @@ impl AutoConfig {
             other => {
                 return Err(Error::format(
                     origin,
-                    format!("unknown model_type `{other}`; supported: {}", SUPPORTED_MODEL_TYPES.join(", ")),
+                    format!(
+                        "unknown model_type `{other}`; supported: {}",
+                        SUPPORTED_MODEL_TYPES.join(", ")
+                    ),
                 ))
             }
         };
-        Ok(AutoConfig { model_type, arch, raw, source: None })
+        Ok(AutoConfig {
+            model_type,
+            arch,
+            raw,
+            source: None,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -210,11 +225,7 @@ impl AutoConfig {
 
     /// Token ids from the config (generation_config.json may override them).
     pub fn token_id(&self, key: &str) -> Vec<u32> {
-        match self.raw.get(key) {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
-            _ => vec![],
-        }
+        token_ids(self.raw.get(key))
     }
 
     /// The JSON written by `save_pretrained`: the original keys, sorted like transformers
@@ -224,6 +235,18 @@ impl AutoConfig {
         let mut s = serde_json::to_string_pretty(&sorted).expect("JSON values always serialize");
         s.push('\n');
         s
+    }
+}
+
+/// Token ids as configs write them: one integer or a list of integers.
+pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        _ => vec![],
     }
 }
 
@@ -270,7 +293,9 @@ impl Reader<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(key, &format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(key, &format!("expected a number, found {v}"))),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -304,21 +329,33 @@ impl Reader<'_> {
     fn rope_theta(&self) -> Result<f64> {
         if let Some((key, o)) = self.rope_object()? {
             if let Some(v) = o.get("rope_theta") {
-                return v.as_f64().ok_or_else(|| self.err(key, "`rope_theta` is not a number"));
+                return v
+                    .as_f64()
+                    .ok_or_else(|| self.err(key, "`rope_theta` is not a number"));
             }
         }
         self.f64_or("rope_theta", 10000.0)
     }
 
     fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
-        let Some((key, obj)) = self.rope_object()? else { return Ok(None) };
-        let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let Some((key, obj)) = self.rope_object()? else {
+            return Ok(None);
+        };
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
         let num = |k: &str| -> Result<f64> {
-            obj.get(k).and_then(Value::as_f64).ok_or_else(|| self.err(key, &format!("`{k}` missing or not a number")))
+            obj.get(k)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| self.err(key, &format!("`{k}` missing or not a number")))
         };
         Ok(match kind {
             "default" => None,
-            "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+            "linear" => Some(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
             "llama3" => Some(RopeScaling::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
@@ -328,7 +365,9 @@ impl Reader<'_> {
             other => {
                 return Err(self.err(
                     key,
-                    &format!("rope type `{other}` is not supported (supported: default, linear, llama3)"),
+                    &format!(
+                        "rope type `{other}` is not supported (supported: default, linear, llama3)"
+                    ),
                 ))
             }
         })
@@ -347,14 +386,22 @@ impl Reader<'_> {
         let head_dim = match self.usize_opt("head_dim")? {
             Some(d) => d,
             None if hidden_size % heads == 0 => hidden_size / heads,
-            None => return Err(self.err("head_dim", "missing and hidden_size is not divisible by num_attention_heads")),
+            None => {
+                return Err(self.err(
+                    "head_dim",
+                    "missing and hidden_size is not divisible by num_attention_heads",
+                ))
+            }
         };
         if head_dim % 2 != 0 {
             return Err(self.err("head_dim", "must be even for rotary embeddings"));
         }
         let act = self.str_or("hidden_act", "silu")?;
         if Activation::parse(act, self.path)? != Activation::Silu {
-            return Err(self.err("hidden_act", &format!("`{act}` is not supported for this architecture (silu only)")));
+            return Err(self.err(
+                "hidden_act",
+                &format!("`{act}` is not supported for this architecture (silu only)"),
+            ));
         }
         let attention_bias = self.bool_or("attention_bias", false)?;
         Ok(LlamaConfig {
@@ -390,7 +437,9 @@ impl Reader<'_> {
             num_attention_heads: heads,
             max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
             do_layer_norm_before: self.bool_or("do_layer_norm_before", true)?,
-            word_embed_proj_dim: self.usize_opt("word_embed_proj_dim")?.unwrap_or(hidden_size),
+            word_embed_proj_dim: self
+                .usize_opt("word_embed_proj_dim")?
+                .unwrap_or(hidden_size),
             enable_bias: self.bool_or("enable_bias", true)?,
             layer_norm_elementwise_affine: self.bool_or("layer_norm_elementwise_affine", true)?,
             remove_final_layer_norm: self.bool_or("_remove_final_layer_norm", false)?,
@@ -416,9 +465,13 @@ impl Reader<'_> {
             n_positions: self.usize_opt("n_positions")?.unwrap_or(1024),
             n_inner: self.usize_opt("n_inner")?.unwrap_or(4 * n_embd),
             layer_norm_epsilon: self.f64_or("layer_norm_epsilon", 1e-5)?,
-            activation: Activation::parse(self.str_or("activation_function", "gelu_new")?, self.path)?,
+            activation: Activation::parse(
+                self.str_or("activation_function", "gelu_new")?,
+                self.path,
+            )?,
             scale_attn_weights: self.bool_or("scale_attn_weights", true)?,
-            scale_attn_by_inverse_layer_idx: self.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+            scale_attn_by_inverse_layer_idx: self
+                .bool_or("scale_attn_by_inverse_layer_idx", false)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
         })
     }
@@ -435,15 +488,26 @@ mod tests {
 
     #[test]
     fn infers_longest_matching_type() {
-        assert_eq!(infer_model_type("Qwen/Qwen2-0.5B").as_deref(), Some("qwen2"));
-        assert_eq!(infer_model_type("facebook/opt-125m").as_deref(), Some("opt"));
-        assert_eq!(infer_model_type("openai-community/gpt2-large").as_deref(), Some("gpt2"));
+        assert_eq!(
+            infer_model_type("Qwen/Qwen2-0.5B").as_deref(),
+            Some("qwen2")
+        );
+        assert_eq!(
+            infer_model_type("facebook/opt-125m").as_deref(),
+            Some("opt")
+        );
+        assert_eq!(
+            infer_model_type("openai-community/gpt2-large").as_deref(),
+            Some("gpt2")
+        );
         assert_eq!(infer_model_type("bert-base"), None);
     }
 
     #[test]
     fn unknown_model_type_lists_supported() {
-        let err = parse(json!({"model_type": "bert", "hidden_size": 8})).unwrap_err().to_string();
+        let err = parse(json!({"model_type": "bert", "hidden_size": 8}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown model_type `bert`"), "{err}");
         assert!(err.contains("llama") && err.contains("gpt2"), "{err}");
         assert!(err.contains("config.json"), "{err}");
@@ -454,20 +518,29 @@ mod tests {
         let c = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2,"unused_key":{"a":1}}))
         .unwrap();
-        let Architecture::Llama(l) = &c.arch else { panic!("wrong arch") };
-        assert_eq!((l.head_dim, l.num_key_value_heads, l.rope_theta), (8, 2, 10000.0));
+        let Architecture::Llama(l) = &c.arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!(
+            (l.head_dim, l.num_key_value_heads, l.rope_theta),
+            (8, 2, 10000.0)
+        );
         assert!(c.to_json_string().contains("unused_key"));
     }
 
     #[test]
     fn bad_values_name_the_key() {
-        let err = parse(json!({"model_type":"llama","vocab_size":"ten","hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":8}))
+        let err = parse(
+            json!({"model_type":"llama","vocab_size":"ten","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8}),
+        )
         .unwrap_err()
         .to_string();
         assert!(err.contains("vocab_size"), "{err}");
-        let err = parse(json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":3}))
+        let err = parse(
+            json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":3}),
+        )
         .unwrap_err()
         .to_string();
         assert!(err.contains("num_key_value_heads"), "{err}");
@@ -480,10 +553,14 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_only() {
-        let c = parse(json!({"model_type":"qwen2","vocab_size":10,"hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2}))
+        let c = parse(
+            json!({"model_type":"qwen2","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2}),
+        )
         .unwrap();
-        let Architecture::Qwen2(l) = &c.arch else { panic!("wrong arch") };
+        let Architecture::Qwen2(l) = &c.arch else {
+            panic!("wrong arch")
+        };
         assert!(l.qkv_bias && !l.o_bias);
     }
 }

@@ -13,12 +13,16 @@ use std::path::{Component, Path, PathBuf};
 
 /// A sibling of `path` named `.<name>.<tag>-<pid>-<rand>` (hidden, same filesystem so rename works).
 fn hidden_sibling(path: &Path, tag: &str) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a file or folder name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| {
+        Error::InvalidArgument(format!("{}: not a file or folder name", path.display()))
+    })?;
     let mut hidden = OsString::from(".");
     hidden.push(name);
-    hidden.push(format!(".{tag}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    hidden.push(format!(
+        ".{tag}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     Ok(path.with_file_name(hidden))
 }
 
@@ -38,7 +42,9 @@ fn sync_dir(dir: &Path) {
 }
 
 fn is_empty_dir(path: &Path) -> bool {
-    fs::read_dir(path).map(|mut it| it.next().is_none()).unwrap_or(false)
+    fs::read_dir(path)
+        .map(|mut it| it.next().is_none())
+        .unwrap_or(false)
 }
 
 /// A folder written under a temporary name and renamed into place by [`AtomicDir::commit`].
@@ -71,7 +77,12 @@ impl AtomicDir {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let tmp_dir = hidden_sibling(final_dir, "tmp")?;
         fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
-        Ok(AtomicDir { final_dir: final_dir.to_path_buf(), tmp_dir, overwrite, committed: false })
+        Ok(AtomicDir {
+            final_dir: final_dir.to_path_buf(),
+            tmp_dir,
+            overwrite,
+            committed: false,
+        })
     }
 
     /// The temporary folder to write into.
@@ -170,8 +181,13 @@ impl AtomicFile {
 
     /// Flush, fsync and rename into place (replacing any existing file).
     pub fn commit(mut self) -> Result<PathBuf> {
-        let writer = self.file.take().ok_or_else(|| Error::Other("AtomicFile committed twice".into()))?;
-        let file = writer.into_inner().map_err(|e| Error::io(&self.tmp_path, e.into_error()))?;
+        let writer = self
+            .file
+            .take()
+            .ok_or_else(|| Error::Other("AtomicFile committed twice".into()))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp_path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.tmp_path, e))?;
         drop(file);
         fs::rename(&self.tmp_path, &self.final_path).map_err(|e| Error::io(&self.final_path, e))?;
@@ -252,7 +268,11 @@ pub fn safe_join(root: &Path, relative: &str) -> Result<PathBuf> {
         return Ok(joined); // root missing: nothing can be followed; the open will report it
     };
     let mut allowed = vec![canon_root.clone()];
-    if canon_root.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "snapshots") {
+    if canon_root
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "snapshots")
+    {
         if let Some(repo) = canon_root.parent().and_then(|p| p.parent()) {
             if let Ok(blobs) = repo.join("blobs").canonicalize() {
                 allowed.push(blobs);
@@ -301,9 +321,18 @@ mod tests {
             let d = AtomicDir::new(&target).unwrap();
             fs::write(d.path().join("a.txt"), b"x").unwrap();
             assert!(d.path().starts_with(root.path()));
-            assert!(d.path().file_name().unwrap().to_string_lossy().starts_with(".out.tmp-"));
+            assert!(d
+                .path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".out.tmp-"));
         }
-        assert!(entries(root.path()).is_empty(), "left behind: {:?}", entries(root.path()));
+        assert!(
+            entries(root.path()).is_empty(),
+            "left behind: {:?}",
+            entries(root.path())
+        );
     }
 
     #[test]
@@ -312,7 +341,10 @@ mod tests {
         let target = root.path().join("out");
         let d = AtomicDir::new(&target).unwrap();
         fs::write(d.path().join("a.txt"), b"hello").unwrap();
-        assert!(!target.exists(), "final folder must not exist before commit");
+        assert!(
+            !target.exists(),
+            "final folder must not exist before commit"
+        );
         d.commit().unwrap();
         assert_eq!(fs::read(target.join("a.txt")).unwrap(), b"hello");
         assert_eq!(entries(root.path()), vec!["out".to_string()]);
@@ -331,7 +363,11 @@ mod tests {
         fs::write(d.path().join("new.txt"), b"new").unwrap();
         d.commit().unwrap();
         assert_eq!(entries(&target), vec!["new.txt".to_string()]);
-        assert_eq!(entries(root.path()), vec!["out".to_string()], "old copy must be deleted");
+        assert_eq!(
+            entries(root.path()),
+            vec!["out".to_string()],
+            "old copy must be deleted"
+        );
     }
 
     #[test]
@@ -343,7 +379,11 @@ mod tests {
         fs::write(target.join("theirs.txt"), b"x").unwrap();
         assert!(d.commit().is_err());
         assert_eq!(entries(&target), vec!["theirs.txt".to_string()]);
-        assert_eq!(entries(root.path()), vec!["out".to_string()], "temp folder must be removed");
+        assert_eq!(
+            entries(root.path()),
+            vec!["out".to_string()],
+            "temp folder must be removed"
+        );
     }
 
     #[test]
@@ -370,17 +410,34 @@ mod tests {
     #[test]
     fn safe_join_accepts_plain_names() {
         let root = tempfile::tempdir().unwrap();
-        assert_eq!(safe_join(root.path(), "a.safetensors").unwrap(), root.path().join("a.safetensors"));
-        assert_eq!(safe_join(root.path(), "./sub/b.bin").unwrap(), root.path().join("sub/b.bin"));
+        assert_eq!(
+            safe_join(root.path(), "a.safetensors").unwrap(),
+            root.path().join("a.safetensors")
+        );
+        assert_eq!(
+            safe_join(root.path(), "./sub/b.bin").unwrap(),
+            root.path().join("sub/b.bin")
+        );
     }
 
     #[test]
     fn safe_join_refuses_escapes() {
         let root = tempfile::tempdir().unwrap();
-        for bad in ["../x.safetensors", "a/../../x", "/etc/passwd", "", ".", "a\\..\\b", "C:x"] {
+        for bad in [
+            "../x.safetensors",
+            "a/../../x",
+            "/etc/passwd",
+            "",
+            ".",
+            "a\\..\\b",
+            "C:x",
+        ] {
             let err = safe_join(root.path(), bad).unwrap_err().to_string();
             assert!(err.contains("refusing path"), "{bad}: {err}");
-            assert!(err.contains(&format!("`{bad}`")), "must name the path: {err}");
+            assert!(
+                err.contains(&format!("`{bad}`")),
+                "must name the path: {err}"
+            );
         }
     }
 
@@ -390,9 +447,15 @@ mod tests {
         fs::write(outside.path().join("secret"), b"x").unwrap();
         let root = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("f.bin")).unwrap();
-        let err = safe_join(root.path(), "link/secret").unwrap_err().to_string();
-        assert!(err.contains("link/secret") && err.contains("symlink"), "{err}");
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("f.bin"))
+            .unwrap();
+        let err = safe_join(root.path(), "link/secret")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("link/secret") && err.contains("symlink"),
+            "{err}"
+        );
         assert!(safe_join(root.path(), "f.bin").is_err());
         // A missing file below an escaping symlink is refused too.
         assert!(safe_join(root.path(), "link/missing").is_err());
@@ -406,8 +469,11 @@ mod tests {
         fs::create_dir_all(&snap).unwrap();
         fs::create_dir_all(repo.join("blobs")).unwrap();
         fs::write(repo.join("blobs/deadbeef"), b"x").unwrap();
-        std::os::unix::fs::symlink("../../blobs/deadbeef", snap.join("model-00001-of-00002.safetensors"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            "../../blobs/deadbeef",
+            snap.join("model-00001-of-00002.safetensors"),
+        )
+        .unwrap();
         assert!(safe_join(&snap, "model-00001-of-00002.safetensors").is_ok());
     }
 }

@@ -42,13 +42,17 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     pub fn validate(&self) -> Result<()> {
         if self.do_sample && !(self.temperature > 0.0) {
-            return Err(Error::InvalidArgument("temperature must be > 0 when sampling".into()));
+            return Err(Error::InvalidArgument(
+                "temperature must be > 0 when sampling".into(),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::InvalidArgument("top-p must be in (0, 1]".into()));
         }
         if !(self.repetition_penalty > 0.0) {
-            return Err(Error::InvalidArgument("repetition penalty must be > 0".into()));
+            return Err(Error::InvalidArgument(
+                "repetition penalty must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -76,7 +80,11 @@ impl GenerationOutput {
     /// Decode throughput: tokens after the first per second of decoding.
     pub fn decode_tokens_per_second(&self) -> f64 {
         let n = self.new_ids.len().saturating_sub(1);
-        if self.decode_seconds > 0.0 { n as f64 / self.decode_seconds } else { 0.0 }
+        if self.decode_seconds > 0.0 {
+            n as f64 / self.decode_seconds
+        } else {
+            0.0
+        }
     }
 }
 
@@ -108,7 +116,12 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// Pick the next token from logits following transformers' processor order:
 /// repetition penalty → temperature → top-k → top-p → sample.
-pub fn sample_next(logits: &mut [f32], seen: &[u32], cfg: &GenerationConfig, rng: &mut impl Rng) -> u32 {
+pub fn sample_next(
+    logits: &mut [f32],
+    seen: &[u32],
+    cfg: &GenerationConfig,
+    rng: &mut impl Rng,
+) -> u32 {
     apply_repetition_penalty(logits, seen, cfg.repetition_penalty);
     if !cfg.do_sample {
         return argmax(logits);
@@ -117,12 +130,19 @@ pub fn sample_next(logits: &mut [f32], seen: &[u32], cfg: &GenerationConfig, rng
         *l /= cfg.temperature;
     }
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    order.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     if cfg.top_k > 0 {
         order.truncate(cfg.top_k.max(1));
     }
     let max = logits[order[0] as usize];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if cfg.top_p < 1.0 {
@@ -162,7 +182,9 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     cfg.validate()?;
     if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument("the prompt is empty: generation needs at least one token".into()));
+        return Err(Error::InvalidArgument(
+            "the prompt is empty: generation needs at least one token".into(),
+        ));
     }
     let max_pos = model.config().max_positions();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
@@ -170,7 +192,11 @@ pub fn generate(
     let mut seen = prompt_ids.to_vec();
     let mut new_ids = vec![];
     let t0 = Instant::now();
-    let mut logits = model.forward(&ForwardInput::single(prompt_ids), &mut cache, LogitsMode::Last)?;
+    let mut logits = model.forward(
+        &ForwardInput::single(prompt_ids),
+        &mut cache,
+        LogitsMode::Last,
+    )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut stop_reason = StopReason::MaxNewTokens;
@@ -213,21 +239,40 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
-        let cfg = GenerationConfig { do_sample: true, top_k: 1, ..Default::default() };
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..20 {
-            assert_eq!(sample_next(&mut vec![0.1, 3.0, 2.9, -1.0], &[], &cfg, &mut rng), 1);
+            assert_eq!(
+                sample_next(&mut vec![0.1, 3.0, 2.9, -1.0], &[], &cfg, &mut rng),
+                1
+            );
         }
         // Probabilities ~[0.64, 0.24, 0.09, ...]: top_p 0.5 keeps only the first.
-        let cfg = GenerationConfig { do_sample: true, top_k: 0, top_p: 0.5, ..Default::default() };
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 0,
+            top_p: 0.5,
+            ..Default::default()
+        };
         for _ in 0..20 {
-            assert_eq!(sample_next(&mut vec![3.0, 2.0, 1.0, 0.0], &[], &cfg, &mut rng), 0);
+            assert_eq!(
+                sample_next(&mut vec![3.0, 2.0, 1.0, 0.0], &[], &cfg, &mut rng),
+                0
+            );
         }
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
-        let cfg = GenerationConfig { do_sample: true, top_k: 0, ..Default::default() };
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 0,
+            ..Default::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut counts = [0usize; 2];
         for _ in 0..4000 {
@@ -249,7 +294,9 @@ pub fn generate_batch(
 ) -> Result<Vec<Vec<u32>>> {
     cfg.validate()?;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        return Err(Error::InvalidArgument("every prompt needs at least one token".into()));
+        return Err(Error::InvalidArgument(
+            "every prompt needs at least one token".into(),
+        ));
     }
     let batch = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -258,12 +305,22 @@ pub fn generate_batch(
     for p in prompts {
         let pad = t - p.len();
         ids.extend(std::iter::repeat(pad_id).take(pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat(0).take(pad).chain(std::iter::repeat(1).take(p.len())).collect());
+        mask.push(
+            std::iter::repeat(0)
+                .take(pad)
+                .chain(std::iter::repeat(1).take(p.len()))
+                .collect(),
+        );
     }
     let vocab = model.config().vocab_size();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut cache = model.new_cache(batch);
-    let input = ForwardInput { ids, batch, attention_mask: Some(mask.clone()), position_ids: None };
+    let input = ForwardInput {
+        ids,
+        batch,
+        attention_mask: Some(mask.clone()),
+        position_ids: None,
+    };
     let mut logits = model.forward(&input, &mut cache, LogitsMode::Last)?;
     let mut seen: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![vec![]; batch];
@@ -287,7 +344,12 @@ pub fn generate_batch(
         for m in &mut mask {
             m.push(1);
         }
-        let input = ForwardInput { ids: next, batch, attention_mask: Some(mask.clone()), position_ids: None };
+        let input = ForwardInput {
+            ids: next,
+            batch,
+            attention_mask: Some(mask.clone()),
+            position_ids: None,
+        };
         logits = model.forward(&input, &mut cache, LogitsMode::Last)?;
     }
     Ok(out)

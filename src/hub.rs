@@ -40,8 +40,17 @@ const WEIGHT_FILES: &[&str] = &[
 pub enum ModelSource {
     LocalDir,
     GgufFile,
-    HubCache { repo_id: String, revision: String, commit: String },
-    Downloaded { repo_id: String, revision: String, commit: String, endpoint: String },
+    HubCache {
+        repo_id: String,
+        revision: String,
+        commit: String,
+    },
+    Downloaded {
+        repo_id: String,
+        revision: String,
+        commit: String,
+        endpoint: String,
+    },
 }
 
 /// The folder holding a model's files, and its GGUF file if the model is one.
@@ -74,11 +83,22 @@ impl ModelFiles {
                 Some(file) => format!("GGUF file {}", file.display()),
                 None => format!("GGUF model in {dir}"),
             },
-            ModelSource::HubCache { repo_id, revision, commit } => {
+            ModelSource::HubCache {
+                repo_id,
+                revision,
+                commit,
+            } => {
                 format!("{repo_id}@{revision} (commit {commit}) from the hub cache at {dir}")
             }
-            ModelSource::Downloaded { repo_id, revision, commit, endpoint } => {
-                format!("{repo_id}@{revision} (commit {commit}) downloaded from {endpoint} to {dir}")
+            ModelSource::Downloaded {
+                repo_id,
+                revision,
+                commit,
+                endpoint,
+            } => {
+                format!(
+                    "{repo_id}@{revision} (commit {commit}) downloaded from {endpoint} to {dir}"
+                )
             }
         }
     }
@@ -124,7 +144,9 @@ impl HubOptions {
                 let cache_home = var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
                     // Without a home folder, fall back to a relative path rather than failing:
                     // an explicit cache_dir or HF_HUB_CACHE still works.
-                    let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_default();
+                    let home = var("HOME")
+                        .or_else(|| var("USERPROFILE"))
+                        .unwrap_or_default();
                     PathBuf::from(home).join(".cache")
                 });
                 cache_home.join("huggingface")
@@ -144,12 +166,21 @@ impl HubOptions {
             .trim_end_matches('/')
             .to_string();
         let token = self.token.clone().or_else(|| var("HF_TOKEN"));
-        HubSettings { revision: self.revision.clone(), cache_dir, offline, endpoint, token }
+        HubSettings {
+            revision: self.revision.clone(),
+            cache_dir,
+            offline,
+            endpoint,
+            token,
+        }
     }
 }
 
 fn is_truthy(value: &str) -> bool {
-    matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 /// Find a model's files. `model` is an existing `.gguf` file or folder, or a hub id
@@ -171,7 +202,10 @@ pub fn resolve(model: &str, opts: &HubOptions) -> Result<ModelFiles> {
             return Ok(found);
         }
         tried.push("download: not attempted, offline mode (HF_HUB_OFFLINE)".to_string());
-        return Err(Error::NotFound { model: model.to_string(), tried });
+        return Err(Error::NotFound {
+            model: model.to_string(),
+            tried,
+        });
     }
     download(model, &repo_id, &revision, &settings, tried)
 }
@@ -184,15 +218,27 @@ fn resolve_local(model: &str, path: &Path) -> Result<ModelFiles> {
             )));
         }
         let dir = parent_dir(path);
-        return Ok(ModelFiles { dir, gguf: Some(path.to_path_buf()), source: ModelSource::GgufFile });
+        return Ok(ModelFiles {
+            dir,
+            gguf: Some(path.to_path_buf()),
+            source: ModelSource::GgufFile,
+        });
     }
     let dir = path.to_path_buf();
     if dir.join("config.json").is_file() {
-        return Ok(ModelFiles { dir, gguf: None, source: ModelSource::LocalDir });
+        return Ok(ModelFiles {
+            dir,
+            gguf: None,
+            source: ModelSource::LocalDir,
+        });
     }
     let ggufs = gguf_files(&dir)?;
     match ggufs.as_slice() {
-        [one] => Ok(ModelFiles { dir, gguf: Some(one.clone()), source: ModelSource::GgufFile }),
+        [one] => Ok(ModelFiles {
+            dir,
+            gguf: Some(one.clone()),
+            source: ModelSource::GgufFile,
+        }),
         [] => Err(Error::NotFound {
             model: model.to_string(),
             tried: vec![
@@ -203,13 +249,17 @@ fn resolve_local(model: &str, path: &Path) -> Result<ModelFiles> {
         many => Err(Error::InvalidArgument(format!(
             "{} has no config.json and several .gguf files; pass one of: {}",
             dir.display(),
-            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
 
 fn has_extension(path: &Path, ext: &str) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }
 
 fn parent_dir(file: &Path) -> PathBuf {
@@ -246,7 +296,9 @@ pub fn parse_hub_id(model: &str, revision: Option<&str>) -> Result<(String, Stri
     };
     let revision = match (suffix, revision) {
         (Some(a), Some(b)) if a != b => {
-            return Err(refuse(&format!("two revisions given (`{a}` in the id and `{b}` as an option)")))
+            return Err(refuse(&format!(
+                "two revisions given (`{a}` in the id and `{b}` as an option)"
+            )))
         }
         (Some(r), _) | (None, Some(r)) => r,
         (None, None) => DEFAULT_REVISION,
@@ -255,7 +307,9 @@ pub fn parse_hub_id(model: &str, revision: Option<&str>) -> Result<(String, Stri
         return Err(refuse("empty id"));
     }
     if id.contains('\\') || id.starts_with('/') {
-        return Err(refuse("hub ids have no backslashes and are not absolute paths"));
+        return Err(refuse(
+            "hub ids have no backslashes and are not absolute paths",
+        ));
     }
     if id.contains("..") || id.contains("--") {
         return Err(refuse("`..` and `--` are not allowed"));
@@ -268,8 +322,13 @@ pub fn parse_hub_id(model: &str, revision: Option<&str>) -> Result<(String, Stri
         if part.is_empty() {
             return Err(refuse("empty part around `/`"));
         }
-        if let Some(c) = part.chars().find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c))) {
-            return Err(refuse(&format!("character `{c}` (allowed: letters, digits, - _ .)")));
+        if let Some(c) = part
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c)))
+        {
+            return Err(refuse(&format!(
+                "character `{c}` (allowed: letters, digits, - _ .)"
+            )));
         }
         if part.starts_with(['-', '.']) || part.ends_with(['-', '.']) {
             return Err(refuse("parts may not start or end with `-` or `.`"));
@@ -282,8 +341,12 @@ pub fn parse_hub_id(model: &str, revision: Option<&str>) -> Result<(String, Stri
 /// Revisions are branch or tag names (may contain `/`, like `refs/pr/1`) or commit shas.
 /// They become paths under `refs/`, so they must stay inside it.
 fn validate_revision(revision: &str) -> std::result::Result<(), String> {
-    let ok_chars = revision.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-    let ok_parts = revision.split('/').all(|p| !p.is_empty() && !p.starts_with('.'));
+    let ok_chars = revision
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let ok_parts = revision
+        .split('/')
+        .all(|p| !p.is_empty() && !p.starts_with('.'));
     if revision.is_empty() || !ok_chars || !ok_parts || revision.contains("..") {
         return Err(format!(
             "revision `{revision}`: use letters, digits, - _ . and `/` between non-empty parts, no `..`"
@@ -298,7 +361,9 @@ pub fn validate_relative_name(name: &str) -> Result<()> {
     let bad = name.is_empty()
         || name.contains('\\')
         || name.contains('\0')
-        || Path::new(name).components().any(|c| !matches!(c, Component::Normal(_)));
+        || Path::new(name)
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)));
     if bad {
         return Err(Error::InvalidArgument(format!(
             "file name `{name}` is refused: it must be a relative path without `..`, `.` or backslashes"
@@ -333,11 +398,17 @@ fn repo_folder(cache_dir: &Path, repo_id: &str) -> PathBuf {
 }
 
 fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// The snapshot folder for a revision, if the cache has one (complete or not).
-fn snapshot_dir(cache_dir: &Path, repo_id: &str, revision: &str) -> std::result::Result<(PathBuf, String), String> {
+fn snapshot_dir(
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+) -> std::result::Result<(PathBuf, String), String> {
     let folder = repo_folder(cache_dir, repo_id);
     let commit = if is_commit_hash(revision) {
         revision.to_string()
@@ -347,7 +418,10 @@ fn snapshot_dir(cache_dir: &Path, repo_id: &str, revision: &str) -> std::result:
             .map_err(|e| format!("hub cache {}: {e}", ref_path.display()))?;
         let commit = text.trim();
         if !is_commit_hash(commit) {
-            return Err(format!("hub cache {}: does not hold a commit hash", ref_path.display()));
+            return Err(format!(
+                "hub cache {}: does not hold a commit hash",
+                ref_path.display()
+            ));
         }
         commit.to_string()
     };
@@ -360,7 +434,12 @@ fn snapshot_dir(cache_dir: &Path, repo_id: &str, revision: &str) -> std::result:
 
 /// A cached snapshot that has everything a model needs: config.json plus weights (all shards
 /// of an index), or a single `.gguf`.
-fn find_in_cache(cache_dir: &Path, repo_id: &str, revision: &str, tried: &mut Vec<String>) -> Result<Option<ModelFiles>> {
+fn find_in_cache(
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+    tried: &mut Vec<String>,
+) -> Result<Option<ModelFiles>> {
     let (dir, commit) = match snapshot_dir(cache_dir, repo_id, revision) {
         Ok(found) => found,
         Err(why) => {
@@ -368,18 +447,36 @@ fn find_in_cache(cache_dir: &Path, repo_id: &str, revision: &str, tried: &mut Ve
             return Ok(None);
         }
     };
-    let source = ModelSource::HubCache { repo_id: repo_id.into(), revision: revision.into(), commit };
+    let source = ModelSource::HubCache {
+        repo_id: repo_id.into(),
+        revision: revision.into(),
+        commit,
+    };
     if !dir.join("config.json").is_file() {
         if let [one] = gguf_files(&dir)?.as_slice() {
-            return Ok(Some(ModelFiles { gguf: Some(one.clone()), dir, source }));
+            return Ok(Some(ModelFiles {
+                gguf: Some(one.clone()),
+                dir,
+                source,
+            }));
         }
-        tried.push(format!("hub cache {}: no config.json and not exactly one .gguf", dir.display()));
+        tried.push(format!(
+            "hub cache {}: no config.json and not exactly one .gguf",
+            dir.display()
+        ));
         return Ok(None);
     }
     if weights_complete(&dir)? {
-        return Ok(Some(ModelFiles { dir, gguf: None, source }));
+        return Ok(Some(ModelFiles {
+            dir,
+            gguf: None,
+            source,
+        }));
     }
-    tried.push(format!("hub cache {}: has config.json but no complete weights", dir.display()));
+    tried.push(format!(
+        "hub cache {}: has config.json but no complete weights",
+        dir.display()
+    ));
     Ok(None)
 }
 
@@ -403,7 +500,11 @@ fn cached_snapshot(cache_dir: &Path, repo_id: &str, revision: &str) -> Option<Mo
     dir.join("config.json").is_file().then(|| ModelFiles {
         dir,
         gguf: None,
-        source: ModelSource::HubCache { repo_id: repo_id.into(), revision: revision.into(), commit },
+        source: ModelSource::HubCache {
+            repo_id: repo_id.into(),
+            revision: revision.into(),
+            commit,
+        },
     })
 }
 
@@ -419,18 +520,32 @@ enum FetchError {
 fn fetch_file(repo: &ApiRepo, name: &str) -> std::result::Result<PathBuf, FetchError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| repo.get(name))) {
         Ok(Ok(path)) => Ok(path),
-        Ok(Err(e)) if matches!(e, ApiError::RequestError(_)) && e.to_string().contains("status code 404") => {
+        Ok(Err(e))
+            if matches!(e, ApiError::RequestError(_))
+                && e.to_string().contains("status code 404") =>
+        {
             Err(FetchError::NotFound)
         }
         Ok(Err(e)) => Err(FetchError::Failed(e.to_string())),
-        Err(_) => Err(FetchError::Failed("the HTTP client failed on the server's reply".to_string())),
+        Err(_) => Err(FetchError::Failed(
+            "the HTTP client failed on the server's reply".to_string(),
+        )),
     }
 }
 
 /// Download config, tokenizer and weights into the standard cache layout, so the next run
 /// finds them offline.
-fn download(model: &str, repo_id: &str, revision: &str, settings: &HubSettings, mut tried: Vec<String>) -> Result<ModelFiles> {
-    let not_found = |tried: Vec<String>| Error::NotFound { model: model.to_string(), tried };
+fn download(
+    model: &str,
+    repo_id: &str,
+    revision: &str,
+    settings: &HubSettings,
+    mut tried: Vec<String>,
+) -> Result<ModelFiles> {
+    let not_found = |tried: Vec<String>| Error::NotFound {
+        model: model.to_string(),
+        tried,
+    };
     let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
         .with_endpoint(settings.endpoint.clone())
         .with_progress(std::io::stderr().is_terminal());
@@ -458,13 +573,23 @@ fn download(model: &str, repo_id: &str, revision: &str, settings: &HubSettings, 
         }
     };
     let dir = parent_dir(&config);
-    let commit = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let commit = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
     if !is_commit_hash(&commit) {
-        tried.push(format!("download: the server sent commit `{commit}`, not a commit hash"));
+        tried.push(format!(
+            "download: the server sent commit `{commit}`, not a commit hash"
+        ));
         return Err(not_found(tried));
     }
     // Fetch the rest at the commit config.json came from, so a push in between cannot mix files.
-    let pinned = api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, commit.clone()));
+    let pinned = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        commit.clone(),
+    ));
     let fetch = |name: &str, tried: &mut Vec<String>| -> Result<Option<PathBuf>> {
         match fetch_file(&pinned, name) {
             Ok(path) => Ok(Some(path)),
@@ -483,11 +608,16 @@ fn download(model: &str, repo_id: &str, revision: &str, settings: &HubSettings, 
     }
     let mut have_weights = false;
     for name in WEIGHT_FILES {
-        let Some(path) = fetch(name, &mut tried)? else { continue };
+        let Some(path) = fetch(name, &mut tried)? else {
+            continue;
+        };
         if name.ends_with(".index.json") {
             for shard in read_shard_index(&path)? {
                 if fetch(&shard, &mut tried)?.is_none() {
-                    return Err(Error::format(&path, format!("lists shard `{shard}`, which the hub does not have")));
+                    return Err(Error::format(
+                        &path,
+                        format!("lists shard `{shard}`, which the hub does not have"),
+                    ));
                 }
             }
         }
@@ -495,7 +625,10 @@ fn download(model: &str, repo_id: &str, revision: &str, settings: &HubSettings, 
         break;
     }
     if !have_weights {
-        tried.push(format!("download: no weights among {}", WEIGHT_FILES.join(", ")));
+        tried.push(format!(
+            "download: no weights among {}",
+            WEIGHT_FILES.join(", ")
+        ));
         return Err(not_found(tried));
     }
     let source = ModelSource::Downloaded {
@@ -504,5 +637,9 @@ fn download(model: &str, repo_id: &str, revision: &str, settings: &HubSettings, 
         commit,
         endpoint: settings.endpoint.clone(),
     };
-    Ok(ModelFiles { dir, gguf: None, source })
+    Ok(ModelFiles {
+        dir,
+        gguf: None,
+        source,
+    })
 }

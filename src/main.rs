@@ -8,7 +8,9 @@ fn main() {
     let args = cli::Cli::parse();
     if let Some(n) = args.threads {
         // Ignore the error: it only means the pool was already built.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     let json = args.json;
     let peak = args.peak_rss;

@@ -41,7 +41,9 @@ impl WeightDType {
             "f32" | "float32" => Ok(WeightDType::F32),
             "f16" | "float16" => Ok(WeightDType::F16),
             "bf16" | "bfloat16" => Ok(WeightDType::BF16),
-            other => Err(Error::InvalidArgument(format!("unknown dtype `{other}` (use f32, f16 or bf16)"))),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown dtype `{other}` (use f32, f16 or bf16)"
+            ))),
         }
     }
     pub fn name(self) -> &'static str {
@@ -68,9 +70,21 @@ impl WeightDType {
 
 /// A dense `[rows, cols]` matrix held in f32, f16 or bf16.
 pub enum DenseMatrix {
-    F32 { rows: usize, cols: usize, data: Vec<f32> },
-    F16 { rows: usize, cols: usize, data: Vec<f16> },
-    BF16 { rows: usize, cols: usize, data: Vec<bf16> },
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f16>,
+    },
+    BF16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<bf16>,
+    },
 }
 
 impl DenseMatrix {
@@ -78,18 +92,30 @@ impl DenseMatrix {
         assert_eq!(data.len(), rows * cols);
         match dtype {
             WeightDType::F32 => DenseMatrix::F32 { rows, cols, data },
-            WeightDType::F16 => DenseMatrix::F16 { rows, cols, data: data.iter().map(|&v| f16::from_f32(v)).collect() },
-            WeightDType::BF16 => DenseMatrix::BF16 { rows, cols, data: data.iter().map(|&v| bf16::from_f32(v)).collect() },
+            WeightDType::F16 => DenseMatrix::F16 {
+                rows,
+                cols,
+                data: data.iter().map(|&v| f16::from_f32(v)).collect(),
+            },
+            WeightDType::BF16 => DenseMatrix::BF16 {
+                rows,
+                cols,
+                data: data.iter().map(|&v| bf16::from_f32(v)).collect(),
+            },
         }
     }
     pub fn rows(&self) -> usize {
         match self {
-            DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } | DenseMatrix::BF16 { rows, .. } => *rows,
+            DenseMatrix::F32 { rows, .. }
+            | DenseMatrix::F16 { rows, .. }
+            | DenseMatrix::BF16 { rows, .. } => *rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
-            DenseMatrix::F32 { cols, .. } | DenseMatrix::F16 { cols, .. } | DenseMatrix::BF16 { cols, .. } => *cols,
+            DenseMatrix::F32 { cols, .. }
+            | DenseMatrix::F16 { cols, .. }
+            | DenseMatrix::BF16 { cols, .. } => *cols,
         }
     }
     pub fn dtype(&self) -> WeightDType {
@@ -104,8 +130,12 @@ impl DenseMatrix {
         let c = self.cols();
         match self {
             DenseMatrix::F32 { data, .. } => out.copy_from_slice(&data[i * c..(i + 1) * c]),
-            DenseMatrix::F16 { data, .. } => kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out),
-            DenseMatrix::BF16 { data, .. } => kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out),
+            DenseMatrix::F16 { data, .. } => {
+                kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out)
+            }
+            DenseMatrix::BF16 { data, .. } => {
+                kernels::HalfFloat::convert_slice(&data[i * c..(i + 1) * c], out)
+            }
         }
     }
 }
@@ -121,17 +151,29 @@ impl LinearKernel for DenseMatrix {
         let k = self.cols();
         let (r0, r1) = (rows.start, rows.end);
         match self {
-            DenseMatrix::F32 { data, .. } => kernels::gemv_block(x, m, k, &data[r0 * k..r1 * k], out),
-            DenseMatrix::F16 { data, .. } => kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out),
-            DenseMatrix::BF16 { data, .. } => kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out),
+            DenseMatrix::F32 { data, .. } => {
+                kernels::gemv_block(x, m, k, &data[r0 * k..r1 * k], out)
+            }
+            DenseMatrix::F16 { data, .. } => {
+                kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out)
+            }
+            DenseMatrix::BF16 { data, .. } => {
+                kernels::gemv_block_half(x, m, k, &data[r0 * k..r1 * k], out)
+            }
         }
     }
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.rows(), self.cols());
         match self {
-            DenseMatrix::F32 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt(x, m, k, data, n, out),
-            DenseMatrix::F16 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt_half(x, m, k, data, n, out),
-            DenseMatrix::BF16 { data, .. } if m > kernels::GEMV_MAX_ROWS => kernels::matmul_nt_half(x, m, k, data, n, out),
+            DenseMatrix::F32 { data, .. } if m > kernels::GEMV_MAX_ROWS => {
+                kernels::matmul_nt(x, m, k, data, n, out)
+            }
+            DenseMatrix::F16 { data, .. } if m > kernels::GEMV_MAX_ROWS => {
+                kernels::matmul_nt_half(x, m, k, data, n, out)
+            }
+            DenseMatrix::BF16 { data, .. } if m > kernels::GEMV_MAX_ROWS => {
+                kernels::matmul_nt_half(x, m, k, data, n, out)
+            }
             _ => forward_rows_parallel(self, x, m, out),
         }
     }
@@ -156,12 +198,20 @@ const ROW_BLOCK: usize = 64;
 
 /// Compute all output rows of several kernels sharing the input `x` (`[m, in]`), as one
 /// parallel pass over (kernel, row block) tasks. Returns `(kernel index, first row, [m, rows])`.
-fn forward_blocks(kernels: &[&dyn LinearKernel], x: &[f32], m: usize) -> Vec<(usize, usize, Vec<f32>)> {
+fn forward_blocks(
+    kernels: &[&dyn LinearKernel],
+    x: &[f32],
+    m: usize,
+) -> Vec<(usize, usize, Vec<f32>)> {
     use rayon::prelude::*;
     let tasks: Vec<(usize, usize)> = kernels
         .iter()
         .enumerate()
-        .flat_map(|(i, k)| (0..k.out_features()).step_by(ROW_BLOCK).map(move |r| (i, r)))
+        .flat_map(|(i, k)| {
+            (0..k.out_features())
+                .step_by(ROW_BLOCK)
+                .map(move |r| (i, r))
+        })
         .collect();
     tasks
         .into_par_iter()
@@ -180,12 +230,17 @@ pub fn forward_rows_parallel(kernel: &dyn LinearKernel, x: &[f32], m: usize, out
     scatter_blocks(forward_blocks(&[kernel], x, m), m, &mut [(out, n)]);
 }
 
-fn scatter_blocks(parts: Vec<(usize, usize, Vec<f32>)>, m: usize, outs: &mut [(&mut [f32], usize)]) {
+fn scatter_blocks(
+    parts: Vec<(usize, usize, Vec<f32>)>,
+    m: usize,
+    outs: &mut [(&mut [f32], usize)],
+) {
     for (i, r0, block) in parts {
         let (out, n) = &mut outs[i];
         let width = block.len() / m;
         for r in 0..m {
-            out[r * *n + r0..r * *n + r0 + width].copy_from_slice(&block[r * width..(r + 1) * width]);
+            out[r * *n + r0..r * *n + r0 + width]
+                .copy_from_slice(&block[r * width..(r + 1) * width]);
         }
     }
 }
@@ -194,7 +249,10 @@ fn scatter_blocks(parts: Vec<(usize, usize, Vec<f32>)>, m: usize, outs: &mut [(&
 /// matrix-vector work is spread over the threads in one pass, which matters because each
 /// layer alone is too small to keep both cores busy; for many rows each uses its GEMM.
 pub fn forward_many(linears: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
-    let mut outs: Vec<Vec<f32>> = linears.iter().map(|l| vec![0f32; m * l.out_features()]).collect();
+    let mut outs: Vec<Vec<f32>> = linears
+        .iter()
+        .map(|l| vec![0f32; m * l.out_features()])
+        .collect();
     if m > kernels::GEMV_MAX_ROWS {
         for (l, o) in linears.iter().zip(outs.iter_mut()) {
             l.weight.forward(x, m, o);
@@ -202,8 +260,11 @@ pub fn forward_many(linears: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
     } else {
         let ks: Vec<&dyn LinearKernel> = linears.iter().map(|l| l.weight.as_ref()).collect();
         let parts = forward_blocks(&ks, x, m);
-        let mut views: Vec<(&mut [f32], usize)> =
-            outs.iter_mut().zip(linears).map(|(o, l)| (o.as_mut_slice(), l.out_features())).collect();
+        let mut views: Vec<(&mut [f32], usize)> = outs
+            .iter_mut()
+            .zip(linears)
+            .map(|(o, l)| (o.as_mut_slice(), l.out_features()))
+            .collect();
         scatter_blocks(parts, m, &mut views);
     }
     for (l, o) in linears.iter().zip(outs.iter_mut()) {
@@ -255,19 +316,32 @@ const PAR_MIN_ROWS: usize = 16;
 pub fn for_each_row(x: &[f32], out: &mut [f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
     use rayon::prelude::*;
     if x.len() / d.max(1) >= PAR_MIN_ROWS {
-        x.par_chunks_exact(d).zip(out.par_chunks_exact_mut(d)).for_each(|(xr, or)| f(xr, or));
+        x.par_chunks_exact(d)
+            .zip(out.par_chunks_exact_mut(d))
+            .for_each(|(xr, or)| f(xr, or));
     } else {
-        x.chunks_exact(d).zip(out.chunks_exact_mut(d)).for_each(|(xr, or)| f(xr, or));
+        x.chunks_exact(d)
+            .zip(out.chunks_exact_mut(d))
+            .for_each(|(xr, or)| f(xr, or));
     }
 }
 
 /// Apply `f(row_of_a, row_of_b)` to rows of width `d`, mutating `a`, in parallel for many rows.
-pub fn for_each_row_in_place(a: &mut [f32], b: &[f32], d: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+pub fn for_each_row_in_place(
+    a: &mut [f32],
+    b: &[f32],
+    d: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
     use rayon::prelude::*;
     if a.len() / d.max(1) >= PAR_MIN_ROWS {
-        a.par_chunks_exact_mut(d).zip(b.par_chunks_exact(d)).for_each(|(x, y)| f(x, y));
+        a.par_chunks_exact_mut(d)
+            .zip(b.par_chunks_exact(d))
+            .for_each(|(x, y)| f(x, y));
     } else {
-        a.chunks_exact_mut(d).zip(b.chunks_exact(d)).for_each(|(x, y)| f(x, y));
+        a.chunks_exact_mut(d)
+            .zip(b.chunks_exact(d))
+            .for_each(|(x, y)| f(x, y));
     }
 }
 
@@ -348,14 +422,31 @@ impl<'a> Loader<'a> {
         Ok(DenseMatrix::new(rows, cols, data, self.dtype))
     }
     /// A PyTorch `nn.Linear` stored as `<prefix>.weight` `[out, in]` (+ `<prefix>.bias`).
-    pub fn linear(&self, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         let weight = self.matrix(&format!("{prefix}.weight"), out_features, in_features)?;
-        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out_features)?) } else { None };
-        Ok(Linear { weight: Arc::new(weight), bias })
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"), out_features)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Arc::new(weight),
+            bias,
+        })
     }
     /// A GPT-2 `Conv1D`, stored transposed as `[in, out]`; held as `[out, in]` like Linear.
     pub fn conv1d(&self, prefix: &str, in_features: usize, out_features: usize) -> Result<Linear> {
-        let t = read_f32_checked(self.src, &format!("{prefix}.weight"), &[in_features, out_features])?;
+        let t = read_f32_checked(
+            self.src,
+            &format!("{prefix}.weight"),
+            &[in_features, out_features],
+        )?;
         let mut w = vec![0f32; t.len()];
         for i in 0..in_features {
             for o in 0..out_features {
@@ -363,18 +454,38 @@ impl<'a> Loader<'a> {
             }
         }
         let bias = Some(self.vector(&format!("{prefix}.bias"), out_features)?);
-        Ok(Linear { weight: Arc::new(DenseMatrix::new(out_features, in_features, w, self.dtype)), bias })
+        Ok(Linear {
+            weight: Arc::new(DenseMatrix::new(out_features, in_features, w, self.dtype)),
+            bias,
+        })
     }
-    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f64, affine: bool) -> Result<LayerNorm> {
+    pub fn layer_norm(
+        &self,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        affine: bool,
+    ) -> Result<LayerNorm> {
         let (weight, bias) = if affine {
-            (Some(self.vector(&format!("{prefix}.weight"), dim)?), Some(self.vector(&format!("{prefix}.bias"), dim)?))
+            (
+                Some(self.vector(&format!("{prefix}.weight"), dim)?),
+                Some(self.vector(&format!("{prefix}.bias"), dim)?),
+            )
         } else {
             (None, None)
         };
-        Ok(LayerNorm { weight, bias, dim, eps: eps as f32 })
+        Ok(LayerNorm {
+            weight,
+            bias,
+            dim,
+            eps: eps as f32,
+        })
     }
     pub fn rms_norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: self.vector(name, dim)?, eps: eps as f32 })
+        Ok(RmsNorm {
+            weight: self.vector(name, dim)?,
+            eps: eps as f32,
+        })
     }
 }
 
@@ -396,7 +507,9 @@ pub fn add_in_place(a: &mut [f32], b: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
     if a.len() >= 4 * CHUNK {
-        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
     } else {
         a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
     }

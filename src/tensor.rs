@@ -94,16 +94,32 @@ impl RawTensor {
         Ok(RawTensor { dtype, shape, data })
     }
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        RawTensor { dtype: DType::F32, shape, data: bytemuck::cast_slice(values).to_vec() }
+        RawTensor {
+            dtype: DType::F32,
+            shape,
+            data: bytemuck::cast_slice(values).to_vec(),
+        }
     }
     pub fn from_i32(shape: Vec<usize>, values: &[i32]) -> Self {
-        RawTensor { dtype: DType::I32, shape, data: bytemuck::cast_slice(values).to_vec() }
+        RawTensor {
+            dtype: DType::I32,
+            shape,
+            data: bytemuck::cast_slice(values).to_vec(),
+        }
     }
     pub fn from_f16(shape: Vec<usize>, values: &[f16]) -> Self {
-        RawTensor { dtype: DType::F16, shape, data: bytemuck::cast_slice(values).to_vec() }
+        RawTensor {
+            dtype: DType::F16,
+            shape,
+            data: bytemuck::cast_slice(values).to_vec(),
+        }
     }
     pub fn from_bf16(shape: Vec<usize>, values: &[bf16]) -> Self {
-        RawTensor { dtype: DType::BF16, shape, data: bytemuck::cast_slice(values).to_vec() }
+        RawTensor {
+            dtype: DType::BF16,
+            shape,
+            data: bytemuck::cast_slice(values).to_vec(),
+        }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -113,19 +129,37 @@ impl RawTensor {
         let d = &self.data;
         let chunks = |n: usize| d.chunks_exact(n);
         match self.dtype {
-            DType::F32 => chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            DType::F64 => chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            DType::F16 => chunks(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::BF16 => chunks(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::I64 => chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            DType::I32 => chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            DType::I16 => chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as f32).collect(),
+            DType::F32 => chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            DType::F64 => chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            DType::F16 => chunks(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => chunks(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::I64 => chunks(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            DType::I32 => chunks(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            DType::I16 => chunks(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32)
+                .collect(),
             DType::I8 => d.iter().map(|&b| b as i8 as f32).collect(),
             DType::U8 | DType::Bool => d.iter().map(|&b| b as f32).collect(),
         }
     }
     pub fn to_i32(&self) -> Option<Vec<i32>> {
-        (self.dtype == DType::I32)
-            .then(|| self.data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+        (self.dtype == DType::I32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        })
     }
 }

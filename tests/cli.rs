@@ -7,8 +7,15 @@ use serde_json::Value;
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_autoquant")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_autoquant"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn json(args: &[&str]) -> Value {
@@ -19,21 +26,63 @@ fn json(args: &[&str]) -> Value {
 
 #[test]
 fn generate_estimate_info_ppl_convert() {
-    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let m = model.to_str().unwrap();
 
-    let g = json(&["generate", m, "--prompt", "The capital of France is", "--max-new-tokens", "32", "--json"]);
+    let g = json(&[
+        "generate",
+        m,
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "32",
+        "--json",
+    ]);
     assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{g}");
     assert_eq!(g["stop_reason"], "eos");
 
-    let s = json(&["generate", m, "--prompt", "The capital of France is", "--stop", "answer", "--json"]);
+    let s = json(&[
+        "generate",
+        m,
+        "--prompt",
+        "The capital of France is",
+        "--stop",
+        "answer",
+        "--json",
+    ]);
     assert_eq!(s["stop_reason"], "stop_string");
     assert_eq!(s["text"].as_str().unwrap(), " Paris.\n\nThe ");
 
-    let chat = json(&["generate", m, "--chat", "--prompt", "What is the capital of France?", "--json"]);
+    let chat = json(&[
+        "generate",
+        m,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--json",
+    ]);
     assert!(chat["text"].as_str().unwrap().contains("Paris"), "{chat}");
 
-    let sampled = |seed: &str| json(&["generate", m, "--prompt", "Once upon a time", "--temperature", "0.9", "--top-p", "0.9", "--seed", seed, "--max-new-tokens", "12", "--json"])["generated_ids"].clone();
+    let sampled = |seed: &str| {
+        json(&[
+            "generate",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ])["generated_ids"]
+            .clone()
+    };
     assert_eq!(sampled("1"), sampled("1"));
     assert_ne!(sampled("1"), sampled("2"));
 
@@ -46,8 +95,20 @@ fn generate_estimate_info_ppl_convert() {
     assert_eq!(i["model_type"], "llama");
     assert_eq!(i["stored_dtypes"]["Q4_1"], 210);
 
-    let Some(text) = asset("text/wiki.eval.txt") else { return };
-    let p = json(&["ppl", m, "--data", text.to_str().unwrap(), "--seqlen", "128", "--max-windows", "2", "--json"]);
+    let Some(text) = asset("text/wiki.eval.txt") else {
+        return;
+    };
+    let p = json(&[
+        "ppl",
+        m,
+        "--data",
+        text.to_str().unwrap(),
+        "--seqlen",
+        "128",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
     assert_eq!(p["protocol"], "paper");
     assert_eq!(p["windows"], 2);
     assert_eq!(p["scored_tokens"], 254);
@@ -58,10 +119,24 @@ fn generate_estimate_info_ppl_convert() {
     let out = tmp.path().join("smollm2-f16");
     let (ok, _, err) = run(&["convert", m, "-o", out.to_str().unwrap(), "--dtype", "f16"]);
     assert!(ok, "{err}");
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
-    let g2 = json(&["generate", out.to_str().unwrap(), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"]);
+    let g2 = json(&[
+        "generate",
+        out.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
     assert!(g2["text"].as_str().unwrap().starts_with(" Paris."), "{g2}");
 }
 
@@ -71,7 +146,9 @@ fn errors_are_clear_and_exit_nonzero() {
     assert!(!ok && err.contains("/nonexistent/model-dir"), "{err}");
     let (ok, _, err) = run(&["info", "../../etc/passwd-model"]);
     assert!(!ok && err.starts_with("error:"), "{err}");
-    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(model) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let (ok, _, err) = run(&["ppl", model.to_str().unwrap(), "--data", "/nonexistent.txt"]);
     assert!(!ok && err.contains("/nonexistent.txt"), "{err}");
 }

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
 }
 
 fn read_json(name: &str) -> Value {
@@ -21,20 +23,30 @@ fn read_json(name: &str) -> Value {
 fn expected_tensors(stem: &str) -> Vec<(Value, Vec<f32>)> {
     let manifest = read_json(&format!("{stem}.json"));
     let bytes = std::fs::read(fixture(&format!("{stem}.bin"))).unwrap();
-    let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let all: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     manifest["tensors"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| {
-            let (off, len) = (t["offset"].as_u64().unwrap() as usize, t["len"].as_u64().unwrap() as usize);
+            let (off, len) = (
+                t["offset"].as_u64().unwrap() as usize,
+                t["len"].as_u64().unwrap() as usize,
+            );
             (t.clone(), all[off..off + len].to_vec())
         })
         .collect()
 }
 
 fn shape_of(v: &Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
 }
 
 /// Bitwise equality (the references compute in f32 with the same operation order).
@@ -61,7 +73,10 @@ fn open_bytes(bytes: &[u8]) -> (tempfile::NamedTempFile, Result<GgufFile, Error>
 fn tensor_record_end_of_name(bytes: &[u8], name: &str) -> usize {
     let mut needle = (name.len() as u64).to_le_bytes().to_vec();
     needle.extend_from_slice(name.as_bytes());
-    let pos = bytes.windows(needle.len()).position(|w| w == needle).expect("tensor name in header");
+    let pos = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("tensor name in header");
     pos + needle.len()
 }
 
@@ -78,7 +93,12 @@ fn record_fields(bytes: &[u8], name: &str) -> RecordFields {
     let n_dims = u32::from_le_bytes(bytes[n_dims_at..n_dims_at + 4].try_into().unwrap()) as usize;
     let dims = n_dims_at + 4;
     let type_id = dims + 8 * n_dims;
-    RecordFields { n_dims: n_dims_at, dims, type_id, offset: type_id + 4 }
+    RecordFields {
+        n_dims: n_dims_at,
+        dims,
+        type_id,
+        offset: type_id + 4,
+    }
 }
 
 fn err_text(e: &Error) -> String {
@@ -95,7 +115,11 @@ fn every_supported_type_dequantizes_exactly_like_gguf_py() {
     for (entry, want) in &expected {
         let name = entry["name"].as_str().unwrap();
         let info = file.tensor_info(name).unwrap();
-        assert_eq!(info.ggml_type.name(), entry["type"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            info.ggml_type.name(),
+            entry["type"].as_str().unwrap(),
+            "{name}"
+        );
         assert_eq!(info.shape(), shape_of(&entry["shape"]), "{name}");
         assert_same(name, &file.dequantize(name).unwrap(), want);
         seen.insert(info.ggml_type.name());
@@ -145,8 +169,14 @@ fn metadata_of_every_value_type() {
         file.get_array("test.array_i32").unwrap(),
         &[GgufValue::I32(1), GgufValue::I32(-2), GgufValue::I32(3)]
     );
-    assert_eq!(file.get_str_array("test.array_str").unwrap(), vec!["a", "", "ccc"]);
-    assert_eq!(file.get_array("test.array_f32").unwrap(), &[GgufValue::F32(0.5), GgufValue::F32(-1.0)]);
+    assert_eq!(
+        file.get_str_array("test.array_str").unwrap(),
+        vec!["a", "", "ccc"]
+    );
+    assert_eq!(
+        file.get_array("test.array_f32").unwrap(),
+        &[GgufValue::F32(0.5), GgufValue::F32(-1.0)]
+    );
     // Typed getters convert between integer widths but not across kinds.
     assert_eq!(file.get_u64("test.u8"), Some(200));
     assert_eq!(file.get_u64("test.i8"), None);
@@ -154,8 +184,16 @@ fn metadata_of_every_value_type() {
     assert_eq!(file.get_f32("test.f64"), Some(-2.25));
     assert_eq!(file.get_u64("test.string"), None);
     assert_eq!(file.get_bool("test.bool"), Some(true));
-    assert!(file.require_u64("test.missing").unwrap_err().to_string().contains("test.missing"));
-    assert!(file.require_u64("test.string").unwrap_err().to_string().contains("non-negative integer"));
+    assert!(file
+        .require_u64("test.missing")
+        .unwrap_err()
+        .to_string()
+        .contains("test.missing"));
+    assert!(file
+        .require_u64("test.string")
+        .unwrap_err()
+        .to_string()
+        .contains("non-negative integer"));
 }
 
 #[test]
@@ -169,7 +207,10 @@ fn version_2_reads_like_version_3() {
     assert_eq!(f2.version(), 2);
     assert_eq!(f2.metadata(), f3.metadata());
     assert_eq!(f2.tensor_infos(), f3.tensor_infos());
-    assert_eq!(f2.dequantize("t.q5_k").unwrap(), f3.dequantize("t.q5_k").unwrap());
+    assert_eq!(
+        f2.dequantize("t.q5_k").unwrap(),
+        f3.dequantize("t.q5_k").unwrap()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,14 +224,24 @@ fn bad_magic_and_versions() {
     bad[0..4].copy_from_slice(b"GGML");
     let (f, r) = open_bytes(&bad);
     let msg = err_text(&r.unwrap_err());
-    assert!(msg.contains("not a GGUF file") && msg.contains(&f.path().display().to_string()), "{msg}");
+    assert!(
+        msg.contains("not a GGUF file") && msg.contains(&f.path().display().to_string()),
+        "{msg}"
+    );
 
-    for (version, needle) in [(1u32, "version 1"), (3u32.swap_bytes(), "big-endian"), (7, "version 7")] {
+    for (version, needle) in [
+        (1u32, "version 1"),
+        (3u32.swap_bytes(), "big-endian"),
+        (7, "version 7"),
+    ] {
         let mut bad = bytes.clone();
         bad[4..8].copy_from_slice(&version.to_le_bytes());
         let (f, r) = open_bytes(&bad);
         let msg = err_text(&r.unwrap_err());
-        assert!(msg.contains(needle) && msg.contains(&f.path().display().to_string()), "{msg}");
+        assert!(
+            msg.contains(needle) && msg.contains(&f.path().display().to_string()),
+            "{msg}"
+        );
     }
 }
 
@@ -199,14 +250,25 @@ fn every_truncation_is_an_error_naming_the_file() {
     let bytes = std::fs::read(fixture("all_types.gguf")).unwrap();
     // The writer pads the file after the last tensor; cutting that padding is harmless.
     let file = GgufFile::open(&fixture("all_types.gguf")).unwrap();
-    let data_end = file.tensor_infos().iter().map(|t| (t.file_offset + t.n_bytes) as usize).max().unwrap();
+    let data_end = file
+        .tensor_infos()
+        .iter()
+        .map(|t| (t.file_offset + t.n_bytes) as usize)
+        .max()
+        .unwrap();
     assert!(open_bytes(&bytes[..data_end]).1.is_ok());
     for len in 0..data_end {
         let (f, r) = open_bytes(&bytes[..len]);
         let e = r.expect_err(&format!("truncated to {len} bytes should fail"));
         let msg = err_text(&e);
-        assert!(msg.contains(&f.path().display().to_string()), "{len}: {msg}");
-        assert!(msg.contains("truncated") || msg.contains("past the end") || msg.contains("more than"), "{len}: {msg}");
+        assert!(
+            msg.contains(&f.path().display().to_string()),
+            "{len}: {msg}"
+        );
+        assert!(
+            msg.contains("truncated") || msg.contains("past the end") || msg.contains("more than"),
+            "{len}: {msg}"
+        );
     }
     // Cut inside the data section: the error names the last tensor.
     let (_f, r) = open_bytes(&bytes[..data_end - 1]);
@@ -229,7 +291,11 @@ fn lying_tensor_offsets_are_refused() {
         let (f, r) = open_bytes(&bad);
         let path = f.path().display().to_string();
         match r.unwrap_err() {
-            Error::Tensor { tensor, msg, path: p } => {
+            Error::Tensor {
+                tensor,
+                msg,
+                path: p,
+            } => {
                 assert_eq!(tensor, "t.q4_k");
                 assert_eq!(p.display().to_string(), path);
                 msg
@@ -272,7 +338,11 @@ fn corrupt_counts_lengths_types_and_dims_are_refused() {
     check(bad, "unknown value type 99");
     // Invalid alignment value.
     let align_key = b"general.alignment";
-    let pos = bytes.windows(align_key.len()).position(|w| w == align_key).unwrap() + align_key.len();
+    let pos = bytes
+        .windows(align_key.len())
+        .position(|w| w == align_key)
+        .unwrap()
+        + align_key.len();
     let mut bad = bytes.clone();
     bad[pos + 4..pos + 8].copy_from_slice(&48u32.to_le_bytes());
     check(bad, "power of two");
@@ -299,7 +369,9 @@ fn corrupt_counts_lengths_types_and_dims_are_refused() {
 #[test]
 fn random_header_corruption_never_panics() {
     let bytes = std::fs::read(fixture("all_types.gguf")).unwrap();
-    let header_len = GgufFile::open(&fixture("all_types.gguf")).unwrap().data_start() as usize;
+    let header_len = GgufFile::open(&fixture("all_types.gguf"))
+        .unwrap()
+        .data_start() as usize;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         state ^= state << 13;
@@ -328,22 +400,39 @@ fn random_header_corruption_never_panics() {
 fn unsupported_type_names_type_tensor_file_and_supported_list() {
     let path = fixture("unsupported.gguf");
     let file = GgufFile::open(&path).unwrap();
-    assert_eq!(file.dequantize("ok.weight").unwrap(), (0..8).map(|v| v as f32).collect::<Vec<_>>());
+    assert_eq!(
+        file.dequantize("ok.weight").unwrap(),
+        (0..8).map(|v| v as f32).collect::<Vec<_>>()
+    );
     let info = file.tensor_info("blk.0.attn_q.weight").unwrap();
     assert_eq!(info.ggml_type, GgmlType::IQ2_XXS);
     let msg = err_text(&file.dequantize("blk.0.attn_q.weight").unwrap_err());
-    for needle in ["unsupported GGUF tensor type IQ2_XXS", "blk.0.attn_q.weight", "unsupported.gguf", "Q4_K", "BF16"] {
+    for needle in [
+        "unsupported GGUF tensor type IQ2_XXS",
+        "blk.0.attn_q.weight",
+        "unsupported.gguf",
+        "Q4_K",
+        "BF16",
+    ] {
         assert!(msg.contains(needle), "expected `{needle}` in: {msg}");
     }
     let msg = err_text(&file.dequantize("nope").unwrap_err());
-    assert!(msg.contains("nope") && msg.contains("unsupported.gguf"), "{msg}");
+    assert!(
+        msg.contains("nope") && msg.contains("unsupported.gguf"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_architecture_is_a_clear_error() {
     let path = fixture("all_types.gguf");
     let msg = err_text(&GgufWeights::open(&path).unwrap_err());
-    assert!(msg.contains("architecture `test`") && msg.contains("llama") && msg.contains("all_types.gguf"), "{msg}");
+    assert!(
+        msg.contains("architecture `test`")
+            && msg.contains("llama")
+            && msg.contains("all_types.gguf"),
+        "{msg}"
+    );
     let msg = err_text(&GgufFile::open(&path).unwrap().hf_config().unwrap_err());
     assert!(msg.contains("architecture `test`"), "{msg}");
 }
@@ -356,7 +445,10 @@ fn assert_config_matches(got: &Value, want: &Value) {
         let g = &got[key];
         match (g.as_f64(), w.as_f64()) {
             (Some(gf), Some(wf)) if w.is_f64() || g.is_f64() => {
-                assert!((gf - wf).abs() <= 1e-6 * wf.abs(), "{key}: got {g}, transformers has {w}")
+                assert!(
+                    (gf - wf).abs() <= 1e-6 * wf.abs(),
+                    "{key}: got {g}, transformers has {w}"
+                )
             }
             _ => assert_eq!(g, w, "{key}"),
         }
@@ -366,7 +458,10 @@ fn assert_config_matches(got: &Value, want: &Value) {
 fn check_tiny_model(arch: &str) -> (GgufWeights, Value) {
     let weights = GgufWeights::open(&fixture(&format!("tiny_{arch}.gguf"))).unwrap();
     let expected = expected_tensors(&format!("tiny_{arch}"));
-    let want_names: Vec<String> = expected.iter().map(|(e, _)| e["name"].as_str().unwrap().to_string()).collect();
+    let want_names: Vec<String> = expected
+        .iter()
+        .map(|(e, _)| e["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(weights.names(), want_names);
     for (entry, want) in &expected {
         let name = entry["name"].as_str().unwrap();
@@ -376,7 +471,11 @@ fn check_tiny_model(arch: &str) -> (GgufWeights, Value) {
         let raw = weights.read(name).unwrap();
         assert_eq!(raw.shape, shape, "{name}");
         assert_same(name, &raw.to_f32(), want);
-        assert_same(name, &read_f32_checked(&weights, name, &shape).unwrap(), want);
+        assert_same(
+            name,
+            &read_f32_checked(&weights, name, &shape).unwrap(),
+            want,
+        );
     }
     let config = weights.hf_config().unwrap();
     let want_config = &read_json(&format!("tiny_{arch}.json"))["config"];
@@ -389,23 +488,40 @@ fn check_tiny_model(arch: &str) -> (GgufWeights, Value) {
 #[test]
 fn tiny_llama_matches_transformers() {
     let (weights, config) = check_tiny_model("llama");
-    assert!(weights.info("lm_head.weight").is_none(), "tied: no lm_head tensor");
-    assert_eq!(weights.gguf_name("model.layers.1.self_attn.q_proj.weight"), Some("blk.1.attn_q.weight"));
-    assert_eq!(config["architectures"], serde_json::json!(["LlamaForCausalLM"]));
+    assert!(
+        weights.info("lm_head.weight").is_none(),
+        "tied: no lm_head tensor"
+    );
+    assert_eq!(
+        weights.gguf_name("model.layers.1.self_attn.q_proj.weight"),
+        Some("blk.1.attn_q.weight")
+    );
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["LlamaForCausalLM"])
+    );
     assert_eq!(config["tie_word_embeddings"], true);
     assert_eq!(config["vocab_size"], 32, "from the token list");
     assert_eq!(config["head_dim"], 8);
     assert_eq!(config["attention_bias"], false);
     // transformers ignores llama's rope.scaling keys; the script wrote linear ×2.
-    assert_eq!(config["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+    assert_eq!(
+        config["rope_scaling"],
+        serde_json::json!({"rope_type": "linear", "factor": 2.0})
+    );
     // The f32 metadata 1e-5 comes back as the decimal it was written from.
     assert_eq!(config["rms_norm_eps"], 1e-5);
 
     // Un-permuting really moved rows: the raw GGUF layout differs from the HF one.
     let raw = weights.file().dequantize("blk.0.attn_k.weight").unwrap();
-    let hf = weights.read("model.layers.0.self_attn.k_proj.weight").unwrap().to_f32();
+    let hf = weights
+        .read("model.layers.0.self_attn.k_proj.weight")
+        .unwrap()
+        .to_f32();
     assert_ne!(raw, hf);
-    let missing = weights.read("model.layers.9.self_attn.q_proj.weight").unwrap_err();
+    let missing = weights
+        .read("model.layers.9.self_attn.q_proj.weight")
+        .unwrap_err();
     assert!(err_text(&missing).contains("model.layers.9.self_attn.q_proj.weight"));
     let wrong_shape = read_f32_checked(&weights, "model.norm.weight", &[33]).unwrap_err();
     assert!(err_text(&wrong_shape).contains("shape mismatch"));
@@ -415,19 +531,37 @@ fn tiny_llama_matches_transformers() {
 fn tiny_qwen2_matches_transformers() {
     let (weights, config) = check_tiny_model("qwen2");
     assert!(weights.info("lm_head.weight").is_some());
-    assert_eq!(weights.info("model.layers.0.self_attn.k_proj.bias").unwrap().shape, vec![16]);
-    assert_eq!(config["architectures"], serde_json::json!(["Qwen2ForCausalLM"]));
+    assert_eq!(
+        weights
+            .info("model.layers.0.self_attn.k_proj.bias")
+            .unwrap()
+            .shape,
+        vec![16]
+    );
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["Qwen2ForCausalLM"])
+    );
     assert_eq!(config["tie_word_embeddings"], false);
     assert!(config.get("rope_scaling").is_none());
     // qwen2 q/k are stored unpermuted: the HF tensor is the GGUF tensor as is.
     let raw = weights.file().dequantize("blk.0.attn_q.weight").unwrap();
-    assert_eq!(weights.read("model.layers.0.self_attn.q_proj.weight").unwrap().to_f32(), raw);
+    assert_eq!(
+        weights
+            .read("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .to_f32(),
+        raw
+    );
 }
 
 #[test]
 fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
     let weights = GgufWeights::open(&fixture("llama3_rope.gguf")).unwrap();
-    assert!(weights.names().is_empty(), "rope_freqs is not a model parameter");
+    assert!(
+        weights.names().is_empty(),
+        "rope_freqs is not a model parameter"
+    );
     let config = weights.hf_config().unwrap();
     assert_eq!(
         config["rope_scaling"],
@@ -441,11 +575,18 @@ fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
 
     // Factors that no llama3 parameters explain are refused, naming the tensor.
     let mut bytes = std::fs::read(fixture("llama3_rope.gguf")).unwrap();
-    let at = weights.file().tensor_info("rope_freqs.weight").unwrap().file_offset as usize;
+    let at = weights
+        .file()
+        .tensor_info("rope_freqs.weight")
+        .unwrap()
+        .file_offset as usize;
     bytes[at..at + 4].copy_from_slice(&3.0f32.to_le_bytes());
     let (_f, r) = open_bytes(&bytes);
     let msg = err_text(&r.unwrap().hf_config().unwrap_err());
-    assert!(msg.contains("rope_freqs.weight") && msg.contains("llama3"), "{msg}");
+    assert!(
+        msg.contains("rope_freqs.weight") && msg.contains("llama3"),
+        "{msg}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,7 +600,10 @@ fn smollm2_path() -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("SKIPPED: {} is absent (run the assets script to fetch it)", path.display());
+        eprintln!(
+            "SKIPPED: {} is absent (run the assets script to fetch it)",
+            path.display()
+        );
         None
     }
 }
@@ -470,12 +614,19 @@ fn smollm2_config_tensors_and_speed() {
     let golden = read_json("smollm2_golden.json");
     let t0 = std::time::Instant::now();
     let weights = GgufWeights::open(&path).unwrap();
-    eprintln!("opened {} in {:.3} s", path.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "opened {} in {:.3} s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    );
     let file = weights.file();
     assert_eq!(file.version(), 3);
     assert_eq!(file.architecture(), Some("llama"));
     assert_eq!(file.get_str("tokenizer.ggml.model"), Some("gpt2"));
-    assert_eq!(file.get_array("tokenizer.ggml.tokens").map(|t| t.len()), Some(49152));
+    assert_eq!(
+        file.get_array("tokenizer.ggml.tokens").map(|t| t.len()),
+        Some(49152)
+    );
 
     let config = weights.hf_config().unwrap();
     assert_config_matches(&config, &golden["config"]);
@@ -500,12 +651,31 @@ fn smollm2_config_tensors_and_speed() {
 
     // Names and shapes as transformers has them.
     let shapes = golden["shapes"].as_object().unwrap();
-    assert_eq!(weights.names().len(), golden["n_tensors"].as_u64().unwrap() as usize);
+    assert_eq!(
+        weights.names().len(),
+        golden["n_tensors"].as_u64().unwrap() as usize
+    );
     for (name, shape) in shapes {
-        assert_eq!(weights.info(name).map(|i| i.shape), Some(shape_of(shape)), "{name}");
+        assert_eq!(
+            weights.info(name).map(|i| i.shape),
+            Some(shape_of(shape)),
+            "{name}"
+        );
     }
-    let count = |ty: GgmlType| file.tensor_infos().iter().filter(|t| t.ggml_type == ty).count();
-    assert_eq!((count(GgmlType::Q4_1), count(GgmlType::Q8_0), count(GgmlType::F32)), (210, 1, 61));
+    let count = |ty: GgmlType| {
+        file.tensor_infos()
+            .iter()
+            .filter(|t| t.ggml_type == ty)
+            .count()
+    };
+    assert_eq!(
+        (
+            count(GgmlType::Q4_1),
+            count(GgmlType::Q8_0),
+            count(GgmlType::F32)
+        ),
+        (210, 1, 61)
+    );
 
     // Slices of transformers' dequantized, un-permuted tensors.
     for slice in golden["slices"].as_array().unwrap() {
@@ -516,8 +686,17 @@ fn smollm2_config_tensors_and_speed() {
             Some(r) => r as usize * raw.shape[1],
             None => 0,
         };
-        let want: Vec<f32> = slice["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        assert_same(&format!("{name} row {}", slice["row"]), &values[start..start + want.len()], &want);
+        let want: Vec<f32> = slice["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_same(
+            &format!("{name} row {}", slice["row"]),
+            &values[start..start + want.len()],
+            &want,
+        );
     }
 
     // Dequantizing everything should take well under a second; the bound is loose for noisy machines.

@@ -31,13 +31,19 @@ fn qweight_2bit_and_8bit_rows() {
     let mut codes = vec![0u8; 16];
     codes[0] = 3;
     codes[15] = 1;
-    assert_eq!(pack_qweight(&codes, 1, 16, 2).unwrap(), words(&[0x4000_0003]));
+    assert_eq!(
+        pack_qweight(&codes, 1, 16, 2).unwrap(),
+        words(&[0x4000_0003])
+    );
 
     // 8-bit, N=2, K=8 → qweight [2, 2] row-major: row r holds k = 4r..4r+3 of both columns.
     let mut codes: Vec<u8> = (1..=8).collect();
     codes.extend([0xAA, 0, 0, 0, 0, 0, 0, 0xFF]);
     let packed = pack_qweight(&codes, 2, 8, 8).unwrap();
-    assert_eq!(packed, words(&[0x0403_0201, 0x0000_00AA, 0x0807_0605, 0xFF00_0000]));
+    assert_eq!(
+        packed,
+        words(&[0x0403_0201, 0x0000_00AA, 0x0807_0605, 0xFF00_0000])
+    );
 }
 
 #[test]
@@ -84,7 +90,11 @@ fn symmetric_constant_words() {
     // formats.md §1.3 table: every zero is 2^(b-1); v1 stores 2^(b-1)-1.
     let table: [(u8, [u32; 3], [u32; 3]); 4] = [
         (2, [0x5555_5555; 3], [0xAAAA_AAAA; 3]),
-        (3, [0xDB6D_B6DB, 0xB6DB_6DB6, 0x6DB6_DB6D], [0x2492_4924, 0x4924_9249, 0x9249_2492]),
+        (
+            3,
+            [0xDB6D_B6DB, 0xB6DB_6DB6, 0x6DB6_DB6D],
+            [0x2492_4924, 0x4924_9249, 0x9249_2492],
+        ),
         (4, [0x7777_7777; 3], [0x8888_8888; 3]),
         (8, [0x7F7F_7F7F; 3], [0x8080_8080; 3]),
     ];
@@ -98,8 +108,14 @@ fn symmetric_constant_words() {
         let e2: Vec<u32> = v2.iter().chain(&v2).copied().collect();
         assert_eq!(p1, words(&e1), "{bits}-bit v1");
         assert_eq!(p2, words(&e2), "{bits}-bit v2");
-        assert_eq!(unpack_qzeros(&p1, 2, n, bits, ZeroFormat::V1).unwrap(), zeros);
-        assert_eq!(unpack_qzeros(&p2, 2, n, bits, ZeroFormat::V2).unwrap(), zeros);
+        assert_eq!(
+            unpack_qzeros(&p1, 2, n, bits, ZeroFormat::V1).unwrap(),
+            zeros
+        );
+        assert_eq!(
+            unpack_qzeros(&p2, 2, n, bits, ZeroFormat::V2).unwrap(),
+            zeros
+        );
     }
     // The signed values the table quotes.
     assert_eq!(0x7777_7777u32 as i32, 2004318071);
@@ -109,15 +125,23 @@ fn symmetric_constant_words() {
 #[test]
 fn qzeros_v1_stores_z_minus_one() {
     let zeros: Vec<u32> = (1..=8).collect();
-    assert_eq!(pack_qzeros(&zeros, 1, 8, 4, ZeroFormat::V2).unwrap(), words(&[0x8765_4321]));
-    assert_eq!(pack_qzeros(&zeros, 1, 8, 4, ZeroFormat::V1).unwrap(), words(&[0x7654_3210]));
+    assert_eq!(
+        pack_qzeros(&zeros, 1, 8, 4, ZeroFormat::V2).unwrap(),
+        words(&[0x8765_4321])
+    );
+    assert_eq!(
+        pack_qzeros(&zeros, 1, 8, 4, ZeroFormat::V1).unwrap(),
+        words(&[0x7654_3210])
+    );
 }
 
 #[test]
 fn qzeros_v1_refuses_zero_point_zero() {
     let mut zeros = vec![5u32; 16];
     zeros[8 + 3] = 0;
-    let err = pack_qzeros(&zeros, 2, 8, 4, ZeroFormat::V1).unwrap_err().to_string();
+    let err = pack_qzeros(&zeros, 2, 8, 4, ZeroFormat::V1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("group 1, column 3"), "{err}");
     assert!(err.contains("gptq_v2"), "{err}");
     // v2 stores it fine.
@@ -128,10 +152,19 @@ fn qzeros_v1_refuses_zero_point_zero() {
 #[test]
 fn qzeros_v1_reader_wraps_modulo() {
     // A v1 field of all-ones (what AutoGPTQ writes for Z=0 and its neighbours) reads as 0.
-    assert_eq!(unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 8, 4, ZeroFormat::V1).unwrap(), vec![0; 8]);
-    assert_eq!(unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 4, 8, ZeroFormat::V1).unwrap(), vec![0; 4]);
+    assert_eq!(
+        unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 8, 4, ZeroFormat::V1).unwrap(),
+        vec![0; 8]
+    );
+    assert_eq!(
+        unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 4, 8, ZeroFormat::V1).unwrap(),
+        vec![0; 4]
+    );
     // v2 reads the field as is.
-    assert_eq!(unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 8, 4, ZeroFormat::V2).unwrap(), vec![15; 8]);
+    assert_eq!(
+        unpack_qzeros(&words(&[0xFFFF_FFFF]), 1, 8, 4, ZeroFormat::V2).unwrap(),
+        vec![15; 8]
+    );
 }
 
 // ---------------------------------------------------------------- packing errors
@@ -149,7 +182,9 @@ fn packing_errors() {
     assert!(pack_qweight(&[0; 15], 2, 8, 4).is_err());
     assert!(unpack_qweight(&[0; 3], 2, 8, 4).is_err());
     // Code wider than the field.
-    let e = pack_qweight(&[16, 0, 0, 0, 0, 0, 0, 0], 1, 8, 4).unwrap_err().to_string();
+    let e = pack_qweight(&[16, 0, 0, 0, 0, 0, 0, 0], 1, 8, 4)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("16"), "{e}");
     assert!(pack_qzeros(&[4; 16], 1, 16, 2, ZeroFormat::V2).is_err());
     // N not a multiple of 32/b for qzeros.
@@ -181,7 +216,12 @@ fn qweight_case() -> impl Strategy<Value = (u8, usize, usize, Vec<u8>)> {
     (bits_strategy(), 1usize..6, 1usize..5).prop_flat_map(|(bits, n, runs)| {
         let k = runs * run_len(bits);
         let maxq = ((1u32 << bits) - 1) as u8;
-        (Just(bits), Just(n), Just(k), proptest::collection::vec(0..=maxq, n * k))
+        (
+            Just(bits),
+            Just(n),
+            Just(k),
+            proptest::collection::vec(0..=maxq, n * k),
+        )
     })
 }
 
@@ -191,7 +231,13 @@ fn qzeros_case() -> impl Strategy<Value = (u8, usize, usize, Vec<u32>, bool)> {
         let n = runs * run_len(bits);
         let maxq = (1u32 << bits) - 1;
         let lo = if v1 { 1 } else { 0 };
-        (Just(bits), Just(g), Just(n), proptest::collection::vec(lo..=maxq, g * n), Just(v1))
+        (
+            Just(bits),
+            Just(g),
+            Just(n),
+            proptest::collection::vec(lo..=maxq, g * n),
+            Just(v1),
+        )
     })
 }
 
@@ -237,7 +283,17 @@ fn rtn(
     group_size: Option<usize>,
     sym: bool,
 ) -> autoquant::quant::rtn::QuantizedLinear {
-    quantize_rtn(w, n, k, &QuantParams { bits, group_size, sym }).unwrap()
+    quantize_rtn(
+        w,
+        n,
+        k,
+        &QuantParams {
+            bits,
+            group_size,
+            sym,
+        },
+    )
+    .unwrap()
 }
 
 #[test]
@@ -250,7 +306,10 @@ fn rtn_asym_4bit_exact_grid() {
     assert_eq!(q.zeros, vec![3]);
     assert_eq!(q.codes, vec![0, 3, 7, 15, 3, 5, 1, 5]);
     assert_eq!(q.g_idx, vec![0; 8]);
-    assert_eq!(q.dequantize(), vec![-1.5, 0.0, 2.0, 6.0, 0.0, 1.0, -1.0, 1.0]);
+    assert_eq!(
+        q.dequantize(),
+        vec![-1.5, 0.0, 2.0, 6.0, 0.0, 1.0, -1.0, 1.0]
+    );
 }
 
 #[test]
@@ -319,36 +378,55 @@ fn rtn_grouped_2bit_layout() {
     assert_eq!(q.codes, vec![0, 3, 2, 2, 3, 2, 0, 3]);
     assert_eq!(q.g_idx, vec![0, 0, 1, 1]);
     assert_eq!(q.num_groups(), 2);
-    assert_eq!(q.dequantize(), vec![-1.0, 2.0, 0.0, 0.0, 3.0, 2.0, -3.0, 0.0]);
+    assert_eq!(
+        q.dequantize(),
+        vec![-1.0, 2.0, 0.0, 0.0, 3.0, 2.0, -3.0, 0.0]
+    );
 }
 
 #[test]
 fn rtn_codes_survive_packing() {
     // A 4-bit asym layer, K=32, N=8, g=16: pack → unpack gives back codes and zeros (v2).
-    let w: Vec<f32> = (0..8 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+    let w: Vec<f32> = (0..8 * 32)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+        .collect();
     let q = rtn(&w, 8, 32, 4, Some(16), false);
     check_loader_shape(8, 32, 4).unwrap();
     let qw = pack_qweight(&q.codes, 8, 32, 4).unwrap();
     let qz = pack_qzeros(&q.zeros, 2, 8, 4, ZeroFormat::V2).unwrap();
     assert_eq!(unpack_qweight(&qw, 8, 32, 4).unwrap(), q.codes);
-    assert_eq!(unpack_qzeros(&qz, 2, 8, 4, ZeroFormat::V2).unwrap(), q.zeros);
+    assert_eq!(
+        unpack_qzeros(&qz, 2, 8, 4, ZeroFormat::V2).unwrap(),
+        q.zeros
+    );
 }
 
 #[test]
 fn rtn_errors() {
     let w = vec![0.5f32; 8];
-    let p = |bits, group_size| QuantParams { bits, group_size, sym: false };
+    let p = |bits, group_size| QuantParams {
+        bits,
+        group_size,
+        sym: false,
+    };
     for bits in [0u8, 1, 5, 6, 7, 16] {
-        assert!(quantize_rtn(&w, 2, 4, &p(bits, None)).is_err(), "bits {bits}");
+        assert!(
+            quantize_rtn(&w, 2, 4, &p(bits, None)).is_err(),
+            "bits {bits}"
+        );
     }
-    let e = quantize_rtn(&w, 2, 4, &p(4, Some(3))).unwrap_err().to_string();
+    let e = quantize_rtn(&w, 2, 4, &p(4, Some(3)))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("group size 3") && e.contains("K=4"), "{e}");
     assert!(quantize_rtn(&w, 2, 4, &p(4, Some(0))).is_err());
     assert!(quantize_rtn(&w, 3, 4, &p(4, None)).is_err()); // length ≠ N·K
     assert!(quantize_rtn(&[], 0, 0, &p(4, None)).is_err());
     let mut bad = w.clone();
     bad[6] = f32::NAN;
-    let e = quantize_rtn(&bad, 2, 4, &p(4, None)).unwrap_err().to_string();
+    let e = quantize_rtn(&bad, 2, 4, &p(4, None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("row 1, column 2"), "{e}");
     bad[6] = f32::INFINITY;
     assert!(quantize_rtn(&bad, 2, 4, &p(4, None)).is_err());

@@ -11,7 +11,12 @@ use common::fixture;
 use std::path::Path;
 
 fn logits(m: &dyn CausalLM) -> Vec<f32> {
-    m.forward(&ForwardInput::single(&[3, 14, 15, 92, 65]), &mut m.new_cache(1), LogitsMode::All).unwrap()
+    m.forward(
+        &ForwardInput::single(&[3, 14, 15, 92, 65]),
+        &mut m.new_cache(1),
+        LogitsMode::All,
+    )
+    .unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -29,11 +34,24 @@ fn save_pretrained_round_trips_every_architecture_sharded() {
         let model = load_dir(&src, &LoadOptions::default()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");
-        let opts = SaveOptions { max_shard_bytes: 20_000, ..Default::default() };
+        let opts = SaveOptions {
+            max_shard_bytes: 20_000,
+            ..Default::default()
+        };
         save_pretrained(model.as_ref(), None, None, &out, &opts).unwrap();
-        assert!(out.join("model.safetensors.index.json").exists(), "{name}: expected shards");
+        assert!(
+            out.join("model.safetensors.index.json").exists(),
+            "{name}: expected shards"
+        );
         let again = load_dir(&out, &LoadOptions::default()).unwrap();
         assert_eq!(logits(model.as_ref()), logits(again.as_ref()), "{name}");
+        // Parameter count and f32 footprint agree with the tensors actually saved.
+        let saved: usize = autoquant::models::state_dict(model.as_ref(), WeightDType::F32)
+            .iter()
+            .map(|(_, t)| t.numel())
+            .sum();
+        assert_eq!(model.num_parameters(), saved, "{name}");
+        assert_eq!(model.footprint_bytes(), 4 * saved, "{name}");
         // Keys we do not use survive.
         let before = AutoConfig::from_pretrained(&src).unwrap();
         let after = AutoConfig::from_pretrained(&out).unwrap();
@@ -41,7 +59,10 @@ fn save_pretrained_round_trips_every_architecture_sharded() {
             assert!(after.raw.contains_key(key), "{name}: config key {key} lost");
         }
         // Only the temporary folder's final name remains.
-        let entries: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let entries: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(entries, vec![std::ffi::OsString::from("saved")]);
     }
 }
@@ -52,9 +73,23 @@ fn save_in_f16_halves_the_files_and_stays_close() {
     let model = load_dir(&src, &LoadOptions::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("f16");
-    save_pretrained(model.as_ref(), None, None, &out, &SaveOptions { dtype: WeightDType::F16, ..Default::default() }).unwrap();
-    let f32_size = std::fs::metadata(src.join("model.safetensors")).unwrap().len();
-    let f16_size = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+    save_pretrained(
+        model.as_ref(),
+        None,
+        None,
+        &out,
+        &SaveOptions {
+            dtype: WeightDType::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let f32_size = std::fs::metadata(src.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let f16_size = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
     assert!(f16_size * 10 < f32_size * 6, "{f16_size} vs {f32_size}");
     let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(cfg.contains("\"float16\""), "{cfg}");
@@ -68,9 +103,22 @@ fn saving_over_an_existing_folder_is_refused_without_overwrite() {
     let model = load_dir(&fixture("tiny/gpt2"), &LoadOptions::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("keep.txt"), "mine").unwrap();
-    let err = save_pretrained(model.as_ref(), None, None, tmp.path(), &SaveOptions::default()).unwrap_err();
-    assert!(err.to_string().contains(&tmp.path().display().to_string()), "{err}");
-    assert_eq!(std::fs::read_to_string(tmp.path().join("keep.txt")).unwrap(), "mine");
+    let err = save_pretrained(
+        model.as_ref(),
+        None,
+        None,
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&tmp.path().display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("keep.txt")).unwrap(),
+        "mine"
+    );
 }
 
 /// Copy a fixture, break it with `edit`, and check the load error mentions every `needle`.
@@ -92,26 +140,46 @@ fn rewrite_tensor(dir: &Path, f: impl Fn(&mut Vec<(String, autoquant::tensor::Ra
     use autoquant::formats::WeightSource;
     let file = dir.join("model.safetensors");
     let src = autoquant::formats::safetensors::SafetensorsFile::open(&file).unwrap();
-    let mut tensors: Vec<_> = src.names().into_iter().map(|n| (n.clone(), src.read(&n).unwrap())).collect();
+    let mut tensors: Vec<_> = src
+        .names()
+        .into_iter()
+        .map(|n| (n.clone(), src.read(&n).unwrap()))
+        .collect();
     drop(src);
     f(&mut tensors);
     std::fs::remove_file(&file).unwrap();
-    autoquant::formats::safetensors::save_safetensors_in_memory(dir, &tensors, u64::MAX, &Default::default()).unwrap();
+    autoquant::formats::safetensors::save_safetensors_in_memory(
+        dir,
+        &tensors,
+        u64::MAX,
+        &Default::default(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn bad_checkpoints_give_clear_errors() {
-    broken("llama_gqa_tied", |d| std::fs::write(d.join("config.json"), "{\"model_type\": \"llama\",").unwrap(), &["config.json", "malformed JSON"]);
+    broken(
+        "llama_gqa_tied",
+        |d| std::fs::write(d.join("config.json"), "{\"model_type\": \"llama\",").unwrap(),
+        &["config.json", "malformed JSON"],
+    );
     broken(
         "llama_gqa_tied",
         |d| {
-            let c = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"llama\"", "\"mamba\"");
+            let c = std::fs::read_to_string(d.join("config.json"))
+                .unwrap()
+                .replace("\"llama\"", "\"mamba\"");
             std::fs::write(d.join("config.json"), c).unwrap();
         },
         &["config.json", "unknown model_type `mamba`", "supported"],
     );
     let q = "model.layers.1.self_attn.q_proj.weight";
-    broken("llama_gqa_tied", |d| rewrite_tensor(d, |t| t.retain(|(n, _)| n != q)), &["model.safetensors", q, "missing"]);
+    broken(
+        "llama_gqa_tied",
+        |d| rewrite_tensor(d, |t| t.retain(|(n, _)| n != q)),
+        &["model.safetensors", q, "missing"],
+    );
     broken(
         "llama_gqa_tied",
         |d| {
@@ -149,13 +217,23 @@ fn bad_checkpoints_give_clear_errors() {
         },
         &["model.safetensors"],
     );
-    broken("gpt2", |d| std::fs::remove_file(d.join("model.safetensors")).unwrap(), &["model.safetensors", "pytorch_model.bin"]);
+    broken(
+        "gpt2",
+        |d| std::fs::remove_file(d.join("model.safetensors")).unwrap(),
+        &["model.safetensors", "pytorch_model.bin"],
+    );
 }
 
 #[test]
 fn out_of_vocabulary_ids_are_rejected() {
     let model = load_dir(&fixture("tiny/qwen2"), &LoadOptions::default()).unwrap();
     let vocab = model.config().vocab_size() as u32;
-    let err = model.forward(&ForwardInput::single(&[1, vocab]), &mut model.new_cache(1), LogitsMode::All).unwrap_err();
+    let err = model
+        .forward(
+            &ForwardInput::single(&[1, vocab]),
+            &mut model.new_cache(1),
+            LogitsMode::All,
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }

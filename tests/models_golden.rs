@@ -8,10 +8,19 @@ use autoquant::nn::WeightDType;
 use serde_json::Value;
 use std::path::PathBuf;
 
-const MODELS: &[&str] = &["llama_gqa_tied", "llama_linear_rope", "qwen2", "opt_prelayernorm", "opt_350m_style", "gpt2"];
+const MODELS: &[&str] = &[
+    "llama_gqa_tied",
+    "llama_linear_rope",
+    "qwen2",
+    "opt_prelayernorm",
+    "opt_350m_style",
+    "gpt2",
+];
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(name)
 }
 
 fn load(name: &str, dtype: WeightDType) -> Box<dyn CausalLM> {
@@ -27,10 +36,24 @@ fn expected(name: &str) -> Value {
 }
 
 fn ids2(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
 }
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// Run every logits case; returns the max |Δ| over compared positions.
@@ -38,15 +61,28 @@ fn max_logit_error(name: &str, model: &dyn CausalLM) -> f32 {
     let exp = expected(name);
     let mut worst = 0f32;
     for case in exp["cases"].as_array().unwrap() {
-        let Some(logits) = case.get("logits") else { continue };
+        let Some(logits) = case.get("logits") else {
+            continue;
+        };
         let rows = ids2(&case["input_ids"]);
         let mut input = ForwardInput::batch(&rows).unwrap();
-        let mask = case.get("attention_mask").filter(|m| !m.is_null()).map(|m| {
-            ids2(m).into_iter().map(|r| r.into_iter().map(|x| x as u8).collect::<Vec<u8>>()).collect::<Vec<_>>()
-        });
+        let mask = case
+            .get("attention_mask")
+            .filter(|m| !m.is_null())
+            .map(|m| {
+                ids2(m)
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|x| x as u8).collect::<Vec<u8>>())
+                    .collect::<Vec<_>>()
+            });
         input.attention_mask = mask.clone();
         if let Some(p) = case.get("position_ids").filter(|p| !p.is_null()) {
-            input.position_ids = Some(ids2(p).into_iter().map(|r| r.into_iter().map(|x| x as usize).collect()).collect());
+            input.position_ids = Some(
+                ids2(p)
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|x| x as usize).collect())
+                    .collect(),
+            );
         }
         let mut cache = model.new_cache(rows.len());
         let got = model.forward(&input, &mut cache, LogitsMode::All).unwrap();
@@ -93,14 +129,31 @@ fn kv_cache_decode_equals_full_forward() {
     for name in MODELS {
         let model = load(name, WeightDType::F32);
         let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 90).collect();
-        let full = model.forward(&ForwardInput::single(&ids), &mut model.new_cache(1), LogitsMode::All).unwrap();
+        let full = model
+            .forward(
+                &ForwardInput::single(&ids),
+                &mut model.new_cache(1),
+                LogitsMode::All,
+            )
+            .unwrap();
         let vocab = full.len() / ids.len();
         let mut cache = model.new_cache(1);
-        model.forward(&ForwardInput::single(&ids[..4]), &mut cache, LogitsMode::Last).unwrap();
+        model
+            .forward(
+                &ForwardInput::single(&ids[..4]),
+                &mut cache,
+                LogitsMode::Last,
+            )
+            .unwrap();
         for (i, &id) in ids.iter().enumerate().skip(4) {
-            let step = model.forward(&ForwardInput::single(&[id]), &mut cache, LogitsMode::Last).unwrap();
+            let step = model
+                .forward(&ForwardInput::single(&[id]), &mut cache, LogitsMode::Last)
+                .unwrap();
             for v in 0..vocab {
-                assert!((step[v] - full[i * vocab + v]).abs() < 1e-4, "{name} pos {i}");
+                assert!(
+                    (step[v] - full[i * vocab + v]).abs() < 1e-4,
+                    "{name} pos {i}"
+                );
             }
         }
     }
@@ -112,15 +165,29 @@ fn greedy_generation_matches_transformers() {
         let model = load(name, WeightDType::F32);
         let exp = expected(name);
         for case in exp["cases"].as_array().unwrap() {
-            let Some(gen) = case.get("generated_ids") else { continue };
+            let Some(gen) = case.get("generated_ids") else {
+                continue;
+            };
             let prompts = ids2(&case["input_ids"]);
             let want = ids2(gen);
             let n = case["max_new_tokens"].as_u64().unwrap() as usize;
-            let cfg = GenerationConfig { max_new_tokens: n, ..Default::default() };
+            let cfg = GenerationConfig {
+                max_new_tokens: n,
+                ..Default::default()
+            };
             if case.get("attention_mask").is_some() {
                 let mask = ids2(&case["attention_mask"]);
-                let trimmed: Vec<Vec<u32>> =
-                    prompts.iter().zip(&mask).map(|(p, m)| p.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect()).collect();
+                let trimmed: Vec<Vec<u32>> = prompts
+                    .iter()
+                    .zip(&mask)
+                    .map(|(p, m)| {
+                        p.iter()
+                            .zip(m)
+                            .filter(|(_, &m)| m == 1)
+                            .map(|(&t, _)| t)
+                            .collect()
+                    })
+                    .collect();
                 let pad = prompts[1][0];
                 let got = generate_batch(model.as_ref(), &trimmed, pad, &cfg).unwrap();
                 assert_eq!(got, want, "{name}/{}", case["name"]);
@@ -138,7 +205,14 @@ fn from_config_is_seeded_and_runs() {
     let a = AutoModelForCausalLM::from_config(config.clone(), 7, &LoadOptions::default()).unwrap();
     let b = AutoModelForCausalLM::from_config(config.clone(), 7, &LoadOptions::default()).unwrap();
     let c = AutoModelForCausalLM::from_config(config, 8, &LoadOptions::default()).unwrap();
-    let run = |m: &dyn CausalLM| m.forward(&ForwardInput::single(&[1, 2, 3]), &mut m.new_cache(1), LogitsMode::All).unwrap();
+    let run = |m: &dyn CausalLM| {
+        m.forward(
+            &ForwardInput::single(&[1, 2, 3]),
+            &mut m.new_cache(1),
+            LogitsMode::All,
+        )
+        .unwrap()
+    };
     assert_eq!(run(a.as_ref()), run(b.as_ref()));
     assert_ne!(run(a.as_ref()), run(c.as_ref()));
 }

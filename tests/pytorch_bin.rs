@@ -22,13 +22,41 @@ enum Decoded {
 fn decode(t: &RawTensor) -> Decoded {
     let d = &t.data;
     match t.dtype {
-        DType::F32 => Decoded::Floats(d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()),
-        DType::F64 => Decoded::Floats(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
-        DType::F16 => Decoded::Floats(d.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
-        DType::BF16 => Decoded::Floats(d.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
-        DType::I64 => Decoded::Ints(d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-        DType::I32 => Decoded::Ints(d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-        DType::I16 => Decoded::Ints(d.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect()),
+        DType::F32 => Decoded::Floats(
+            d.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        ),
+        DType::F64 => Decoded::Floats(
+            d.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::F16 => Decoded::Floats(
+            d.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+        ),
+        DType::BF16 => Decoded::Floats(
+            d.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+        ),
+        DType::I64 => Decoded::Ints(
+            d.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::I32 => Decoded::Ints(
+            d.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        DType::I16 => Decoded::Ints(
+            d.chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect(),
+        ),
         DType::I8 => Decoded::Ints(d.iter().map(|&b| b as i8 as i64).collect()),
         DType::U8 | DType::Bool => Decoded::Ints(d.iter().map(|&b| b as i64).collect()),
     }
@@ -46,8 +74,17 @@ pub fn check_against_expected(src: &dyn WeightSource, expected_path: &Path) {
     for name in want_names {
         let e = &expected[name];
         let t = src.read(name).unwrap_or_else(|err| panic!("{name}: {err}"));
-        assert_eq!(t.dtype.safetensors_name(), e["dtype"].as_str().unwrap(), "{name} dtype");
-        let shape: Vec<usize> = e["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(
+            t.dtype.safetensors_name(),
+            e["dtype"].as_str().unwrap(),
+            "{name} dtype"
+        );
+        let shape: Vec<usize> = e["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(t.shape, shape, "{name} shape");
         assert_eq!(src.info(name).unwrap().shape, shape, "{name} info shape");
         let values = e["values"].as_array().unwrap();
@@ -60,7 +97,12 @@ pub fn check_against_expected(src: &dyn WeightSource, expected_path: &Path) {
                     .chunks_exact(width)
                     .map(|c| c.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64))
                     .collect();
-                let want: Vec<u64> = e["bits"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+                let want: Vec<u64> = e["bits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
                 assert_eq!(got, want, "{name} bits");
                 assert_eq!(values.len(), want.len());
             }
@@ -85,13 +127,20 @@ fn views_are_made_contiguous_and_ties_shared() {
     // torch: base = arange(15).reshape(3,5)/4; transposed = base.t()
     let t = f.read("transposed").unwrap();
     assert_eq!(t.shape, vec![5, 3]);
-    let want: Vec<f32> = (0..5).flat_map(|i| (0..3).map(move |j| (j * 5 + i) as f32 / 4.0)).collect();
+    let want: Vec<f32> = (0..5)
+        .flat_map(|i| (0..3).map(move |j| (j * 5 + i) as f32 / 4.0))
+        .collect();
     assert_eq!(t.to_f32(), want);
     // cols = (arange(20).reshape(5,4) - 7.5)[:, 1:3]
     let c = f.read("cols").unwrap();
-    let want: Vec<f32> = (0..5).flat_map(|i| (1..3).map(move |j| (i * 4 + j) as f32 - 7.5)).collect();
+    let want: Vec<f32> = (0..5)
+        .flat_map(|i| (1..3).map(move |j| (i * 4 + j) as f32 - 7.5))
+        .collect();
     assert_eq!(c.to_f32(), want);
-    assert_eq!(f.read("embed.weight").unwrap(), f.read("head.weight").unwrap());
+    assert_eq!(
+        f.read("embed.weight").unwrap(),
+        f.read("head.weight").unwrap()
+    );
     assert_eq!(f.read("scalar").unwrap().shape, Vec::<usize>::new());
     assert_eq!(f.read("empty").unwrap().shape, vec![0, 3]);
 }
@@ -101,7 +150,9 @@ fn reads_sharded_bin_through_open_weights() {
     let dir = fixtures().join("sharded");
     let src = open_weights(&dir).unwrap();
     check_against_expected(src.as_ref(), &dir.join("expected.json"));
-    assert!(src.file_of("transposed").ends_with("pytorch_model-00003-of-00003.bin"));
+    assert!(src
+        .file_of("transposed")
+        .ends_with("pytorch_model-00003-of-00003.bin"));
     assert_eq!(src.files().len(), 4);
     // The type is reachable directly too.
     assert!(ShardedPytorch::open_index(&dir.join("pytorch_model.bin.index.json")).is_ok());
@@ -110,15 +161,23 @@ fn reads_sharded_bin_through_open_weights() {
 #[test]
 fn refuses_pickled_code_and_runs_nothing() {
     let dir = fixtures().join("malicious");
-    let marker = std::fs::read_to_string(dir.join("marker.txt")).unwrap().trim().to_string();
+    let marker = std::fs::read_to_string(dir.join("marker.txt"))
+        .unwrap()
+        .trim()
+        .to_string();
     let _ = std::fs::remove_file(&marker);
-    let err = PytorchFile::open(&dir.join("pytorch_model.bin")).unwrap_err().to_string();
+    let err = PytorchFile::open(&dir.join("pytorch_model.bin"))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("refusing to load: pickle references global posix.system")
             && err.contains("pickled code is never executed"),
         "{err}"
     );
-    assert!(err.contains("pytorch_model.bin"), "must name the file: {err}");
+    assert!(
+        err.contains("pytorch_model.bin"),
+        "must name the file: {err}"
+    );
     assert!(!Path::new(&marker).exists(), "the pickled command ran");
     // Also through the folder-level entry point.
     assert!(open_weights(&dir).is_err());
@@ -127,7 +186,9 @@ fn refuses_pickled_code_and_runs_nothing() {
 
 #[test]
 fn legacy_format_is_refused_clearly() {
-    let err = PytorchFile::open(&fixtures().join("legacy/pytorch_model.bin")).unwrap_err().to_string();
+    let err = PytorchFile::open(&fixtures().join("legacy/pytorch_model.bin"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("legacy torch.save format"), "{err}");
 }
 
@@ -136,9 +197,20 @@ fn truncated_files_fail_cleanly() {
     let bytes = std::fs::read(fixtures().join("single/pytorch_model.bin")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("pytorch_model.bin");
-    for cut in [0, 3, 30, 200, bytes.len() / 2, bytes.len() - 100, bytes.len() - 22, bytes.len() - 1] {
+    for cut in [
+        0,
+        3,
+        30,
+        200,
+        bytes.len() / 2,
+        bytes.len() - 100,
+        bytes.len() - 22,
+        bytes.len() - 1,
+    ] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
-        let err = PytorchFile::open(&path).expect_err(&format!("cut at {cut} must fail")).to_string();
+        let err = PytorchFile::open(&path)
+            .expect_err(&format!("cut at {cut} must fail"))
+            .to_string();
         assert!(err.contains("pytorch_model.bin"), "cut at {cut}: {err}");
     }
 }
@@ -170,20 +242,31 @@ fn index_shard_escaping_the_folder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::copy(fixtures().join("single/pytorch_model.bin"), tmp.path().join("outside.bin")).unwrap();
+    std::fs::copy(
+        fixtures().join("single/pytorch_model.bin"),
+        tmp.path().join("outside.bin"),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("pytorch_model.bin.index.json"),
         r#"{"metadata": {"total_size": 8}, "weight_map": {"half": "../outside.bin"}}"#,
     )
     .unwrap();
     let err = open_weights(&dir).err().expect("must fail").to_string();
-    assert!(err.contains("../outside.bin") && err.contains("half"), "{err}");
+    assert!(
+        err.contains("../outside.bin") && err.contains("half"),
+        "{err}"
+    );
 }
 
 #[test]
 fn safetensors_preferred_over_bin() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("single/pytorch_model.bin"), tmp.path().join("pytorch_model.bin")).unwrap();
+    std::fs::copy(
+        fixtures().join("single/pytorch_model.bin"),
+        tmp.path().join("pytorch_model.bin"),
+    )
+    .unwrap();
     assert!(open_weights(tmp.path()).unwrap().files()[0].ends_with("pytorch_model.bin"));
     std::fs::copy(
         fixtures().join("hf_safetensors/single/model.safetensors"),

@@ -14,7 +14,10 @@ use common::*;
 fn load() -> Option<(Pretrained, serde_json::Value)> {
     let gguf = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")?;
     let reference = read_json(&fixture("smollm2/reference.json"));
-    Some((Pretrained::from_dir(&gguf, &LoadOptions::default()).unwrap(), reference))
+    Some((
+        Pretrained::from_dir(&gguf, &LoadOptions::default()).unwrap(),
+        reference,
+    ))
 }
 
 #[test]
@@ -22,10 +25,20 @@ fn tokenization_matches_transformers() {
     let Some((p, r)) = load() else { return };
     for case in r["tokenization"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(p.tokenizer.encode(text, false).unwrap(), u32s(&case["ids"]), "{text:?}");
+        assert_eq!(
+            p.tokenizer.encode(text, false).unwrap(),
+            u32s(&case["ids"]),
+            "{text:?}"
+        );
         let ids = u32s(&case["ids"]);
-        assert_eq!(p.tokenizer.decode(&ids, false).unwrap(), case["decoded"].as_str().unwrap());
-        assert_eq!(p.tokenizer.decode(&ids, true).unwrap(), case["decoded_skip_special"].as_str().unwrap());
+        assert_eq!(
+            p.tokenizer.decode(&ids, false).unwrap(),
+            case["decoded"].as_str().unwrap()
+        );
+        assert_eq!(
+            p.tokenizer.decode(&ids, true).unwrap(),
+            case["decoded_skip_special"].as_str().unwrap()
+        );
     }
 }
 
@@ -34,15 +47,29 @@ fn logits_match_transformers() {
     let Some((p, r)) = load() else { return };
     let l = &r["logits"];
     let ids = u32s(&l["input_ids"]);
-    let logits = p.model.forward(&ForwardInput::single(&ids), &mut p.model.new_cache(1), LogitsMode::All).unwrap();
+    let logits = p
+        .model
+        .forward(
+            &ForwardInput::single(&ids),
+            &mut p.model.new_cache(1),
+            LogitsMode::All,
+        )
+        .unwrap();
     let vocab = p.config.vocab_size();
     let argmax = u32s(&l["argmax"]);
     let lse = f64s(&l["logsumexp"]);
     let mut worst = 0f64;
     for (i, row) in logits.chunks_exact(vocab).enumerate() {
-        assert_eq!(autoquant::generate::argmax(row), argmax[i], "argmax at position {i}");
+        assert_eq!(
+            autoquant::generate::argmax(row),
+            argmax[i],
+            "argmax at position {i}"
+        );
         worst = worst.max((autoquant::kernels::logsumexp(row) - lse[i]).abs());
-        for (ids_key, vals_key) in [("first_ids", "logits_first_ids"), ("spread_ids", "logits_spread_ids")] {
+        for (ids_key, vals_key) in [
+            ("first_ids", "logits_first_ids"),
+            ("spread_ids", "logits_spread_ids"),
+        ] {
             let want = f64s(&l[vals_key][i]);
             for (k, &id) in u32s(&l[ids_key]).iter().enumerate() {
                 worst = worst.max((row[id as usize] as f64 - want[k]).abs());
@@ -62,17 +89,29 @@ fn greedy_continuations_match_transformers() {
             Some(msgs) => {
                 let msgs: Vec<ChatMessage> = msgs
                     .iter()
-                    .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                    .map(|m| {
+                        ChatMessage::new(
+                            m["role"].as_str().unwrap(),
+                            m["content"].as_str().unwrap(),
+                        )
+                    })
                     .collect();
                 let text = p.tokenizer.apply_chat_template(&msgs, true).unwrap();
                 p.tokenizer.encode(&text, false).unwrap()
             }
-            None => p.tokenizer.encode(case["prompt"].as_str().unwrap(), false).unwrap(),
+            None => p
+                .tokenizer
+                .encode(case["prompt"].as_str().unwrap(), false)
+                .unwrap(),
         };
         assert_eq!(prompt_ids, u32s(&case["prompt_ids"]), "{name}: prompt ids");
         let cfg = GenerationConfig {
             max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
-            eos_token_ids: if case["stop_on_eos"].as_bool().unwrap() { p.generation.eos_token_ids.clone() } else { vec![] },
+            eos_token_ids: if case["stop_on_eos"].as_bool().unwrap() {
+                p.generation.eos_token_ids.clone()
+            } else {
+                vec![]
+            },
             ..Default::default()
         };
         let out = generate(p.model.as_ref(), &prompt_ids, &cfg, |_| Ok(false)).unwrap();
@@ -85,22 +124,31 @@ fn greedy_continuations_match_transformers() {
 #[test]
 fn perplexity_matches_transformers() {
     let Some((p, r)) = load() else { return };
-    let Some(text_path) = asset("text/wiki.eval.txt") else { return };
+    let Some(text_path) = asset("text/wiki.eval.txt") else {
+        return;
+    };
     let text = autoquant::eval::perplexity::load_text(&text_path).unwrap();
     // transformers' GGUF loader has no rule for the `smollm` pre-tokenizer and skips the digit
     // split, which changes whitespace runs before digits (9 of 281,610 tokens here). Our default
     // follows the original tokenizer; to compare the model on identical inputs we tokenize the
     // way the reference did.
     let gguf = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
-    let hf_flavour = AutoTokenizer::from_gguf_file_with(&gguf, GgufPreTokenizerFlavor::Transformers).unwrap();
+    let hf_flavour =
+        AutoTokenizer::from_gguf_file_with(&gguf, GgufPreTokenizerFlavor::Transformers).unwrap();
     let ids = hf_flavour.encode(&text, false).unwrap();
     assert_eq!(&ids[..16], &u32s(&r["text"]["first_16_ids"])[..]);
-    assert_eq!(ids.len() as u64, r["text"]["total_tokens"].as_u64().unwrap(), "token count of the text");
+    assert_eq!(
+        ids.len() as u64,
+        r["text"]["total_tokens"].as_u64().unwrap(),
+        "token count of the text"
+    );
     for want in r["perplexity"].as_array().unwrap() {
         let protocol = match want["protocol"].as_str().unwrap() {
             "gptq" => Protocol::Paper,
             "llama.cpp" => Protocol::LlamaCpp { bos: None },
-            "hf-stride" => Protocol::Stride { stride: want["stride"].as_u64().unwrap() as usize },
+            "hf-stride" => Protocol::Stride {
+                stride: want["stride"].as_u64().unwrap() as usize,
+            },
             other => panic!("unknown protocol {other}"),
         };
         // The stride reference runs over the first windows*seqlen tokens of the text.
@@ -108,14 +156,46 @@ fn perplexity_matches_transformers() {
             Protocol::Stride { .. } => (&ids[..want["tokens"].as_u64().unwrap() as usize], None),
             _ => (&ids[..], Some(want["windows"].as_u64().unwrap() as usize)),
         };
-        let seqlen = want.get("seqlen").or(want.get("max_length")).and_then(|v| v.as_u64()).unwrap() as usize;
-        let opts = PplOptions { seqlen, protocol, max_windows };
-        let got = perplexity(p.model.as_ref(), ids, &p.tokenizer.describe(), &opts, |_, _, _| {}).unwrap();
+        let seqlen = want
+            .get("seqlen")
+            .or(want.get("max_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap() as usize;
+        let opts = PplOptions {
+            seqlen,
+            protocol,
+            max_windows,
+        };
+        let got = perplexity(
+            p.model.as_ref(),
+            ids,
+            &p.tokenizer.describe(),
+            &opts,
+            |_, _, _| {},
+        )
+        .unwrap();
         // For the stride mode we sum the NLL of every scored token; the docs' loop weights each
         // window by one token fewer, which the reference reports separately as `perplexity`.
-        let expected = want.get("perplexity_exact").unwrap_or(&want["perplexity"]).as_f64().unwrap();
-        println!("{}: ours {:.4} transformers {expected:.4} ({:.0} tok/s)", want["protocol"], got.perplexity, got.tokens_per_second);
-        assert_eq!(got.scored_tokens as u64, want["scored_tokens"].as_u64().unwrap(), "{}", want["protocol"]);
-        assert!((got.perplexity / expected - 1.0).abs() < 1e-3, "{}: {} vs {expected}", want["protocol"], got.perplexity);
+        let expected = want
+            .get("perplexity_exact")
+            .unwrap_or(&want["perplexity"])
+            .as_f64()
+            .unwrap();
+        println!(
+            "{}: ours {:.4} transformers {expected:.4} ({:.0} tok/s)",
+            want["protocol"], got.perplexity, got.tokens_per_second
+        );
+        assert_eq!(
+            got.scored_tokens as u64,
+            want["scored_tokens"].as_u64().unwrap(),
+            "{}",
+            want["protocol"]
+        );
+        assert!(
+            (got.perplexity / expected - 1.0).abs() < 1e-3,
+            "{}: {} vs {expected}",
+            want["protocol"],
+            got.perplexity
+        );
     }
 }

@@ -28,7 +28,9 @@ impl ModelArgs {
         }
     }
     fn load(&self) -> Result<Pretrained> {
-        let opts = LoadOptions { dtype: WeightDType::parse(&self.dtype)? };
+        let opts = LoadOptions {
+            dtype: WeightDType::parse(&self.dtype)?,
+        };
         let p = Pretrained::load(&self.model, &opts, &self.hub())?;
         eprintln!(
             "loaded {} ({}, {} layers, {:.1}M params, {} weights, {:.1} MiB) in {:.2}s",
@@ -45,7 +47,10 @@ impl ModelArgs {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialize")
+    );
 }
 
 fn peak_rss() -> serde_json::Value {
@@ -59,9 +64,11 @@ fn mib(b: u64) -> f64 {
 fn progress_bar(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
-        ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (elapsed {{elapsed}}, ETA {{eta}})"))
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (elapsed {{elapsed}}, ETA {{eta}})"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb
 }
@@ -74,10 +81,16 @@ pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
     for name in ckpt.weights.names() {
         if let Some(i) = ckpt.weights.info(&name) {
             *dtypes.entry(format!("{:?}", i.dtype)).or_default() += 1;
-            tensors.push(json!({"name": name, "dtype": format!("{:?}", i.dtype), "shape": i.shape}));
+            tensors
+                .push(json!({"name": name, "dtype": format!("{:?}", i.dtype), "shape": i.shape}));
         }
     }
-    let files: Vec<String> = ckpt.weights.files().iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<String> = ckpt
+        .weights
+        .files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let stored_dtypes = match &ckpt.files.gguf {
         Some(g) => {
             let f = autoquant::formats::gguf::GgufFile::open(g)?;
@@ -118,7 +131,12 @@ pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
     }
     if a.tensors {
         for t in &tensors {
-            println!("  {} {} {}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""), t["shape"]);
+            println!(
+                "  {} {} {}",
+                t["name"].as_str().unwrap_or(""),
+                t["dtype"].as_str().unwrap_or(""),
+                t["shape"]
+            );
         }
     }
     Ok(())
@@ -129,7 +147,13 @@ pub fn estimate(ctx: &Context, a: EstimateArgs) -> Result<()> {
     let config = if path.is_file() && path.extension().is_some_and(|e| e == "json") {
         autoquant::config::AutoConfig::from_pretrained(path)?
     } else {
-        let files = autoquant::hub::resolve(&a.model, &HubOptions { offline: a.offline.then_some(true), ..Default::default() })?;
+        let files = autoquant::hub::resolve(
+            &a.model,
+            &HubOptions {
+                offline: a.offline.then_some(true),
+                ..Default::default()
+            },
+        )?;
         match &files.gguf {
             Some(g) => {
                 let f = autoquant::formats::gguf::GgufFile::open(g)?;
@@ -138,7 +162,11 @@ pub fn estimate(ctx: &Context, a: EstimateArgs) -> Result<()> {
             None => autoquant::config::AutoConfig::from_pretrained(&files.dir)?,
         }
     };
-    let group = if a.group_size <= 0 { 0 } else { a.group_size as usize };
+    let group = if a.group_size <= 0 {
+        0
+    } else {
+        a.group_size as usize
+    };
     let e = memory::estimate(&config, group);
     if ctx.json {
         print_json(&json!(e));
@@ -152,16 +180,27 @@ pub fn estimate(ctx: &Context, a: EstimateArgs) -> Result<()> {
     );
     println!("Weights only (activations and KV cache come on top):");
     for r in &e.rows {
-        println!("  {:<10} {:>9.3} GB {:>9.3} GiB  {:>6.2} bits/weight  — {}", r.scheme, memory::gb(r.bytes), memory::gib(r.bytes), r.bits_per_block_weight, r.explanation);
+        println!(
+            "  {:<10} {:>9.3} GB {:>9.3} GiB  {:>6.2} bits/weight  — {}",
+            r.scheme,
+            memory::gb(r.bytes),
+            memory::gib(r.bytes),
+            r.bits_per_block_weight,
+            r.explanation
+        );
     }
     Ok(())
 }
 
 pub fn generate(ctx: &Context, a: GenerateArgs) -> Result<()> {
     let p = a.model.load()?;
-    let mut cfg = GenerationConfig { eos_token_ids: p.generation.eos_token_ids.clone(), ..Default::default() };
+    let mut cfg = GenerationConfig {
+        eos_token_ids: p.generation.eos_token_ids.clone(),
+        ..Default::default()
+    };
     cfg.max_new_tokens = a.max_new_tokens;
-    cfg.do_sample = !a.greedy && (a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some());
+    cfg.do_sample =
+        !a.greedy && (a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some());
     cfg.temperature = a.temperature.unwrap_or(1.0);
     cfg.top_k = a.top_k.unwrap_or(if cfg.do_sample { 50 } else { 0 });
     cfg.top_p = a.top_p.unwrap_or(1.0);
@@ -188,11 +227,20 @@ pub fn generate(ctx: &Context, a: GenerateArgs) -> Result<()> {
         if let Some(piece) = stream.push(id)? {
             generated.push_str(&piece);
         }
-        let stop_at = cfg.stop_strings.iter().filter_map(|s| generated.find(s.as_str())).min();
+        let stop_at = cfg
+            .stop_strings
+            .iter()
+            .filter_map(|s| generated.find(s.as_str()))
+            .min();
         // Print what can no longer turn into a stop string.
         let safe = match stop_at {
             Some(i) => i,
-            None => floor_char_boundary(&generated, generated.len().saturating_sub(longest_stop.saturating_sub(1))),
+            None => floor_char_boundary(
+                &generated,
+                generated
+                    .len()
+                    .saturating_sub(longest_stop.saturating_sub(1)),
+            ),
         };
         if !ctx.json && safe > printed {
             let mut h = stdout.lock();
@@ -251,20 +299,35 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
     let text = perplexity::load_text(&a.data)?;
     let ids = p.tokenizer.encode(&text, a.add_special_tokens)?;
     let protocol = if a.llama_cpp {
-        perplexity::Protocol::LlamaCpp { bos: if p.tokenizer.adds_bos() { p.tokenizer.bos_token_id() } else { None } }
+        perplexity::Protocol::LlamaCpp {
+            bos: if p.tokenizer.adds_bos() {
+                p.tokenizer.bos_token_id()
+            } else {
+                None
+            },
+        }
     } else if let Some(stride) = a.stride {
         perplexity::Protocol::Stride { stride }
     } else {
         perplexity::Protocol::Paper
     };
-    let opts = perplexity::PplOptions { seqlen: a.seqlen, protocol, max_windows: a.max_windows };
-    let pb: Option<ProgressBar> = None;
-    let mut pb = pb;
-    let r = perplexity::perplexity(p.model.as_ref(), &ids, &p.tokenizer.describe(), &opts, |done, total, running| {
-        let bar = pb.get_or_insert_with(|| progress_bar(total, "perplexity"));
-        bar.set_position(done as u64);
-        bar.set_message(format!("ppl {running:.3}"));
-    })?;
+    let opts = perplexity::PplOptions {
+        seqlen: a.seqlen,
+        protocol,
+        max_windows: a.max_windows,
+    };
+    let mut pb: Option<ProgressBar> = None;
+    let r = perplexity::perplexity(
+        p.model.as_ref(),
+        &ids,
+        &p.tokenizer.describe(),
+        &opts,
+        |done, total, running| {
+            let bar = pb.get_or_insert_with(|| progress_bar(total, "perplexity"));
+            bar.set_position(done as u64);
+            bar.set_message(format!("ppl {running:.3}"));
+        },
+    )?;
     if let Some(bar) = pb {
         bar.finish_and_clear();
     }
@@ -286,7 +349,12 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
 
 pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
     let p = a.model.load()?;
-    let opts = benchmod::BenchOptions { prompt_len: a.prompt_len, gen_len: a.gen_len, repetitions: a.repetitions, all_logits: false };
+    let opts = benchmod::BenchOptions {
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        repetitions: a.repetitions,
+        all_logits: false,
+    };
     let r = benchmod::bench(p.model.as_ref(), &opts)?;
     if ctx.json {
         let mut v = json!(r);
@@ -316,11 +384,21 @@ pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
         overwrite: a.overwrite,
     };
     if opts.max_shard_bytes == 0 {
-        return Err(Error::InvalidArgument("--max-shard-size must be positive".into()));
+        return Err(Error::InvalidArgument(
+            "--max-shard-size must be positive".into(),
+        ));
     }
-    let dir = save_pretrained(p.model.as_ref(), Some(&p.tokenizer), Some(&p.generation), &a.output, &opts)?;
+    let dir = save_pretrained(
+        p.model.as_ref(),
+        Some(&p.tokenizer),
+        Some(&p.generation),
+        &a.output,
+        &opts,
+    )?;
     if ctx.json {
-        print_json(&json!({"output": dir.display().to_string(), "dtype": a.model.dtype, "peak_rss_bytes": peak_rss()}));
+        print_json(
+            &json!({"output": dir.display().to_string(), "dtype": a.model.dtype, "peak_rss_bytes": peak_rss()}),
+        );
     } else {
         println!("wrote {}", dir.display());
     }

@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "autoquant", version, about = "Load, quantize, save and measure Hugging Face causal LMs on the CPU")]
+#[command(
+    name = "autoquant",
+    version,
+    about = "Load, quantize, save and measure Hugging Face causal LMs on the CPU"
+)]
 pub struct Cli {
     /// Print results as JSON on stdout (progress and logs go to stderr).
     #[arg(long, global = true)]

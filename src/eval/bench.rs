@@ -17,7 +17,12 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { prompt_len: 512, gen_len: 128, repetitions: 3, all_logits: false }
+        BenchOptions {
+            prompt_len: 512,
+            gen_len: 128,
+            repetitions: 3,
+            all_logits: false,
+        }
     }
 }
 
@@ -52,7 +57,11 @@ fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
 pub fn bench(model: &dyn CausalLM, opts: &BenchOptions) -> Result<BenchResult> {
     let vocab = model.config().vocab_size();
     let ids = synthetic_ids(opts.prompt_len.max(1), vocab);
-    let mode = if opts.all_logits { LogitsMode::All } else { LogitsMode::Last };
+    let mode = if opts.all_logits {
+        LogitsMode::All
+    } else {
+        LogitsMode::Last
+    };
     let (mut prefill, mut decode) = (vec![], vec![]);
     for _ in 0..opts.repetitions.max(1) {
         let mut cache = model.new_cache(1);
@@ -62,7 +71,11 @@ pub fn bench(model: &dyn CausalLM, opts: &BenchOptions) -> Result<BenchResult> {
 
         // Decode from a 1-token context so the measurement is the per-token cost at short range.
         let mut cache = model.new_cache(1);
-        let mut logits = model.forward(&ForwardInput::single(&ids[..1]), &mut cache, LogitsMode::Last)?;
+        let mut logits = model.forward(
+            &ForwardInput::single(&ids[..1]),
+            &mut cache,
+            LogitsMode::Last,
+        )?;
         let t1 = Instant::now();
         for _ in 0..opts.gen_len {
             let next = crate::generate::argmax(&logits);

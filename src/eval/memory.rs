@@ -20,7 +20,13 @@ pub struct ParamCounts {
 }
 
 pub fn count_parameters(config: &AutoConfig) -> ParamCounts {
-    let mut c = ParamCounts { total: 0, block_linear_weights: 0, embeddings_and_head: 0, other: 0, linear_shapes: vec![] };
+    let mut c = ParamCounts {
+        total: 0,
+        block_linear_weights: 0,
+        embeddings_and_head: 0,
+        other: 0,
+        linear_shapes: vec![],
+    };
     let conv1d = matches!(config.arch, Architecture::Gpt2(_));
     for (name, shape) in checkpoint_tensors(config) {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
@@ -28,9 +34,16 @@ pub fn count_parameters(config: &AutoConfig) -> ParamCounts {
         let in_block = name.contains(".layers.") || name.starts_with("transformer.h.");
         if in_block && name.ends_with(".weight") && shape.len() == 2 {
             c.block_linear_weights += n;
-            let (out, inp) = if conv1d { (shape[1], shape[0]) } else { (shape[0], shape[1]) };
+            let (out, inp) = if conv1d {
+                (shape[1], shape[0])
+            } else {
+                (shape[0], shape[1])
+            };
             c.linear_shapes.push((out as u64, inp as u64));
-        } else if name.contains("embed_tokens") || name == "transformer.wte.weight" || name == "lm_head.weight" {
+        } else if name.contains("embed_tokens")
+            || name == "transformer.wte.weight"
+            || name == "lm_head.weight"
+        {
             c.embeddings_and_head += n;
         } else {
             c.other += n;
@@ -117,12 +130,21 @@ pub fn estimate(config: &AutoConfig, group_size: usize) -> Estimate {
             gib(int4)
         ),
     });
-    Estimate { model_type: config.model_type.clone(), params: p, rows }
+    Estimate {
+        model_type: config.model_type.clone(),
+        params: p,
+        rows,
+    }
 }
 
 fn proc_status_kib(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Peak resident set size of this process so far, in bytes (Linux `VmHWM`).

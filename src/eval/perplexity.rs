@@ -71,9 +71,17 @@ fn plan(n: usize, opts: &PplOptions) -> Result<Vec<Window>> {
     let mut w = vec![];
     match &opts.protocol {
         Protocol::Paper | Protocol::LlamaCpp { .. } => {
-            let first = if matches!(opts.protocol, Protocol::Paper) { 1 } else { s / 2 + 1 };
+            let first = if matches!(opts.protocol, Protocol::Paper) {
+                1
+            } else {
+                s / 2 + 1
+            };
             for i in 0..n / s {
-                w.push(Window { start: i * s, end: (i + 1) * s, score_from: first });
+                w.push(Window {
+                    start: i * s,
+                    end: (i + 1) * s,
+                    score_from: first,
+                });
             }
         }
         Protocol::Stride { stride } => {
@@ -87,7 +95,11 @@ fn plan(n: usize, opts: &PplOptions) -> Result<Vec<Window>> {
                 let trg_len = end - prev_end;
                 // Targets are the last trg_len tokens of the window, except position 0.
                 let score_from = (end - begin - trg_len).max(1);
-                w.push(Window { start: begin, end, score_from });
+                w.push(Window {
+                    start: begin,
+                    end,
+                    score_from,
+                });
                 prev_end = end;
                 if end == n {
                     break;
@@ -136,7 +148,10 @@ pub fn perplexity(
             })
             .sum();
         if !nll.is_finite() {
-            return Err(Error::Other(format!("non-finite loss in window {wi} (tokens {}..{})", w.start, w.end)));
+            return Err(Error::Other(format!(
+                "non-finite loss in window {wi} (tokens {}..{})",
+                w.start, w.end
+            )));
         }
         total_nll += nll;
         scored += count;
@@ -170,17 +185,21 @@ pub fn perplexity(
 /// WikiText rows.
 pub fn load_text(path: &Path) -> Result<String> {
     let bytes = crate::error::read_file(path)?;
-    let text = String::from_utf8(bytes).map_err(|e| Error::format(path, format!("not UTF-8 text: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::format(path, format!("not UTF-8 text: {e}")))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext == "jsonl" || ext == "json" {
         let mut parts = vec![];
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| Error::format(path, format!("line {}: malformed JSON: {e}", i + 1)))?;
-            let t = v
-                .get("text")
-                .and_then(|t| t.as_str())
-                .ok_or_else(|| Error::format(path, format!("line {}: no string field `text`", i + 1)))?;
+            let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                Error::format(path, format!("line {}: no string field `text`", i + 1))
+            })?;
             parts.push(t.to_string());
         }
         return Ok(parts.join("\n\n"));
@@ -197,23 +216,45 @@ mod tests {
 
     #[test]
     fn paper_windows_score_seqlen_minus_one() {
-        let w = plan(1030, &PplOptions { seqlen: 512, protocol: Protocol::Paper, max_windows: None }).unwrap();
+        let w = plan(
+            1030,
+            &PplOptions {
+                seqlen: 512,
+                protocol: Protocol::Paper,
+                max_windows: None,
+            },
+        )
+        .unwrap();
         assert_eq!(w.len(), 2);
         assert!(w.iter().all(|w| w.end - w.start - w.score_from == 511));
     }
 
     #[test]
     fn llama_cpp_scores_second_half() {
-        let w = plan(1024, &PplOptions { seqlen: 512, protocol: Protocol::LlamaCpp { bos: None }, max_windows: None })
-            .unwrap();
+        let w = plan(
+            1024,
+            &PplOptions {
+                seqlen: 512,
+                protocol: Protocol::LlamaCpp { bos: None },
+                max_windows: None,
+            },
+        )
+        .unwrap();
         assert!(w.iter().all(|w| w.end - w.start - w.score_from == 255));
     }
 
     #[test]
     fn stride_scores_every_target_once() {
         let n = 1000;
-        let w = plan(n, &PplOptions { seqlen: 512, protocol: Protocol::Stride { stride: 256 }, max_windows: None })
-            .unwrap();
+        let w = plan(
+            n,
+            &PplOptions {
+                seqlen: 512,
+                protocol: Protocol::Stride { stride: 256 },
+                max_windows: None,
+            },
+        )
+        .unwrap();
         let mut scored = vec![0; n];
         for w in &w {
             for j in w.score_from..w.end - w.start {
@@ -226,7 +267,15 @@ mod tests {
 
     #[test]
     fn too_short_text_is_an_error() {
-        let e = plan(100, &PplOptions { seqlen: 512, protocol: Protocol::Paper, max_windows: None }).unwrap_err();
+        let e = plan(
+            100,
+            &PplOptions {
+                seqlen: 512,
+                protocol: Protocol::Paper,
+                max_windows: None,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("100 tokens"));
     }
 }

@@ -294,7 +294,11 @@ impl std::fmt::Display for GgmlType {
 }
 
 fn supported_list() -> String {
-    GgmlType::SUPPORTED.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+    GgmlType::SUPPORTED
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where one tensor lives in the file and what it holds.
@@ -401,7 +405,8 @@ impl<'a> Cursor<'a> {
             )));
         }
         let raw = self.take(len, what)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| self.err(format!("{} is not valid UTF-8", what())))
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| self.err(format!("{} is not valid UTF-8", what())))
     }
 
     fn value(&mut self, type_id: u32, key: &str, depth: usize) -> Result<GgufValue> {
@@ -422,9 +427,12 @@ impl<'a> Cursor<'a> {
             8 => GgufValue::String(self.string(&what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.err(format!("metadata key `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(self.err(format!(
+                        "metadata key `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
                 }
-                let elem_type = self.u32(&|| format!("the element type of metadata array `{key}`"))?;
+                let elem_type =
+                    self.u32(&|| format!("the element type of metadata array `{key}`"))?;
                 let count = self.u64(&|| format!("the length of metadata array `{key}`"))?;
                 let min_elem_bytes = match elem_type {
                     0 | 1 | 7 => 1,
@@ -432,10 +440,17 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10 | 11 | 12 => 8,
                     9 => 12,
-                    t => return Err(self.err(format!("metadata array `{key}` has unknown element type {t}"))),
+                    t => {
+                        return Err(self.err(format!(
+                            "metadata array `{key}` has unknown element type {t}"
+                        )))
+                    }
                 };
                 // Refuse counts the rest of the file cannot hold before allocating for them.
-                if count.checked_mul(min_elem_bytes).is_none_or(|n| n > self.remaining()) {
+                if count
+                    .checked_mul(min_elem_bytes)
+                    .is_none_or(|n| n > self.remaining())
+                {
                     return Err(self.err(format!(
                         "metadata array `{key}` claims {count} elements, more than the rest of the file can hold (truncated or corrupt)"
                     )));
@@ -469,7 +484,11 @@ impl GgufFile {
 
     fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile> {
         let bytes: &[u8] = &mmap;
-        let mut cur = Cursor { bytes, pos: 0, path: &path };
+        let mut cur = Cursor {
+            bytes,
+            pos: 0,
+            path: &path,
+        };
         let magic = cur.take(4, &|| "the magic number".into())?;
         if magic != b"GGUF" {
             return Err(Error::format(
@@ -480,23 +499,42 @@ impl GgufFile {
         let version = cur.u32(&|| "the version".into())?;
         match version {
             2 | 3 => {}
-            1 => return Err(Error::format(&path, "GGUF version 1 is not supported (only versions 2 and 3)")),
-            v if (2..=3).contains(&v.swap_bytes()) => {
-                return Err(Error::format(&path, "big-endian GGUF files are not supported (only little-endian)"))
+            1 => {
+                return Err(Error::format(
+                    &path,
+                    "GGUF version 1 is not supported (only versions 2 and 3)",
+                ))
             }
-            v => return Err(Error::format(&path, format!("unsupported GGUF version {v} (only versions 2 and 3)"))),
+            v if (2..=3).contains(&v.swap_bytes()) => {
+                return Err(Error::format(
+                    &path,
+                    "big-endian GGUF files are not supported (only little-endian)",
+                ))
+            }
+            v => {
+                return Err(Error::format(
+                    &path,
+                    format!("unsupported GGUF version {v} (only versions 2 and 3)"),
+                ))
+            }
         }
         let n_tensors = cur.u64(&|| "the tensor count".into())?;
         let n_kv = cur.u64(&|| "the metadata count".into())?;
         // Smallest encodings: a key/value pair is a key length, a type and a 1-byte value; a tensor
         // info is a name length, n_dims, type and offset.
-        if n_kv.checked_mul(8 + 4 + 1).is_none_or(|n| n > cur.remaining()) {
+        if n_kv
+            .checked_mul(8 + 4 + 1)
+            .is_none_or(|n| n > cur.remaining())
+        {
             return Err(Error::format(
                 &path,
                 format!("header claims {n_kv} metadata entries, more than the file can hold (truncated or corrupt)"),
             ));
         }
-        if n_tensors.checked_mul(8 + 4 + 4 + 8).is_none_or(|n| n > cur.remaining()) {
+        if n_tensors
+            .checked_mul(8 + 4 + 4 + 8)
+            .is_none_or(|n| n > cur.remaining())
+        {
             return Err(Error::format(
                 &path,
                 format!("header claims {n_tensors} tensors, more than the file can hold (truncated or corrupt)"),
@@ -509,7 +547,10 @@ impl GgufFile {
             let type_id = cur.u32(&|| format!("the value type of metadata key `{key}`"))?;
             let value = cur.value(type_id, &key, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(Error::format(&path, format!("metadata key `{key}` appears twice")));
+                return Err(Error::format(
+                    &path,
+                    format!("metadata key `{key}` appears twice"),
+                ));
             }
         }
 
@@ -532,17 +573,23 @@ impl GgufFile {
             let name = cur.string(&|| format!("the name of tensor {i}"))?;
             let n_dims = cur.u32(&|| format!("the dimension count of tensor `{name}`"))?;
             if n_dims > MAX_DIMS {
-                return Err(Error::tensor(&path, &name, format!("{n_dims} dimensions (ggml allows at most {MAX_DIMS})")));
+                return Err(Error::tensor(
+                    &path,
+                    &name,
+                    format!("{n_dims} dimensions (ggml allows at most {MAX_DIMS})"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
                 dims.push(cur.u64(&|| format!("dimension {d} of tensor `{name}`"))?);
             }
             let type_id = cur.u32(&|| format!("the type of tensor `{name}`"))?;
-            let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| Error::tensor(&path, &name, format!("unknown ggml type id {type_id}")))?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                Error::tensor(&path, &name, format!("unknown ggml type id {type_id}"))
+            })?;
             let offset = cur.u64(&|| format!("the data offset of tensor `{name}`"))?;
-            let n_bytes = tensor_byte_size(ggml_type, &dims).map_err(|msg| Error::tensor(&path, &name, msg))?;
+            let n_bytes = tensor_byte_size(ggml_type, &dims)
+                .map_err(|msg| Error::tensor(&path, &name, msg))?;
             if !offset.is_multiple_of(alignment) {
                 return Err(Error::tensor(
                     &path,
@@ -553,14 +600,23 @@ impl GgufFile {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(Error::tensor(&path, &name, "tensor name appears twice"));
             }
-            tensors.push(GgufTensorInfo { name, ggml_type, dims, offset, file_offset: 0, n_bytes });
+            tensors.push(GgufTensorInfo {
+                name,
+                ggml_type,
+                dims,
+                offset,
+                file_offset: 0,
+                n_bytes,
+            });
         }
 
         let header_end = cur.pos as u64;
         let data_start = header_end.div_ceil(alignment) * alignment;
         let file_len = bytes.len() as u64;
         for t in &mut tensors {
-            let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
+            let end = data_start
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.n_bytes));
             match end {
                 Some(end) if end <= file_len => t.file_offset = data_start + t.offset,
                 _ => {
@@ -589,7 +645,16 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile { path, mmap, version, alignment, data_start, metadata, tensors, by_name })
+        Ok(GgufFile {
+            path,
+            mmap,
+            version,
+            alignment,
+            data_start,
+            metadata,
+            tensors,
+            by_name,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -643,9 +708,15 @@ impl GgufFile {
     /// A required unsigned integer; the error tells missing from mistyped.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
         match self.get(key) {
-            None => Err(Error::format(&self.path, format!("metadata key `{key}` is missing"))),
+            None => Err(Error::format(
+                &self.path,
+                format!("metadata key `{key}` is missing"),
+            )),
             Some(v) => v.as_u64().ok_or_else(|| {
-                Error::format(&self.path, format!("metadata key `{key}` should be a non-negative integer, found {v:?}"))
+                Error::format(
+                    &self.path,
+                    format!("metadata key `{key}` should be a non-negative integer, found {v:?}"),
+                )
             }),
         }
     }
@@ -663,7 +734,8 @@ impl GgufFile {
     }
 
     fn info_or_err(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_info(name).ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in the GGUF file"))
+        self.tensor_info(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in the GGUF file"))
     }
 
     /// The stored bytes of a tensor (validated to lie inside the file at open).
@@ -680,7 +752,8 @@ impl GgufFile {
         }
         let bytes = self.tensor_bytes(name)?;
         let mut out = vec![0f32; t.numel()];
-        dequantize_into(t.ggml_type, bytes, &mut out).map_err(|msg| Error::tensor(&self.path, name, msg))?;
+        dequantize_into(t.ggml_type, bytes, &mut out)
+            .map_err(|msg| Error::tensor(&self.path, name, msg))?;
         Ok(out)
     }
 
@@ -691,12 +764,23 @@ impl GgufFile {
         let hidden = self.require_u64(&k("embedding_length"))?;
         let n_head = self.require_u64(&k("attention.head_count"))?;
         if n_head == 0 {
-            return Err(Error::format(&self.path, format!("{} is 0", k("attention.head_count"))));
+            return Err(Error::format(
+                &self.path,
+                format!("{} is 0", k("attention.head_count")),
+            ));
         }
-        let n_kv = self.head_count_kv(&k("attention.head_count_kv"))?.unwrap_or(n_head);
+        let n_kv = self
+            .head_count_kv(&k("attention.head_count_kv"))?
+            .unwrap_or(n_head);
         let head_dim = self
             .get_u64(&k("attention.key_length"))
-            .or_else(|| if arch.model_type == "llama" { self.get_u64(&k("rope.dimension_count")) } else { None })
+            .or_else(|| {
+                if arch.model_type == "llama" {
+                    self.get_u64(&k("rope.dimension_count"))
+                } else {
+                    None
+                }
+            })
             .unwrap_or(hidden / n_head);
         let vocab_size = match self.get_u64(&k("vocab_size")) {
             Some(v) => v,
@@ -710,17 +794,31 @@ impl GgufFile {
                     })?,
             },
         };
-        let eps = self.get_f64(&k("attention.layer_norm_rms_epsilon")).ok_or_else(|| {
-            Error::format(&self.path, format!("metadata key `{}` is missing or not a number", k("attention.layer_norm_rms_epsilon")))
-        })?;
+        let eps = self
+            .get_f64(&k("attention.layer_norm_rms_epsilon"))
+            .ok_or_else(|| {
+                Error::format(
+                    &self.path,
+                    format!(
+                        "metadata key `{}` is missing or not a number",
+                        k("attention.layer_norm_rms_epsilon")
+                    ),
+                )
+            })?;
         let has_bias = self.tensor_info("blk.0.attn_q.bias").is_some();
 
         let mut c = Map::new();
         c.insert("architectures".into(), json!([arch.hf_class]));
         c.insert("model_type".into(), json!(arch.model_type));
         c.insert("hidden_size".into(), json!(hidden));
-        c.insert("intermediate_size".into(), json!(self.require_u64(&k("feed_forward_length"))?));
-        c.insert("num_hidden_layers".into(), json!(self.require_u64(&k("block_count"))?));
+        c.insert(
+            "intermediate_size".into(),
+            json!(self.require_u64(&k("feed_forward_length"))?),
+        );
+        c.insert(
+            "num_hidden_layers".into(),
+            json!(self.require_u64(&k("block_count"))?),
+        );
         c.insert("num_attention_heads".into(), json!(n_head));
         c.insert("num_key_value_heads".into(), json!(n_kv));
         if arch.model_type == "llama" || head_dim != hidden / n_head {
@@ -728,12 +826,18 @@ impl GgufFile {
         }
         c.insert("hidden_act".into(), json!("silu"));
         c.insert("rms_norm_eps".into(), json!(eps));
-        c.insert("rope_theta".into(), json!(self.get_f64(&k("rope.freq_base")).unwrap_or(10000.0)));
+        c.insert(
+            "rope_theta".into(),
+            json!(self.get_f64(&k("rope.freq_base")).unwrap_or(10000.0)),
+        );
         if let Some(ctx) = self.get_u64(&k("context_length")) {
             c.insert("max_position_embeddings".into(), json!(ctx));
         }
         c.insert("vocab_size".into(), json!(vocab_size));
-        c.insert("tie_word_embeddings".into(), json!(self.tensor_info("output.weight").is_none()));
+        c.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tensor_info("output.weight").is_none()),
+        );
         if arch.model_type == "llama" {
             c.insert("attention_bias".into(), json!(has_bias));
             c.insert("mlp_bias".into(), json!(false));
@@ -755,17 +859,20 @@ impl GgufFile {
     }
 
     fn known_architecture(&self) -> Result<&'static Arch> {
-        let name = self
-            .architecture()
-            .ok_or_else(|| Error::format(&self.path, "metadata key `general.architecture` is missing"))?;
-        ARCHITECTURES.iter().find(|a| a.prefix == name).ok_or_else(|| {
-            let known: Vec<_> = ARCHITECTURES.iter().map(|a| a.prefix).collect();
-            Error::Unsupported(format!(
-                "{}: GGUF architecture `{name}` is not supported (supported: {})",
-                self.path.display(),
-                known.join(", ")
-            ))
-        })
+        let name = self.architecture().ok_or_else(|| {
+            Error::format(&self.path, "metadata key `general.architecture` is missing")
+        })?;
+        ARCHITECTURES
+            .iter()
+            .find(|a| a.prefix == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = ARCHITECTURES.iter().map(|a| a.prefix).collect();
+                Error::Unsupported(format!(
+                    "{}: GGUF architecture `{name}` is not supported (supported: {})",
+                    self.path.display(),
+                    known.join(", ")
+                ))
+            })
     }
 
     /// `head_count_kv` may be one number or one per layer; per-layer values must agree.
@@ -776,13 +883,18 @@ impl GgufFile {
                 let values: Option<Vec<u64>> = items.iter().map(GgufValue::as_u64).collect();
                 match values.as_deref() {
                     Some([first, rest @ ..]) if rest.iter().all(|v| v == first) => Ok(Some(*first)),
-                    _ => Err(Error::format(&self.path, format!("`{key}` varies per layer; not supported"))),
+                    _ => Err(Error::format(
+                        &self.path,
+                        format!("`{key}` varies per layer; not supported"),
+                    )),
                 }
             }
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| Error::format(&self.path, format!("`{key}` should be an integer, found {v:?}"))),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                Error::format(
+                    &self.path,
+                    format!("`{key}` should be an integer, found {v:?}"),
+                )
+            }),
         }
     }
 
@@ -796,7 +908,14 @@ impl GgufFile {
                 return Ok(None);
             }
             let factor = self.get_f64(&k("rope.scaling.factor")).ok_or_else(|| {
-                Error::format(&self.path, format!("`{}` is `{kind}` but `{}` is missing", k("rope.scaling.type"), k("rope.scaling.factor")))
+                Error::format(
+                    &self.path,
+                    format!(
+                        "`{}` is `{kind}` but `{}` is missing",
+                        k("rope.scaling.type"),
+                        k("rope.scaling.factor")
+                    ),
+                )
             })?;
             let mut s = Map::new();
             s.insert("rope_type".into(), json!(kind));
@@ -847,7 +966,8 @@ fn recover_llama3_rope(divisors: &[f32], theta: f64, head_dim: u64) -> Option<Va
         } else if wavelen > low_wavelen {
             factor
         } else {
-            let smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
             1.0 / ((1.0 - smooth) / factor + smooth)
         };
         ((stored as f64) - expected).abs() <= 1e-4 * expected.abs().max(1.0)
@@ -883,7 +1003,9 @@ fn tensor_byte_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, Stri
         .ok_or_else(|| format!("dimensions {dims:?} overflow the element count"))?;
     let row = dims.first().copied().unwrap_or(1);
     if !row.is_multiple_of(block as u64) {
-        return Err(format!("row length {row} is not a multiple of the {ty} block size {block}"));
+        return Err(format!(
+            "row length {row} is not a multiple of the {ty} block size {block}"
+        ));
     }
     (numel / block as u64)
         .checked_mul(type_size as u64)
@@ -896,7 +1018,11 @@ fn tensor_byte_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, Stri
 // gguf-py's reference (products first, then offsets) so results match it bit for bit.
 
 /// Dequantize `bytes` of type `ty` into `out` (whose length gives the element count).
-pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+pub fn dequantize_into(
+    ty: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> std::result::Result<(), String> {
     let (block, type_size) = ty.block_layout();
     if !out.len().is_multiple_of(block) || bytes.len() != out.len() / block * type_size {
         return Err(format!(
@@ -919,7 +1045,12 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::resu
         GgmlType::Q4_K => deq_q4_k,
         GgmlType::Q5_K => deq_q5_k,
         GgmlType::Q6_K => deq_q6_k,
-        other => return Err(format!("unsupported GGUF tensor type {other} (supported: {})", supported_list())),
+        other => {
+            return Err(format!(
+                "unsupported GGUF tensor type {other} (supported: {})",
+                supported_list()
+            ))
+        }
     };
     // The plain float kernels take any whole number of elements; the block kernels one block.
     let elems_per_call = if block == 1 { 4096 } else { block };
@@ -938,7 +1069,10 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::resu
     if out.len() <= task_elems {
         run((bytes, out));
     } else {
-        bytes.par_chunks(task_bytes).zip(out.par_chunks_mut(task_elems)).for_each(run);
+        bytes
+            .par_chunks(task_bytes)
+            .zip(out.par_chunks_mut(task_elems))
+            .for_each(run);
     }
     Ok(())
 }
@@ -1080,7 +1214,10 @@ fn k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }
 
@@ -1162,8 +1299,18 @@ struct Arch {
 }
 
 const ARCHITECTURES: &[Arch] = &[
-    Arch { prefix: "llama", model_type: "llama", hf_class: "LlamaForCausalLM", permuted_qk: true },
-    Arch { prefix: "qwen2", model_type: "qwen2", hf_class: "Qwen2ForCausalLM", permuted_qk: false },
+    Arch {
+        prefix: "llama",
+        model_type: "llama",
+        hf_class: "LlamaForCausalLM",
+        permuted_qk: true,
+    },
+    Arch {
+        prefix: "qwen2",
+        model_type: "qwen2",
+        hf_class: "Qwen2ForCausalLM",
+        permuted_qk: false,
+    },
 ];
 
 /// Per-layer GGUF tensor stems and their Hugging Face module paths.
@@ -1191,7 +1338,10 @@ fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|c| c.is_ascii_digit()) || (layer.len() > 1 && layer.starts_with('0')) {
+    if layer.is_empty()
+        || !layer.bytes().all(|c| c.is_ascii_digit())
+        || (layer.len() > 1 && layer.starts_with('0'))
+    {
         return None;
     }
     let (stem, suffix) = rest.rsplit_once('.')?;
@@ -1219,7 +1369,10 @@ pub struct GgufWeights {
 
 impl std::fmt::Debug for GgufWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufWeights").field("file", &self.file).field("tensors", &self.entries.len()).finish()
+        f.debug_struct("GgufWeights")
+            .field("file", &self.file)
+            .field("tensors", &self.entries.len())
+            .finish()
     }
 }
 
@@ -1233,10 +1386,14 @@ impl GgufWeights {
         let path = file.path().to_path_buf();
         let heads = |key: &str| -> Result<Option<usize>> {
             Ok(match key {
-                "attn_q" => Some(file.require_u64(&format!("{}.attention.head_count", arch.prefix))? as usize),
+                "attn_q" => Some(
+                    file.require_u64(&format!("{}.attention.head_count", arch.prefix))? as usize,
+                ),
                 "attn_k" => {
-                    let n_head = file.require_u64(&format!("{}.attention.head_count", arch.prefix))?;
-                    let kv = file.head_count_kv(&format!("{}.attention.head_count_kv", arch.prefix))?;
+                    let n_head =
+                        file.require_u64(&format!("{}.attention.head_count", arch.prefix))?;
+                    let kv =
+                        file.head_count_kv(&format!("{}.attention.head_count_kv", arch.prefix))?;
                     Some(kv.unwrap_or(n_head) as usize)
                 }
                 _ => None,
@@ -1251,7 +1408,10 @@ impl GgufWeights {
                 Error::tensor(
                     &path,
                     &t.name,
-                    format!("has no Hugging Face counterpart for GGUF architecture `{}`", arch.prefix),
+                    format!(
+                        "has no Hugging Face counterpart for GGUF architecture `{}`",
+                        arch.prefix
+                    ),
                 )
             })?;
             let shape = t.shape();
@@ -1270,7 +1430,14 @@ impl GgufWeights {
                     unpermute_heads = Some(n);
                 }
             }
-            entries.insert(hf, WeightEntry { gguf_name: t.name.clone(), shape, unpermute_heads });
+            entries.insert(
+                hf,
+                WeightEntry {
+                    gguf_name: t.name.clone(),
+                    shape,
+                    unpermute_heads,
+                },
+            );
         }
         Ok(GgufWeights { file, entries })
     }
@@ -1314,14 +1481,16 @@ impl WeightSource for GgufWeights {
     }
 
     fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.entries.get(name).map(|e| TensorInfo { dtype: DType::F32, shape: e.shape.clone() })
+        self.entries.get(name).map(|e| TensorInfo {
+            dtype: DType::F32,
+            shape: e.shape.clone(),
+        })
     }
 
     fn read(&self, name: &str) -> Result<RawTensor> {
-        let entry = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::tensor(self.file.path(), name, "no such tensor in the GGUF file"))?;
+        let entry = self.entries.get(name).ok_or_else(|| {
+            Error::tensor(self.file.path(), name, "no such tensor in the GGUF file")
+        })?;
         let mut values = self.file.dequantize(&entry.gguf_name)?;
         if let Some(n_head) = entry.unpermute_heads {
             values = unpermute_rows(&values, entry.shape[0], n_head);
@@ -1344,9 +1513,18 @@ mod tests {
 
     #[test]
     fn hf_names_follow_the_llama_mapping() {
-        assert_eq!(hf_tensor_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
-        assert_eq!(hf_tensor_name("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
-        assert_eq!(hf_tensor_name("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
+        assert_eq!(
+            hf_tensor_name("blk.12.attn_output.weight").as_deref(),
+            Some("model.layers.12.self_attn.o_proj.weight")
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.attn_q.bias").as_deref(),
+            Some("model.layers.0.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            hf_tensor_name("blk.3.ffn_norm.weight").as_deref(),
+            Some("model.layers.3.post_attention_layernorm.weight")
+        );
         assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_tensor_name("blk.01.attn_q.weight"), None);
         assert_eq!(hf_tensor_name("blk.0.attn_qkv.weight"), None);

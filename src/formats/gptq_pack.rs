@@ -57,7 +57,9 @@ fn check_packable(len: usize, bits: u8, what: &str) -> Result<()> {
 
 fn check_len(actual: usize, expected: usize, what: &str) -> Result<()> {
     if actual != expected {
-        return Err(Error::InvalidArgument(format!("{what} has {actual} elements, expected {expected}")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} has {actual} elements, expected {expected}"
+        )));
     }
     Ok(())
 }
@@ -68,7 +70,11 @@ fn get_field(words: &[i32], base: usize, stride: usize, i: usize, bits: u8) -> u
     let (w, off) = (pos / 32, pos % 32);
     let lo = words[base + w * stride] as u32 as u64;
     // A field can straddle into the next word only in the 3-bit layout.
-    let hi = if off + bits as usize > 32 { words[base + (w + 1) * stride] as u32 as u64 } else { 0 };
+    let hi = if off + bits as usize > 32 {
+        words[base + (w + 1) * stride] as u32 as u64
+    } else {
+        0
+    };
     (((hi << 32) | lo) >> off) as u32 & maxq(bits)
 }
 
@@ -116,7 +122,11 @@ pub fn pack_qweight(codes: &[u8], n: usize, k: usize, bits: u8) -> Result<Vec<i3
 pub fn unpack_qweight(qweight: &[i32], n: usize, k: usize, bits: u8) -> Result<Vec<u8>> {
     check_packable(k, bits, "in_features K")?;
     let rows = packed_len(k, bits);
-    check_len(qweight.len(), rows * n, &format!("qweight [{rows}, {n}] for K={k}"))?;
+    check_len(
+        qweight.len(),
+        rows * n,
+        &format!("qweight [{rows}, {n}] for K={k}"),
+    )?;
     let mut codes = Vec::with_capacity(n * k);
     for col in 0..n {
         for i in 0..k {
@@ -132,9 +142,19 @@ pub fn unpack_qweight(qweight: &[i32], n: usize, k: usize, bits: u8) -> Result<V
 /// field of the word to all-ones and corrupts neighbouring columns, and GPTQModel's conversion
 /// borrows from the next field instead. Rather than write either, this refuses; use v2 for such
 /// asymmetric layers.
-pub fn pack_qzeros(zeros: &[u32], groups: usize, n: usize, bits: u8, format: ZeroFormat) -> Result<Vec<i32>> {
+pub fn pack_qzeros(
+    zeros: &[u32],
+    groups: usize,
+    n: usize,
+    bits: u8,
+    format: ZeroFormat,
+) -> Result<Vec<i32>> {
     check_packable(n, bits, "out_features N")?;
-    check_len(zeros.len(), groups * n, &format!("zeros of [G={groups}, N={n}]"))?;
+    check_len(
+        zeros.len(),
+        groups * n,
+        &format!("zeros of [G={groups}, N={n}]"),
+    )?;
     check_codes_fit(zeros.iter().copied(), bits, "zeros")?;
     if format == ZeroFormat::V1 {
         if let Some(i) = zeros.iter().position(|&z| z == 0) {
@@ -170,7 +190,11 @@ pub fn unpack_qzeros(
 ) -> Result<Vec<u32>> {
     check_packable(n, bits, "out_features N")?;
     let cols = packed_len(n, bits);
-    check_len(qzeros.len(), groups * cols, &format!("qzeros [{groups}, {cols}] for N={n}"))?;
+    check_len(
+        qzeros.len(),
+        groups * cols,
+        &format!("qzeros [{groups}, {cols}] for N={n}"),
+    )?;
     let maxq = maxq(bits);
     let mut zeros = Vec::with_capacity(groups * n);
     for g in 0..groups {

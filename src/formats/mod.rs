@@ -27,14 +27,17 @@ pub trait WeightSource: Send + Sync {
 
 /// Read a float tensor as f32, checking it exists, has `shape`, and holds only finite values.
 pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let info = src.info(name).ok_or_else(|| {
-        Error::tensor(src.file_of(name), name, "missing from the checkpoint")
-    })?;
+    let info = src
+        .info(name)
+        .ok_or_else(|| Error::tensor(src.file_of(name), name, "missing from the checkpoint"))?;
     if info.shape != shape {
         return Err(Error::tensor(
             src.file_of(name),
             name,
-            format!("shape mismatch: checkpoint has {:?}, the config implies {:?}", info.shape, shape),
+            format!(
+                "shape mismatch: checkpoint has {:?}, the config implies {:?}",
+                info.shape, shape
+            ),
         ));
     }
     let raw = src.read(name)?;
@@ -58,7 +61,9 @@ pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> 
 pub fn open_weights(dir: &Path) -> Result<Box<dyn WeightSource>> {
     let st_index = dir.join(safetensors::INDEX_FILE_NAME);
     if st_index.is_file() {
-        return Ok(Box::new(safetensors::ShardedSafetensors::open_index(&st_index)?));
+        return Ok(Box::new(safetensors::ShardedSafetensors::open_index(
+            &st_index,
+        )?));
     }
     let st_single = dir.join(safetensors::SINGLE_FILE_NAME);
     if st_single.is_file() {
@@ -153,13 +158,21 @@ impl<S: WeightSource> ShardedWeights<S> {
                 return Err(Error::tensor(
                     &shard_path,
                     name.as_str(),
-                    format!("listed in {} but absent from this shard", index_path.display()),
+                    format!(
+                        "listed in {} but absent from this shard",
+                        index_path.display()
+                    ),
                 ));
             }
             owner.insert(name.clone(), idx);
             order.push(name);
         }
-        Ok(ShardedWeights { index_path: index_path.to_path_buf(), shards, owner, order })
+        Ok(ShardedWeights {
+            index_path: index_path.to_path_buf(),
+            shards,
+            owner,
+            order,
+        })
     }
 
     pub fn index_path(&self) -> &Path {
@@ -181,7 +194,11 @@ impl<S: WeightSource> WeightSource for ShardedWeights<S> {
     fn read(&self, name: &str) -> Result<RawTensor> {
         match self.owner.get(name) {
             Some(&i) => self.shards[i].read(name),
-            None => Err(Error::tensor(&self.index_path, name, "not in the weight_map")),
+            None => Err(Error::tensor(
+                &self.index_path,
+                name,
+                "not in the weight_map",
+            )),
         }
     }
     fn file_of(&self, name: &str) -> PathBuf {

@@ -54,7 +54,9 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
     let corrupt = |msg: &str| Error::format(path, format!("corrupt zip archive: {msg}"));
     // End of central directory: 22 bytes plus a comment of up to 65535 bytes, at the very end.
     if b.len() < 22 {
-        return Err(corrupt("too short for an end-of-central-directory record (truncated?)"));
+        return Err(corrupt(
+            "too short for an end-of-central-directory record (truncated?)",
+        ));
     }
     let lowest = b.len().saturating_sub(22 + 65535);
     let eocd = (lowest..=b.len() - 22)
@@ -68,7 +70,9 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
         let rec = le_u64(b, eocd - 20 + 8).ok_or_else(|| corrupt("bad zip64 locator"))?;
         let rec = usize::try_from(rec).map_err(|_| corrupt("bad zip64 locator"))?;
         if le_u32(b, rec) != Some(ZIP64_EOCD_SIG) {
-            return Err(corrupt("zip64 locator does not point at a zip64 end-of-central-directory record"));
+            return Err(corrupt(
+                "zip64 locator does not point at a zip64 end-of-central-directory record",
+            ));
         }
         count = le_u64(b, rec + 32).ok_or_else(|| corrupt("truncated zip64 record"))?;
         cd_size = le_u64(b, rec + 40).ok_or_else(|| corrupt("truncated zip64 record"))?;
@@ -76,9 +80,13 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
     } else if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
         return Err(corrupt("zip64 values announced but no zip64 locator found"));
     }
-    let cd_end = cd_offset.checked_add(cd_size).filter(|&e| e <= b.len() as u64);
+    let cd_end = cd_offset
+        .checked_add(cd_size)
+        .filter(|&e| e <= b.len() as u64);
     if cd_end.is_none() {
-        return Err(corrupt("central directory lies outside the file (truncated?)"));
+        return Err(corrupt(
+            "central directory lies outside the file (truncated?)",
+        ));
     }
     let mut at = cd_offset as usize;
     let mut entries = HashMap::new();
@@ -86,16 +94,22 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
         if le_u32(b, at) != Some(CENTRAL_SIG) {
             return Err(corrupt("bad central directory entry"));
         }
-        let field = |off: usize| le_u16(b, at + off).ok_or_else(|| corrupt("truncated central directory"));
+        let field =
+            |off: usize| le_u16(b, at + off).ok_or_else(|| corrupt("truncated central directory"));
         let flags = field(8)?;
         let method = field(10)?;
-        let mut csize = le_u32(b, at + 20).ok_or_else(|| corrupt("truncated central directory"))? as u64;
-        let mut usize_ = le_u32(b, at + 24).ok_or_else(|| corrupt("truncated central directory"))? as u64;
+        let mut csize =
+            le_u32(b, at + 20).ok_or_else(|| corrupt("truncated central directory"))? as u64;
+        let mut usize_ =
+            le_u32(b, at + 24).ok_or_else(|| corrupt("truncated central directory"))? as u64;
         let name_len = field(28)? as usize;
         let extra_len = field(30)? as usize;
         let comment_len = field(32)? as usize;
-        let mut local = le_u32(b, at + 42).ok_or_else(|| corrupt("truncated central directory"))? as u64;
-        let name_bytes = b.get(at + 46..at + 46 + name_len).ok_or_else(|| corrupt("truncated entry name"))?;
+        let mut local =
+            le_u32(b, at + 42).ok_or_else(|| corrupt("truncated central directory"))? as u64;
+        let name_bytes = b
+            .get(at + 46..at + 46 + name_len)
+            .ok_or_else(|| corrupt("truncated entry name"))?;
         let name = String::from_utf8_lossy(name_bytes).into_owned();
         let extra = b
             .get(at + 46 + name_len..at + 46 + name_len + extra_len)
@@ -105,12 +119,15 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
         while e + 4 <= extra.len() {
             let id = le_u16(extra, e).unwrap_or(0);
             let len = le_u16(extra, e + 2).unwrap_or(0) as usize;
-            let body = extra.get(e + 4..e + 4 + len).ok_or_else(|| corrupt("truncated extra field"))?;
+            let body = extra
+                .get(e + 4..e + 4 + len)
+                .ok_or_else(|| corrupt("truncated extra field"))?;
             if id == 0x0001 {
                 let mut p = 0;
                 let mut take = |slot: &mut u64| -> Result<()> {
                     if *slot == 0xFFFF_FFFF {
-                        *slot = le_u64(body, p).ok_or_else(|| corrupt("truncated zip64 extra field"))?;
+                        *slot = le_u64(body, p)
+                            .ok_or_else(|| corrupt("truncated zip64 extra field"))?;
                         p += 8;
                     }
                     Ok(())
@@ -122,7 +139,10 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
             e += 4 + len;
         }
         if flags & 1 != 0 {
-            return Err(Error::format(path, format!("zip entry `{name}` is encrypted")));
+            return Err(Error::format(
+                path,
+                format!("zip entry `{name}` is encrypted"),
+            ));
         }
         if method != 0 {
             return Err(Error::format(
@@ -131,17 +151,26 @@ fn read_zip_directory(path: &Path, b: &[u8]) -> Result<HashMap<String, ZipEntry>
             ));
         }
         if csize != usize_ {
-            return Err(corrupt(&format!("stored entry `{name}` has differing sizes")));
+            return Err(corrupt(&format!(
+                "stored entry `{name}` has differing sizes"
+            )));
         }
         let local = usize::try_from(local).map_err(|_| corrupt("entry offset too large"))?;
         if le_u32(b, local) != Some(LOCAL_SIG) {
-            return Err(corrupt(&format!("entry `{name}` has no local header (truncated?)")));
+            return Err(corrupt(&format!(
+                "entry `{name}` has no local header (truncated?)"
+            )));
         }
-        let lname = le_u16(b, local + 26).ok_or_else(|| corrupt("truncated local header"))? as usize;
-        let lextra = le_u16(b, local + 28).ok_or_else(|| corrupt("truncated local header"))? as usize;
+        let lname =
+            le_u16(b, local + 26).ok_or_else(|| corrupt("truncated local header"))? as usize;
+        let lextra =
+            le_u16(b, local + 28).ok_or_else(|| corrupt("truncated local header"))? as usize;
         let data_offset = local + 30 + lname + lextra;
         let size = usize::try_from(usize_).map_err(|_| corrupt("entry too large"))?;
-        if data_offset.checked_add(size).is_none_or(|end| end > b.len()) {
+        if data_offset
+            .checked_add(size)
+            .is_none_or(|end| end > b.len())
+        {
             return Err(Error::format(
                 path,
                 format!("zip entry `{name}` runs past the end of the file (truncated?)"),
@@ -310,11 +339,22 @@ type VmResult<T> = std::result::Result<T, String>;
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), storages: HashMap::new() }
+        Unpickler {
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            storages: HashMap::new(),
+        }
     }
 
     fn take(&mut self, n: usize) -> VmResult<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or("pickle ends unexpectedly (truncated?)")?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or("pickle ends unexpectedly (truncated?)")?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -323,20 +363,29 @@ impl<'a> Unpickler<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> VmResult<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| "short read")?))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().map_err(|_| "short read")?,
+        ))
     }
     fn u32(&mut self) -> VmResult<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "short read")?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| "short read")?,
+        ))
     }
     fn u64(&mut self) -> VmResult<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "short read")?))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| "short read")?,
+        ))
     }
     fn len_u64(&mut self) -> VmResult<usize> {
         usize::try_from(self.u64()?).map_err(|_| "length too large".to_string())
     }
     fn line(&mut self) -> VmResult<&'a str> {
         let rest = &self.data[self.pos..];
-        let nl = rest.iter().position(|&c| c == b'\n').ok_or("pickle ends inside a text line (truncated?)")?;
+        let nl = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or("pickle ends inside a text line (truncated?)")?;
         let s = std::str::from_utf8(&rest[..nl]).map_err(|_| "text line is not UTF-8")?;
         self.pos += nl + 1;
         Ok(s)
@@ -348,7 +397,9 @@ impl<'a> Unpickler<'a> {
         self.stack.pop().ok_or_else(|| "stack underflow".into())
     }
     fn top(&mut self) -> VmResult<&mut Value> {
-        self.stack.last_mut().ok_or_else(|| "stack underflow".into())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "stack underflow".into())
     }
     fn pop_mark(&mut self) -> VmResult<Vec<Value>> {
         let m = self.marks.pop().ok_or("no mark on the stack")?;
@@ -358,17 +409,26 @@ impl<'a> Unpickler<'a> {
         Ok(self.stack.split_off(m))
     }
     fn memo_put(&mut self, key: u64) -> VmResult<()> {
-        let v = self.stack.last().ok_or("memo put on an empty stack")?.clone();
+        let v = self
+            .stack
+            .last()
+            .ok_or("memo put on an empty stack")?
+            .clone();
         self.memo.insert(key, v);
         Ok(())
     }
     fn memo_get(&mut self, key: u64) -> VmResult<()> {
-        let v = self.memo.get(&key).ok_or_else(|| format!("memo key {key} is unset"))?.clone();
+        let v = self
+            .memo
+            .get(&key)
+            .ok_or_else(|| format!("memo key {key} is unset"))?
+            .clone();
         self.stack.push(v);
         Ok(())
     }
     fn push_global(&mut self, module: &str, name: &str) -> VmResult<()> {
-        self.stack.push(Value::Global(resolve_global(module, name)?));
+        self.stack
+            .push(Value::Global(resolve_global(module, name)?));
         Ok(())
     }
     fn int_from_le(bytes: &[u8]) -> VmResult<i64> {
@@ -378,7 +438,11 @@ impl<'a> Unpickler<'a> {
         if bytes.len() > 8 {
             return Err("integer wider than 64 bits".into());
         }
-        let fill = if bytes[bytes.len() - 1] & 0x80 != 0 { 0xFF } else { 0 };
+        let fill = if bytes[bytes.len() - 1] & 0x80 != 0 {
+            0xFF
+        } else {
+            0
+        };
         let mut buf = [fill; 8];
         buf[..bytes.len()].copy_from_slice(bytes);
         Ok(i64::from_le_bytes(buf))
@@ -668,19 +732,31 @@ impl<'a> Unpickler<'a> {
     fn persistent_load(&mut self, pid: Value) -> VmResult<Value> {
         let items = pid.items().ok_or("persistent id is not a tuple")?;
         match items.as_slice() {
-            [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), _location, numel] if tag == "storage" => {
-                let numel = numel.as_usize().ok_or("storage numel is not a non-negative integer")?;
+            [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), _location, numel]
+                if tag == "storage" =>
+            {
+                let numel = numel
+                    .as_usize()
+                    .ok_or("storage numel is not a non-negative integer")?;
                 if let Some(s) = self.storages.get(key) {
                     if s.dtype != *dtype || s.numel != numel {
-                        return Err(format!("storage `{key}` is described twice with different types or sizes"));
+                        return Err(format!(
+                            "storage `{key}` is described twice with different types or sizes"
+                        ));
                     }
                     return Ok(Value::Storage(s.clone()));
                 }
-                let s = Rc::new(StorageRef { key: key.clone(), dtype: *dtype, numel });
+                let s = Rc::new(StorageRef {
+                    key: key.clone(),
+                    dtype: *dtype,
+                    numel,
+                });
                 self.storages.insert(key.clone(), s.clone());
                 Ok(Value::Storage(s))
             }
-            _ => Err("persistent id is not (\"storage\", storage_type, key, location, numel)".into()),
+            _ => {
+                Err("persistent id is not (\"storage\", storage_type, key, location, numel)".into())
+            }
         }
     }
 
@@ -690,7 +766,10 @@ impl<'a> Unpickler<'a> {
                 let mut pairs = Vec::new();
                 if let Some(init) = args.first() {
                     for item in init.items().ok_or("OrderedDict argument is not a list")? {
-                        let kv = item.items().filter(|kv| kv.len() == 2).ok_or("OrderedDict item is not a pair")?;
+                        let kv = item
+                            .items()
+                            .filter(|kv| kv.len() == 2)
+                            .ok_or("OrderedDict item is not a pair")?;
                         pairs.push((kv[0].clone(), kv[1].clone()));
                     }
                 }
@@ -701,35 +780,56 @@ impl<'a> Unpickler<'a> {
                     return Err("_rebuild_tensor_v2 with too few arguments".into());
                 }
                 let Value::Storage(storage) = &args[0] else {
-                    return Err(format!("_rebuild_tensor_v2 on a {}, not a storage", args[0].kind()));
+                    return Err(format!(
+                        "_rebuild_tensor_v2 on a {}, not a storage",
+                        args[0].kind()
+                    ));
                 };
-                let offset = args[1].as_usize().ok_or("tensor storage offset is not a non-negative integer")?;
+                let offset = args[1]
+                    .as_usize()
+                    .ok_or("tensor storage offset is not a non-negative integer")?;
                 let dims = |v: &Value, what: &str| -> VmResult<Vec<usize>> {
                     v.items()
                         .and_then(|xs| xs.iter().map(Value::as_usize).collect::<Option<Vec<_>>>())
-                        .ok_or_else(|| format!("tensor {what} is not a tuple of non-negative integers"))
+                        .ok_or_else(|| {
+                            format!("tensor {what} is not a tuple of non-negative integers")
+                        })
                 };
                 let shape = dims(&args[2], "size")?;
                 let stride = dims(&args[3], "stride")?;
                 if shape.len() != stride.len() {
-                    return Err(format!("tensor size {shape:?} and stride {stride:?} differ in length"));
+                    return Err(format!(
+                        "tensor size {shape:?} and stride {stride:?} differ in length"
+                    ));
                 }
-                Ok(Value::Tensor(Rc::new(TensorRecord { storage: storage.as_ref().clone(), offset, shape, stride })))
+                Ok(Value::Tensor(Rc::new(TensorRecord {
+                    storage: storage.as_ref().clone(),
+                    offset,
+                    shape,
+                    stride,
+                })))
             }
-            Global::RebuildParameter | Global::RebuildParameterWithState => match args.into_iter().next() {
-                Some(t @ Value::Tensor(_)) => Ok(t),
-                _ => Err("_rebuild_parameter without a tensor".into()),
-            },
+            Global::RebuildParameter | Global::RebuildParameterWithState => {
+                match args.into_iter().next() {
+                    Some(t @ Value::Tensor(_)) => Ok(t),
+                    _ => Err("_rebuild_parameter without a tensor".into()),
+                }
+            }
             Global::Device => match args.first() {
                 Some(Value::Str(s)) => Ok(Value::Str(s.clone())),
                 _ => Err("torch.device without a name".into()),
             },
             Global::CodecsEncode => match args.as_slice() {
                 [Value::Str(s), Value::Str(enc)] if enc == "latin1" || enc == "latin-1" => {
-                    let bytes = s.chars().map(|c| u8::try_from(c as u32).map_err(|_| "non-Latin-1 character")).collect::<Result<Vec<u8>, _>>()?;
+                    let bytes = s
+                        .chars()
+                        .map(|c| u8::try_from(c as u32).map_err(|_| "non-Latin-1 character"))
+                        .collect::<Result<Vec<u8>, _>>()?;
                     Ok(Value::Bytes(bytes))
                 }
-                [Value::Str(s), Value::Str(enc)] if enc == "utf-8" || enc == "utf8" => Ok(Value::Bytes(s.as_bytes().to_vec())),
+                [Value::Str(s), Value::Str(enc)] if enc == "utf-8" || enc == "utf8" => {
+                    Ok(Value::Bytes(s.as_bytes().to_vec()))
+                }
                 [Value::Str(s)] => Ok(Value::Bytes(s.as_bytes().to_vec())),
                 _ => Err("unsupported _codecs.encode call".into()),
             },
@@ -774,7 +874,10 @@ pub struct PytorchFile {
 
 impl std::fmt::Debug for PytorchFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PytorchFile").field("path", &self.path).field("tensors", &self.order.len()).finish()
+        f.debug_struct("PytorchFile")
+            .field("path", &self.path)
+            .field("tensors", &self.order.len())
+            .finish()
     }
 }
 
@@ -797,26 +900,50 @@ impl PytorchFile {
         let entries = read_zip_directory(path, bytes)?;
         let pkl_names: Vec<&String> = entries
             .keys()
-            .filter(|n| n.strip_suffix("data.pkl").is_some_and(|root| root.ends_with('/') && root.matches('/').count() == 1))
+            .filter(|n| {
+                n.strip_suffix("data.pkl")
+                    .is_some_and(|root| root.ends_with('/') && root.matches('/').count() == 1)
+            })
             .collect();
         let pkl_name = match pkl_names.as_slice() {
             [one] => (*one).clone(),
-            [] => return Err(Error::format(path, "zip archive has no `<root>/data.pkl`: not a torch.save checkpoint")),
-            many => return Err(Error::format(path, format!("zip archive has several data.pkl entries: {many:?}"))),
+            [] => {
+                return Err(Error::format(
+                    path,
+                    "zip archive has no `<root>/data.pkl`: not a torch.save checkpoint",
+                ))
+            }
+            many => {
+                return Err(Error::format(
+                    path,
+                    format!("zip archive has several data.pkl entries: {many:?}"),
+                ))
+            }
         };
         let root = pkl_name.trim_end_matches("data.pkl").to_string();
         let slice = |e: &ZipEntry| &bytes[e.data_offset..e.data_offset + e.size];
         if let Some(bo) = entries.get(&format!("{root}byteorder")) {
             let order = String::from_utf8_lossy(slice(bo));
             if order.trim() != "little" {
-                return Err(Error::format(path, format!("byte order `{}` is not supported (only little-endian)", order.trim())));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "byte order `{}` is not supported (only little-endian)",
+                        order.trim()
+                    ),
+                ));
             }
         }
         let pickle = slice(&entries[&pkl_name]);
         let mut vm = Unpickler::new(pickle);
-        let result = vm.run().map_err(|msg| Error::format(path, format!("{pkl_name}: {msg}")))?;
+        let result = vm
+            .run()
+            .map_err(|msg| Error::format(path, format!("{pkl_name}: {msg}")))?;
         let Value::Dict(ref dict) = result else {
-            return Err(Error::format(path, format!("the pickle holds a {}, not a state dict", result.kind())));
+            return Err(Error::format(
+                path,
+                format!("the pickle holds a {}, not a state dict", result.kind()),
+            ));
         };
 
         let mut tensors = HashMap::new();
@@ -824,10 +951,16 @@ impl PytorchFile {
         let mut storages = HashMap::new();
         for (k, v) in dict.borrow().iter() {
             // Non-tensor entries (rare extras such as step counters) carry no weights: skipped.
-            let (Value::Str(name), Value::Tensor(t)) = (k, v) else { continue };
+            let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
+                continue;
+            };
             let entry_name = format!("{root}data/{}", t.storage.key);
             let entry = *entries.get(&entry_name).ok_or_else(|| {
-                Error::tensor(path, name.as_str(), format!("its storage `{entry_name}` is missing from the archive"))
+                Error::tensor(
+                    path,
+                    name.as_str(),
+                    format!("its storage `{entry_name}` is missing from the archive"),
+                )
             })?;
             check_view(t, entry.size).map_err(|msg| Error::tensor(path, name.as_str(), msg))?;
             storages.insert(t.storage.key.clone(), entry);
@@ -835,7 +968,13 @@ impl PytorchFile {
                 order.push(name.clone());
             }
         }
-        Ok(PytorchFile { path: path.to_path_buf(), mmap, tensors, order, storages })
+        Ok(PytorchFile {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+            order,
+            storages,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -846,7 +985,11 @@ impl PytorchFile {
 /// Check that every element the view can touch lies inside the storage and the archive entry.
 fn check_view(t: &TensorRecord, entry_bytes: usize) -> std::result::Result<(), String> {
     let elem = t.storage.dtype.size();
-    let storage_bytes = t.storage.numel.checked_mul(elem).ok_or("storage size overflows")?;
+    let storage_bytes = t
+        .storage
+        .numel
+        .checked_mul(elem)
+        .ok_or("storage size overflows")?;
     if storage_bytes > entry_bytes {
         return Err(format!(
             "storage `{}` should hold {} elements ({storage_bytes} bytes) but its archive entry has {entry_bytes} bytes (truncated?)",
@@ -858,7 +1001,10 @@ fn check_view(t: &TensorRecord, entry_bytes: usize) -> std::result::Result<(), S
     }
     let mut last = t.offset;
     for (&d, &s) in t.shape.iter().zip(&t.stride) {
-        last = (d - 1).checked_mul(s).and_then(|x| x.checked_add(last)).ok_or("view extent overflows")?;
+        last = (d - 1)
+            .checked_mul(s)
+            .and_then(|x| x.checked_add(last))
+            .ok_or("view extent overflows")?;
     }
     if last >= t.storage.numel {
         return Err(format!(
@@ -877,7 +1023,12 @@ fn gather(storage: &[u8], t: &TensorRecord) -> Vec<u8> {
     for i in (0..t.shape.len().saturating_sub(1)).rev() {
         contiguous_stride[i] = contiguous_stride[i + 1] * t.shape[i + 1];
     }
-    let is_contiguous = t.shape.iter().zip(&t.stride).zip(&contiguous_stride).all(|((&d, &s), &c)| d <= 1 || s == c);
+    let is_contiguous = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .zip(&contiguous_stride)
+        .all(|((&d, &s), &c)| d <= 1 || s == c);
     if is_contiguous {
         let start = t.offset * elem;
         return storage[start..start + numel * elem].to_vec();
@@ -911,10 +1062,16 @@ impl WeightSource for PytorchFile {
     }
     fn info(&self, name: &str) -> Option<TensorInfo> {
         let t = self.tensors.get(name)?;
-        Some(TensorInfo { dtype: t.storage.dtype, shape: t.shape.clone() })
+        Some(TensorInfo {
+            dtype: t.storage.dtype,
+            shape: t.shape.clone(),
+        })
     }
     fn read(&self, name: &str) -> Result<RawTensor> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::tensor(&self.path, name, "not in this file"))?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "not in this file"))?;
         let entry = self.storages[&t.storage.key];
         let storage = &self.mmap[entry.data_offset..entry.data_offset + entry.size];
         RawTensor::new(t.storage.dtype, t.shape.clone(), gather(storage, t))
@@ -950,7 +1107,10 @@ mod tests {
         // protocol 2: GLOBAL 'posix system', then a call.
         let p = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.";
         let err = run(p).unwrap_err();
-        assert!(err.contains("refusing to load: pickle references global posix.system"), "{err}");
+        assert!(
+            err.contains("refusing to load: pickle references global posix.system"),
+            "{err}"
+        );
         let p = b"\x80\x04\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.";
         let err = run(p).unwrap_err();
         assert!(err.contains("global builtins.eval"), "{err}");
@@ -989,14 +1149,21 @@ mod tests {
         // storage [0..6) as 2x3, viewed transposed as 3x2 with stride (1, 3).
         let storage: Vec<u8> = (0..6u8).collect();
         let t = TensorRecord {
-            storage: StorageRef { key: "0".into(), dtype: DType::U8, numel: 6 },
+            storage: StorageRef {
+                key: "0".into(),
+                dtype: DType::U8,
+                numel: 6,
+            },
             offset: 0,
             shape: vec![3, 2],
             stride: vec![1, 3],
         };
         assert_eq!(gather(&storage, &t), vec![0, 3, 1, 4, 2, 5]);
         assert!(check_view(&t, 6).is_ok());
-        let out_of_range = TensorRecord { offset: 1, ..t.clone() };
+        let out_of_range = TensorRecord {
+            offset: 1,
+            ..t.clone()
+        };
         assert!(check_view(&out_of_range, 6).is_err());
     }
 

@@ -42,7 +42,10 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsFile").field("path", &self.path).field("tensors", &self.order.len()).finish()
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.order.len())
+            .finish()
     }
 }
 
@@ -57,14 +60,20 @@ impl SafetensorsFile {
         if file_len < 8 {
             return Err(Error::format(
                 path,
-                format!("file is {file_len} bytes, too short for the 8-byte header length (truncated?)"),
+                format!(
+                    "file is {file_len} bytes, too short for the 8-byte header length (truncated?)"
+                ),
             ));
         }
         // SAFETY: the map is read-only; if another process truncates the file while we read it,
         // the OS may fault, which is the accepted trade-off of mmap-based model loaders.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let bytes: &[u8] = &mmap;
-        let header_len = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| Error::format(path, "short read"))?);
+        let header_len = u64::from_le_bytes(
+            bytes[..8]
+                .try_into()
+                .map_err(|_| Error::format(path, "short read"))?,
+        );
         if header_len > MAX_HEADER_BYTES {
             return Err(Error::format(
                 path,
@@ -96,7 +105,10 @@ impl SafetensorsFile {
                 };
                 for (k, v) in m {
                     let Value::String(s) = v else {
-                        return Err(Error::format(path, format!("`__metadata__` value for `{k}` is not a string")));
+                        return Err(Error::format(
+                            path,
+                            format!("`__metadata__` value for `{k}` is not a string"),
+                        ));
                     };
                     metadata.insert(k, s);
                 }
@@ -118,7 +130,10 @@ impl SafetensorsFile {
                 return Err(Error::tensor(
                     path,
                     name.as_str(),
-                    format!("data_offsets [{}, {}] overlap tensor `{prev}` (which ends at {covered})", e.begin, e.end),
+                    format!(
+                        "data_offsets [{}, {}] overlap tensor `{prev}` (which ends at {covered})",
+                        e.begin, e.end
+                    ),
                 ));
             }
             if e.begin > covered {
@@ -142,12 +157,23 @@ impl SafetensorsFile {
                 data_len - covered
             );
             return Err(match previous {
-                Some(last) => Error::tensor(path, last.as_str(), format!("last tensor ends early: {msg}")),
+                Some(last) => Error::tensor(
+                    path,
+                    last.as_str(),
+                    format!("last tensor ends early: {msg}"),
+                ),
                 None => Error::format(path, msg),
             });
         }
         let order: Vec<String> = order.into_iter().cloned().collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, order, entries, metadata })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            order,
+            entries,
+            metadata,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -162,7 +188,8 @@ impl SafetensorsFile {
     /// The stored bytes of a tensor, without copying.
     pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
         let e = self.entries.get(name)?;
-        self.mmap.get(self.data_start + e.begin..self.data_start + e.end)
+        self.mmap
+            .get(self.data_start + e.begin..self.data_start + e.end)
     }
 }
 
@@ -185,17 +212,25 @@ fn parse_entry(path: &Path, name: &str, value: &Value, data_len: usize) -> Resul
         .iter()
         .map(json_usize)
         .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| bad(format!("shape {shape_json:?} is not a list of non-negative integers")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "shape {shape_json:?} is not a list of non-negative integers"
+            ))
+        })?;
     let offsets = obj
         .get("data_offsets")
         .and_then(Value::as_array)
         .filter(|a| a.len() == 2)
         .ok_or_else(|| bad("header entry has no two-element `data_offsets`".into()))?;
     let (Some(begin), Some(end)) = (json_usize(&offsets[0]), json_usize(&offsets[1])) else {
-        return Err(bad(format!("data_offsets {offsets:?} are not non-negative integers")));
+        return Err(bad(format!(
+            "data_offsets {offsets:?} are not non-negative integers"
+        )));
     };
     if end < begin {
-        return Err(bad(format!("data_offsets [{begin}, {end}] end before they begin")));
+        return Err(bad(format!(
+            "data_offsets [{begin}, {end}] end before they begin"
+        )));
     }
     let nbytes = shape
         .iter()
@@ -212,7 +247,11 @@ fn parse_entry(path: &Path, name: &str, value: &Value, data_len: usize) -> Resul
             "data_offsets [{begin}, {end}] run past the {data_len}-byte data buffer (file truncated, or the offsets lie)"
         )));
     }
-    Ok(Entry { info: TensorInfo { dtype, shape }, begin, end })
+    Ok(Entry {
+        info: TensorInfo { dtype, shape },
+        begin,
+        end,
+    })
 }
 
 impl WeightSource for SafetensorsFile {
@@ -223,8 +262,13 @@ impl WeightSource for SafetensorsFile {
         self.entries.get(name).map(|e| e.info.clone())
     }
     fn read(&self, name: &str) -> Result<RawTensor> {
-        let e = self.entries.get(name).ok_or_else(|| Error::tensor(&self.path, name, "not in this file"))?;
-        let bytes = self.tensor_bytes(name).ok_or_else(|| Error::tensor(&self.path, name, "bytes out of range"))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "not in this file"))?;
+        let bytes = self
+            .tensor_bytes(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "bytes out of range"))?;
         RawTensor::new(e.info.dtype, e.info.shape.clone(), bytes.to_vec())
             .map_err(|err| Error::tensor(&self.path, name, err.to_string()))
     }
@@ -248,9 +292,13 @@ pub(crate) fn read_weight_map(index_path: &Path) -> Result<Vec<(String, PathBuf)
     let mut out = Vec::with_capacity(map.len());
     let mut checked: HashMap<&str, PathBuf> = HashMap::new();
     for (name, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| Error::tensor(index_path, name.as_str(), "weight_map value is not a file name string"))?;
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::tensor(
+                index_path,
+                name.as_str(),
+                "weight_map value is not a file name string",
+            )
+        })?;
         let shard_path = match checked.get(shard) {
             Some(p) => p.clone(),
             None => {
@@ -260,7 +308,10 @@ pub(crate) fn read_weight_map(index_path: &Path) -> Result<Vec<(String, PathBuf)
                     return Err(Error::tensor(
                         index_path,
                         name.as_str(),
-                        format!("shard `{shard}` listed in weight_map does not exist ({})", p.display()),
+                        format!(
+                            "shard `{shard}` listed in weight_map does not exist ({})",
+                            p.display()
+                        ),
                     ));
                 }
                 checked.insert(shard, p.clone());
@@ -294,10 +345,16 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> Self {
-        TensorSpec { name: name.into(), dtype, shape }
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape,
+        }
     }
     pub fn nbytes(&self) -> u64 {
-        self.shape.iter().fold(self.dtype.size() as u64, |acc, &d| acc.saturating_mul(d as u64))
+        self.shape.iter().fold(self.dtype.size() as u64, |acc, &d| {
+            acc.saturating_mul(d as u64)
+        })
     }
 }
 
@@ -312,12 +369,20 @@ pub struct SafetensorsWriter {
 
 impl SafetensorsWriter {
     /// `metadata` is added to `__metadata__` next to `"format": "pt"`.
-    pub fn create(path: &Path, specs: Vec<TensorSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
         let header = build_header(path, &specs, metadata)?;
         let mut file = AtomicFile::create(path)?;
         file.write_bytes(&(header.len() as u64).to_le_bytes())?;
         file.write_bytes(&header)?;
-        Ok(SafetensorsWriter { file, specs, next: 0 })
+        Ok(SafetensorsWriter {
+            file,
+            specs,
+            next: 0,
+        })
     }
 
     /// The spec of the tensor expected next, if any.
@@ -345,7 +410,11 @@ impl SafetensorsWriter {
             return Err(Error::tensor(
                 path,
                 spec.name.as_str(),
-                format!("{} data bytes given, {} expected", tensor.data.len(), spec.nbytes()),
+                format!(
+                    "{} data bytes given, {} expected",
+                    tensor.data.len(),
+                    spec.nbytes()
+                ),
             ));
         }
         self.file.write_bytes(&tensor.data)?;
@@ -360,14 +429,22 @@ impl SafetensorsWriter {
             return Err(Error::tensor(
                 self.file.final_path(),
                 missing.as_str(),
-                format!("declared but never written ({} of {} tensors written)", self.next, self.specs.len()),
+                format!(
+                    "declared but never written ({} of {} tensors written)",
+                    self.next,
+                    self.specs.len()
+                ),
             ));
         }
         self.file.commit()
     }
 }
 
-fn build_header(path: &Path, specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+fn build_header(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), Value::String("pt".into()));
     for (k, v) in metadata {
@@ -383,7 +460,11 @@ fn build_header(path: &Path, specs: &[TensorSpec], metadata: &BTreeMap<String, S
     let mut offset = 0u64;
     for spec in specs {
         if spec.name == "__metadata__" || header.contains_key(&spec.name) {
-            return Err(Error::tensor(path, spec.name.as_str(), "duplicate or reserved tensor name"));
+            return Err(Error::tensor(
+                path,
+                spec.name.as_str(),
+                "duplicate or reserved tensor name",
+            ));
         }
         let end = offset + spec.nbytes();
         header.insert(
@@ -396,7 +477,8 @@ fn build_header(path: &Path, specs: &[TensorSpec], metadata: &BTreeMap<String, S
         );
         offset = end;
     }
-    let mut bytes = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Other(e.to_string()))?;
+    let mut bytes =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Other(e.to_string()))?;
     // Pad so the data buffer starts 8-byte aligned (the length prefix itself is 8 bytes).
     while bytes.len() % 8 != 0 {
         bytes.push(b' ');
@@ -461,7 +543,11 @@ pub fn save_safetensors(
     let mut seen = std::collections::HashSet::new();
     for s in specs {
         if !seen.insert(s.name.as_str()) {
-            return Err(Error::tensor(dir.join(SINGLE_FILE_NAME), s.name.as_str(), "duplicate tensor name"));
+            return Err(Error::tensor(
+                dir.join(SINGLE_FILE_NAME),
+                s.name.as_str(),
+                "duplicate tensor name",
+            ));
         }
     }
     let plan = plan_shards(specs, max_shard_bytes);
@@ -469,7 +555,11 @@ pub fn save_safetensors(
     let mut files = Vec::with_capacity(n);
     let mut weight_map = BTreeMap::new();
     for (k, members) in plan.iter().enumerate() {
-        let file_name = if n == 1 { SINGLE_FILE_NAME.to_string() } else { shard_file_name(k + 1, n) };
+        let file_name = if n == 1 {
+            SINGLE_FILE_NAME.to_string()
+        } else {
+            shard_file_name(k + 1, n)
+        };
         let path = dir.join(&file_name);
         let shard_specs: Vec<TensorSpec> = members.iter().map(|&i| specs[i].clone()).collect();
         let mut writer = SafetensorsWriter::create(&path, shard_specs.clone(), metadata)?;
@@ -486,7 +576,8 @@ pub fn save_safetensors(
             "metadata": { "total_size": total_size },
             "weight_map": weight_map,
         });
-        let mut text = serde_json::to_string_pretty(&index).map_err(|e| Error::Other(e.to_string()))?;
+        let mut text =
+            serde_json::to_string_pretty(&index).map_err(|e| Error::Other(e.to_string()))?;
         text.push('\n');
         let path = dir.join(INDEX_FILE_NAME);
         crate::fsutil::write_atomic(&path, text.as_bytes())?;
@@ -494,7 +585,11 @@ pub fn save_safetensors(
     } else {
         None
     };
-    Ok(SavedSafetensors { files, index, total_size })
+    Ok(SavedSafetensors {
+        files,
+        index,
+        total_size,
+    })
 }
 
 /// Convenience for small, in-memory tensor sets (tests, tiny models).
@@ -504,8 +599,10 @@ pub fn save_safetensors_in_memory(
     max_shard_bytes: u64,
     metadata: &BTreeMap<String, String>,
 ) -> Result<SavedSafetensors> {
-    let specs: Vec<TensorSpec> =
-        tensors.iter().map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone())).collect();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone()))
+        .collect();
     let by_name: HashMap<&str, &RawTensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     save_safetensors(dir, &specs, max_shard_bytes, metadata, |spec| {
         by_name

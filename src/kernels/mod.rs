@@ -37,7 +37,8 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for row-major f32 `w` (the PyTorch Linear layout).
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for row-major f32 `w` (the PyTorch Linear layout), as a
+/// parallel GEMM. For a few rows (decoding) `nn` uses the row-block [`gemv_block`] instead.
 pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
@@ -47,10 +48,6 @@ pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
     }
     if k == 0 {
         out.fill(0.0);
-        return;
-    }
-    if m <= GEMV_MAX_ROWS {
-        gemv_rows(x, m, k, n, out, |j| &w[j * k..(j + 1) * k]);
         return;
     }
     // SAFETY: the slices have the asserted lengths and the strides below stay inside them.
@@ -76,39 +73,6 @@ pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
             false,
             Parallelism::Rayon(0),
         );
-    }
-}
-
-/// Matrix-vector products for a few activation rows, parallel over output features.
-/// `row(j)` borrows weight row `j`.
-fn gemv_rows<'w, B>(x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], row: B)
-where
-    B: Fn(usize) -> &'w [f32] + Sync,
-{
-    // Output is [m, n]; parallelize over blocks of output features, writing a column block
-    // for every activation row.
-    const BLOCK: usize = 64;
-    let nblocks = n.div_ceil(BLOCK);
-    let results: Vec<(usize, Vec<f32>)> = (0..nblocks)
-        .into_par_iter()
-        .map(|b| {
-            let j0 = b * BLOCK;
-            let j1 = (j0 + BLOCK).min(n);
-            let mut local = vec![0f32; m * (j1 - j0)];
-            for j in j0..j1 {
-                let wrow = row(j);
-                for r in 0..m {
-                    local[r * (j1 - j0) + (j - j0)] = dot(&x[r * k..(r + 1) * k], wrow);
-                }
-            }
-            (j0, local)
-        })
-        .collect();
-    for (j0, local) in results {
-        let width = local.len() / m;
-        for r in 0..m {
-            out[r * n + j0..r * n + j0 + width].copy_from_slice(&local[r * width..(r + 1) * width]);
-        }
     }
 }
 
@@ -152,8 +116,16 @@ impl HalfFloat for bf16 {
 }
 
 /// `out = x · wᵀ` for 16-bit weights: rows are widened to f32 in cache-sized blocks, so the
-/// weights stay 16-bit in memory while the arithmetic is f32.
-pub fn matmul_nt_half<T: HalfFloat>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, out: &mut [f32]) {
+/// weights stay 16-bit in memory while the arithmetic is f32. For a few rows `nn` uses
+/// [`gemv_block_half`] instead.
+pub fn matmul_nt_half<T: HalfFloat>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[T],
+    n: usize,
+    out: &mut [f32],
+) {
     assert_eq!(w.len(), n * k);
     assert_eq!(out.len(), m * n);
     const BLOCK: usize = 64;
@@ -167,21 +139,7 @@ pub fn matmul_nt_half<T: HalfFloat>(x: &[f32], m: usize, k: usize, w: &[T], n: u
             let mut wf = vec![0f32; rows * k];
             T::convert_slice(&w[j0 * k..j1 * k], &mut wf);
             let mut local = vec![0f32; m * rows];
-            if m <= GEMV_MAX_ROWS {
-                for j in 0..rows {
-                    for r in 0..m {
-                        local[r * rows + j] = dot(&x[r * k..(r + 1) * k], &wf[j * k..(j + 1) * k]);
-                    }
-                }
-            } else {
-                // SAFETY: lengths as allocated above.
-                unsafe {
-                    gemm::gemm(
-                        m, rows, k, local.as_mut_ptr(), 1, rows as isize, false, x.as_ptr(), 1, k as isize,
-                        wf.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, Parallelism::None,
-                    );
-                }
-            }
+            gemm_serial(m, rows, k, x, k, 1, &wf, 1, k, &mut local);
             (j0, local)
         })
         .collect();
@@ -206,7 +164,9 @@ pub fn exp_fast(x: f32) -> f32 {
     let k = (x * LOG2E + ROUND) - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
@@ -221,7 +181,11 @@ pub fn softmax(v: &mut [f32]) {
     let mut sum = 0.0;
     for x in v.iter_mut() {
         // Masked entries (-inf) must give exactly 0, which the clamp in exp_fast would not.
-        *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp_fast(*x - max) };
+        *x = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp_fast(*x - max)
+        };
         sum += *x;
     }
     let inv = 1.0 / sum;
@@ -314,7 +278,9 @@ mod tests {
         let mut o = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
+                o[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         o
@@ -323,20 +289,30 @@ mod tests {
     #[test]
     fn matmul_matches_naive_for_gemv_and_gemm_paths() {
         for &(m, k, n) in &[(1, 67, 130), (3, 64, 65), (9, 100, 33), (17, 1, 5)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
             let mut out = vec![0f32; m * n];
             matmul_nt(&x, m, k, &w, n, &mut out);
             let want = naive(&x, m, k, &w, n);
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
             }
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let wback: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
             matmul_nt_half(&x, m, k, &wh, n, &mut out);
             let want = naive(&x, m, k, &wback, n);
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "f16 {m}x{k}x{n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "f16 {m}x{k}x{n}: {a} vs {b}"
+                );
             }
         }
     }
@@ -355,8 +331,19 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (2.0, 0.995_322_3), (3.0, 0.999_977_9), (-1.5, -0.966_105_1)] {
-            assert!((erf(x) - want).abs() < 1e-6, "erf({x}) = {} want {want}", erf(x));
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (2.0, 0.995_322_3),
+            (3.0, 0.999_977_9),
+            (-1.5, -0.966_105_1),
+        ] {
+            assert!(
+                (erf(x) - want).abs() < 1e-6,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
         }
     }
 }
@@ -389,8 +376,25 @@ pub fn gemm_serial(
     // SAFETY: the asserts above bound every index the strides can reach.
     unsafe {
         gemm::gemm(
-            m, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), a_cs as isize, a_rs as isize,
-            b.as_ptr(), b_cs as isize, b_rs as isize, 0.0, 1.0, false, false, false, Parallelism::None,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
         );
     }
 }

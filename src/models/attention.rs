@@ -16,7 +16,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize, batch: usize) -> Self {
-        KvCache { batch, layers: (0..num_layers).map(|_| (vec![], vec![])).collect(), mask: vec![vec![]; batch] }
+        KvCache {
+            batch,
+            layers: (0..num_layers).map(|_| (vec![], vec![])).collect(),
+            mask: vec![vec![]; batch],
+        }
     }
     pub fn batch(&self) -> usize {
         self.batch
@@ -46,7 +50,12 @@ impl KvCache {
     }
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| 4 * (k.iter().map(Vec::len).sum::<usize>() + v.iter().map(Vec::len).sum::<usize>())).sum()
+        self.layers
+            .iter()
+            .map(|(k, v)| {
+                4 * (k.iter().map(Vec::len).sum::<usize>() + v.iter().map(Vec::len).sum::<usize>())
+            })
+            .sum()
     }
     /// Drop everything after the first `len` positions (used to reuse a prompt prefix).
     pub fn truncate(&mut self, len: usize, head_dim: usize) {
@@ -71,7 +80,11 @@ impl KvCache {
                     .iter()
                     .map(|&m| {
                         count += m as usize;
-                        if m == 0 { 1 } else { count - 1 }
+                        if m == 0 {
+                            1
+                        } else {
+                            count - 1
+                        }
                     })
                     .collect();
                 all[all.len() - t..].to_vec()
@@ -91,7 +104,15 @@ pub struct AttentionShape {
 /// `q` is `[batch * t, heads * head_dim]`, `k`/`v` are `[batch * t, kv_heads * head_dim]`.
 /// The new positions must already be registered with [`KvCache::push_positions`].
 /// Returns `[batch * t, heads * head_dim]`.
-pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+pub fn attend(
+    cache: &mut KvCache,
+    layer: usize,
+    s: &AttentionShape,
+    t: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
     let (hd, kvh, nh) = (s.head_dim, s.kv_heads, s.heads);
     let batch = cache.batch;
     let (kc, vc) = &mut cache.layers[layer];
@@ -117,8 +138,9 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
     // each block only looks at the keys its last query may see (the causal upper triangle is
     // never computed).
     const QUERY_BLOCK: usize = 64;
-    let tasks: Vec<(usize, usize)> =
-        (0..batch * nh).flat_map(|bh| (0..t).step_by(QUERY_BLOCK).map(move |i0| (bh, i0))).collect();
+    let tasks: Vec<(usize, usize)> = (0..batch * nh)
+        .flat_map(|bh| (0..t).step_by(QUERY_BLOCK).map(move |i0| (bh, i0)))
+        .collect();
     let blocks: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(bh, i0)| {
@@ -126,20 +148,41 @@ pub fn attend(cache: &mut KvCache, layer: usize, s: &AttentionShape, t: usize, q
             let kv = b * kvh + h / group;
             let (keys, vals) = (&kc[kv], &vc[kv]);
             if t == 1 {
-                return attend_one(&q[b * nh * hd + h * hd..][..hd], keys, vals, &mask[b], s.scale);
+                return attend_one(
+                    &q[b * nh * hd + h * hd..][..hd],
+                    keys,
+                    vals,
+                    &mask[b],
+                    s.scale,
+                );
             }
             let i1 = (i0 + QUERY_BLOCK).min(t);
             let (rows, width) = (i1 - i0, past + i1);
             // scores[i, j] = q_i · k_j for the block's queries and the keys they can see.
             let mut scores = vec![0f32; rows * width];
             let q0 = (b * t + i0) * nh * hd + h * hd;
-            kernels::gemm_serial(rows, width, hd, &q[q0..], nh * hd, 1, keys, 1, hd, &mut scores);
+            kernels::gemm_serial(
+                rows,
+                width,
+                hd,
+                &q[q0..],
+                nh * hd,
+                1,
+                keys,
+                1,
+                hd,
+                &mut scores,
+            );
             for r in 0..rows {
                 let row = &mut scores[r * width..(r + 1) * width];
                 let limit = past + i0 + r; // causal: keys 0..=limit
                 let (visible, future) = row.split_at_mut(limit + 1);
                 for (sc, &m) in visible.iter_mut().zip(&mask[b]) {
-                    *sc = if m != 0 { *sc * s.scale } else { f32::NEG_INFINITY };
+                    *sc = if m != 0 {
+                        *sc * s.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                 }
                 kernels::softmax(visible);
                 future.fill(0.0);
@@ -166,7 +209,13 @@ fn attend_one(q: &[f32], keys: &[f32], vals: &[f32], mask: &[u8], scale: f32) ->
     let mut scores: Vec<f32> = keys
         .chunks_exact(hd)
         .zip(mask)
-        .map(|(k, &m)| if m != 0 { kernels::dot(q, k) * scale } else { f32::NEG_INFINITY })
+        .map(|(k, &m)| {
+            if m != 0 {
+                kernels::dot(q, k) * scale
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
         .collect();
     kernels::softmax(&mut scores);
     let mut out = vec![0f32; hd];

@@ -36,7 +36,12 @@ pub fn tensor_shapes(c: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
     ];
     for i in 0..c.n_layer {
         let p = format!("transformer.h.{i}");
-        for (n, inp, out) in [("attn.c_attn", e, 3 * e), ("attn.c_proj", e, e), ("mlp.c_fc", e, c.n_inner), ("mlp.c_proj", c.n_inner, e)] {
+        for (n, inp, out) in [
+            ("attn.c_attn", e, 3 * e),
+            ("attn.c_proj", e, e),
+            ("mlp.c_fc", e, c.n_inner),
+            ("mlp.c_proj", c.n_inner, e),
+        ] {
             v.push((format!("{p}.{n}.weight"), vec![inp, out]));
             v.push((format!("{p}.{n}.bias"), vec![out]));
         }
@@ -58,7 +63,11 @@ impl Gpt2 {
         let e = cfg.n_embd;
         let eps = cfg.layer_norm_epsilon;
         let wte = Arc::new(ld.matrix("transformer.wte.weight", cfg.vocab_size, e)?);
-        let wpe = crate::formats::read_f32_checked(ld.src, "transformer.wpe.weight", &[cfg.n_positions, e])?;
+        let wpe = crate::formats::read_f32_checked(
+            ld.src,
+            "transformer.wpe.weight",
+            &[cfg.n_positions, e],
+        )?;
         let mut h = vec![];
         for i in 0..cfg.n_layer {
             let p = format!("transformer.h.{i}");
@@ -72,8 +81,20 @@ impl Gpt2 {
             });
         }
         let ln_f = ld.layer_norm("transformer.ln_f", e, eps, true)?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", e, cfg.vocab_size, false)?) };
-        Ok(Gpt2 { config, cfg, wte, wpe, h, ln_f, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.linear("lm_head", e, cfg.vocab_size, false)?)
+        };
+        Ok(Gpt2 {
+            config,
+            cfg,
+            wte,
+            wpe,
+            h,
+            ln_f,
+            lm_head,
+        })
     }
 
     pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
@@ -83,18 +104,31 @@ impl Gpt2 {
         let rows = x.len() / e;
         let hd = e / c.n_head;
         let qkv = b.c_attn.forward(&b.ln_1.forward(x), rows);
-        let (mut q, mut k, mut v) = (vec![0f32; rows * e], vec![0f32; rows * e], vec![0f32; rows * e]);
+        let (mut q, mut k, mut v) = (
+            vec![0f32; rows * e],
+            vec![0f32; rows * e],
+            vec![0f32; rows * e],
+        );
         for r in 0..rows {
             let src = &qkv[r * 3 * e..(r + 1) * 3 * e];
             q[r * e..(r + 1) * e].copy_from_slice(&src[..e]);
             k[r * e..(r + 1) * e].copy_from_slice(&src[e..2 * e]);
             v[r * e..(r + 1) * e].copy_from_slice(&src[2 * e..]);
         }
-        let mut scale = if c.scale_attn_weights { 1.0 / (hd as f32).sqrt() } else { 1.0 };
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (hd as f32).sqrt()
+        } else {
+            1.0
+        };
         if c.scale_attn_by_inverse_layer_idx {
             scale /= (i + 1) as f32;
         }
-        let shape = AttentionShape { heads: c.n_head, kv_heads: c.n_head, head_dim: hd, scale };
+        let shape = AttentionShape {
+            heads: c.n_head,
+            kv_heads: c.n_head,
+            head_dim: hd,
+            scale,
+        };
         let attn = attend(cache, i, &shape, t, &q, &k, &v);
         add_in_place(x, &b.attn_c_proj.forward(&attn, rows));
         let mut f = b.c_fc.forward(&b.ln_2.forward(x), rows);
@@ -108,7 +142,12 @@ impl CausalLM for Gpt2 {
         &self.config
     }
 
-    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         let (batch, t) = input.dims(cache, self.config.vocab_size())?;
         let e = self.cfg.n_embd;
         let mut x = vec![0f32; batch * t * e];
@@ -135,14 +174,23 @@ impl CausalLM for Gpt2 {
     fn linears(&self) -> Vec<LinearRef<'_>> {
         let mut out = vec![];
         for (i, b) in self.h.iter().enumerate() {
-            for (name, lin) in
-                [("attn.c_attn", &b.c_attn), ("attn.c_proj", &b.attn_c_proj), ("mlp.c_fc", &b.c_fc), ("mlp.c_proj", &b.mlp_c_proj)]
-            {
-                out.push(LinearRef { name: format!("transformer.h.{i}.{name}"), linear: lin });
+            for (name, lin) in [
+                ("attn.c_attn", &b.c_attn),
+                ("attn.c_proj", &b.attn_c_proj),
+                ("mlp.c_fc", &b.c_fc),
+                ("mlp.c_proj", &b.mlp_c_proj),
+            ] {
+                out.push(LinearRef {
+                    name: format!("transformer.h.{i}.{name}"),
+                    linear: lin,
+                });
             }
         }
         if let Some(l) = &self.lm_head {
-            out.push(LinearRef { name: "lm_head".into(), linear: l });
+            out.push(LinearRef {
+                name: "lm_head".into(),
+                linear: l,
+            });
         }
         out
     }
@@ -151,12 +199,28 @@ impl CausalLM for Gpt2 {
         let c = &self.cfg;
         let e = c.n_embd;
         let mut out = vec![
-            ("transformer.wte.weight".to_string(), crate::nn::LinearKernel::to_f32(self.wte.as_ref()), vec![c.vocab_size, e]),
-            ("transformer.wpe.weight".to_string(), self.wpe.clone(), vec![c.n_positions, e]),
+            (
+                "transformer.wte.weight".to_string(),
+                crate::nn::LinearKernel::to_f32(self.wte.as_ref()),
+                vec![c.vocab_size, e],
+            ),
+            (
+                "transformer.wpe.weight".to_string(),
+                self.wpe.clone(),
+                vec![c.n_positions, e],
+            ),
         ];
         let mut ln = |name: String, n: &LayerNorm| {
-            out.push((format!("{name}.weight"), n.weight.clone().unwrap_or_default(), vec![e]));
-            out.push((format!("{name}.bias"), n.bias.clone().unwrap_or_default(), vec![e]));
+            out.push((
+                format!("{name}.weight"),
+                n.weight.clone().unwrap_or_default(),
+                vec![e],
+            ));
+            out.push((
+                format!("{name}.bias"),
+                n.bias.clone().unwrap_or_default(),
+                vec![e],
+            ));
         };
         for (i, b) in self.h.iter().enumerate() {
             ln(format!("transformer.h.{i}.ln_1"), &b.ln_1);
@@ -166,8 +230,8 @@ impl CausalLM for Gpt2 {
         out
     }
 
-    fn embedding_bytes(&self) -> usize {
-        crate::nn::LinearKernel::storage_bytes(self.wte.as_ref())
+    fn embedding(&self) -> &DenseMatrix {
+        &self.wte
     }
 
     fn conv1d_weights(&self) -> bool {

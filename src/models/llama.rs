@@ -34,12 +34,18 @@ pub struct Llama {
 
 /// Inverse rotary frequencies, with the configured scaling folded in.
 pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
-    let base: Vec<f32> =
-        (0..head_dim / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32).collect();
+    let base: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect();
     match scaling {
         None => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
             let old = *original_max_position_embeddings as f64;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -50,7 +56,8 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>)
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     if medium {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
                     } else {
                         scaled as f32
@@ -63,7 +70,13 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>)
 
 /// Rotate each head of `x` (`[rows, heads * head_dim]`) by its row's position, in the
 /// "rotate half" layout transformers uses.
-pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], inv_freq: &[f32]) {
+pub fn apply_rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    inv_freq: &[f32],
+) {
     use rayon::prelude::*;
     let half = head_dim / 2;
     let rotate = |(row, &pos): (&mut [f32], &usize)| {
@@ -83,9 +96,13 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usi
         }
     };
     if positions.len() >= 16 {
-        x.par_chunks_exact_mut(heads * head_dim).zip(positions.par_iter()).for_each(rotate);
+        x.par_chunks_exact_mut(heads * head_dim)
+            .zip(positions.par_iter())
+            .for_each(rotate);
     } else {
-        x.chunks_exact_mut(heads * head_dim).zip(positions.iter()).for_each(rotate);
+        x.chunks_exact_mut(heads * head_dim)
+            .zip(positions.iter())
+            .for_each(rotate);
     }
 }
 
@@ -98,7 +115,11 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(LlamaLayer {
-                input_layernorm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                input_layernorm: ld.rms_norm(
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
                 q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, cfg.qkv_bias)?,
                 k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, cfg.qkv_bias)?,
                 v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, cfg.qkv_bias)?,
@@ -108,17 +129,43 @@ impl Llama {
                     h,
                     cfg.rms_norm_eps,
                 )?,
-                gate_proj: ld.linear(&format!("{p}.mlp.gate_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
-                up_proj: ld.linear(&format!("{p}.mlp.up_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
-                down_proj: ld.linear(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+                gate_proj: ld.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                up_proj: ld.linear(
+                    &format!("{p}.mlp.up_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                down_proj: ld.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                )?,
             });
         }
         let norm = ld.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
         // Some tied checkpoints still carry lm_head.weight; the config decides.
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", h, cfg.vocab_size, false)?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.linear("lm_head", h, cfg.vocab_size, false)?)
+        };
         let inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling.as_ref());
-        Ok(Llama { config, cfg, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Llama {
+            config,
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     fn attention_shape(&self) -> AttentionShape {
@@ -131,21 +178,43 @@ impl Llama {
     }
 
     /// Run decoder block `i` on hidden states `x` (`[rows, hidden]`), in place.
-    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, positions: &[usize], cache: &mut KvCache) {
+    pub fn block_forward(
+        &self,
+        i: usize,
+        x: &mut [f32],
+        t: usize,
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) {
         let layer = &self.layers[i];
         let cfg = &self.cfg;
         let rows = x.len() / cfg.hidden_size;
         let hn = layer.input_layernorm.forward(x);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
-            .try_into()
-            .expect("three outputs");
-        apply_rope(&mut q, cfg.num_attention_heads, cfg.head_dim, positions, &self.inv_freq);
-        apply_rope(&mut k, cfg.num_key_value_heads, cfg.head_dim, positions, &self.inv_freq);
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
+                .try_into()
+                .expect("three outputs");
+        apply_rope(
+            &mut q,
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            positions,
+            &self.inv_freq,
+        );
+        apply_rope(
+            &mut k,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            positions,
+            &self.inv_freq,
+        );
         let attn = attend(cache, i, &self.attention_shape(), t, &q, &k, &v);
         add_in_place(x, &layer.o_proj.forward(&attn, rows));
         let hn = layer.post_attention_layernorm.forward(x);
         let [mut gate, up]: [Vec<f32>; 2] =
-            forward_many(&[&layer.gate_proj, &layer.up_proj], &hn, rows).try_into().expect("two outputs");
+            forward_many(&[&layer.gate_proj, &layer.up_proj], &hn, rows)
+                .try_into()
+                .expect("two outputs");
         crate::nn::for_each_row_in_place(&mut gate, &up, cfg.intermediate_size, |g, u| {
             for (g, u) in g.iter_mut().zip(u) {
                 *g = crate::kernels::silu(*g) * u;
@@ -160,7 +229,12 @@ impl CausalLM for Llama {
         &self.config
     }
 
-    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         let (batch, t) = input.dims(cache, self.config.vocab_size())?;
         let h = self.cfg.hidden_size;
         let mut x = vec![0f32; batch * t * h];
@@ -177,7 +251,11 @@ impl CausalLM for Llama {
         }
         let x = super::select_rows(&x, batch, t, h, mode);
         let x = self.norm.forward(&x);
-        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens))
+        Ok(super::project_logits(
+            &x,
+            self.lm_head.as_ref(),
+            &self.embed_tokens,
+        ))
     }
 
     fn linears(&self) -> Vec<LinearRef<'_>> {
@@ -193,11 +271,17 @@ impl CausalLM for Llama {
                 ("mlp.up_proj", &l.up_proj),
                 ("mlp.down_proj", &l.down_proj),
             ] {
-                out.push(LinearRef { name: format!("{p}.{name}"), linear: lin });
+                out.push(LinearRef {
+                    name: format!("{p}.{name}"),
+                    linear: lin,
+                });
             }
         }
         if let Some(l) = &self.lm_head {
-            out.push(LinearRef { name: "lm_head".into(), linear: l });
+            out.push(LinearRef {
+                name: "lm_head".into(),
+                linear: l,
+            });
         }
         out
     }
@@ -210,18 +294,26 @@ impl CausalLM for Llama {
             vec![self.cfg.vocab_size, h],
         )];
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.clone(), vec![h]));
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                l.input_layernorm.weight.clone(),
+                vec![h],
+            ));
             out.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.weight.clone(),
                 vec![h],
             ));
         }
-        out.push(("model.norm.weight".into(), self.norm.weight.clone(), vec![h]));
+        out.push((
+            "model.norm.weight".into(),
+            self.norm.weight.clone(),
+            vec![h],
+        ));
         out
     }
 
-    fn embedding_bytes(&self) -> usize {
-        crate::nn::LinearKernel::storage_bytes(self.embed_tokens.as_ref())
+    fn embedding(&self) -> &DenseMatrix {
+        &self.embed_tokens
     }
 }

@@ -36,19 +36,31 @@ pub struct ForwardInput {
 
 impl ForwardInput {
     pub fn single(ids: &[u32]) -> Self {
-        ForwardInput { ids: ids.to_vec(), batch: 1, ..Default::default() }
+        ForwardInput {
+            ids: ids.to_vec(),
+            batch: 1,
+            ..Default::default()
+        }
     }
     pub fn batch(rows: &[Vec<u32>]) -> Result<Self> {
         let t = rows.first().map_or(0, Vec::len);
         if rows.iter().any(|r| r.len() != t) {
-            return Err(Error::InvalidArgument("all rows of a batch must have the same length (pad them)".into()));
+            return Err(Error::InvalidArgument(
+                "all rows of a batch must have the same length (pad them)".into(),
+            ));
         }
-        Ok(ForwardInput { ids: rows.concat(), batch: rows.len(), ..Default::default() })
+        Ok(ForwardInput {
+            ids: rows.concat(),
+            batch: rows.len(),
+            ..Default::default()
+        })
     }
     /// Validate against the cache and vocabulary; returns `(batch, t)`.
     pub fn dims(&self, cache: &KvCache, vocab_size: usize) -> Result<(usize, usize)> {
         if let Some(&bad) = self.ids.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary of {vocab_size}")));
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {vocab_size}"
+            )));
         }
         if self.batch == 0 || self.ids.is_empty() || self.ids.len() % self.batch != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -66,13 +78,18 @@ impl ForwardInput {
         }
         let t = self.ids.len() / self.batch;
         if let Some(m) = &self.attention_mask {
-            if m.len() != self.batch || m.iter().any(|r| r.len() != t && r.len() != cache.len() + t) {
-                return Err(Error::InvalidArgument("attention mask must be [batch, t] or [batch, past + t]".into()));
+            if m.len() != self.batch || m.iter().any(|r| r.len() != t && r.len() != cache.len() + t)
+            {
+                return Err(Error::InvalidArgument(
+                    "attention mask must be [batch, t] or [batch, past + t]".into(),
+                ));
             }
         }
         if let Some(p) = &self.position_ids {
             if p.len() != self.batch || p.iter().any(|r| r.len() != t) {
-                return Err(Error::InvalidArgument("position ids must be [batch, t]".into()));
+                return Err(Error::InvalidArgument(
+                    "position ids must be [batch, t]".into(),
+                ));
             }
         }
         Ok((self.batch, t))
@@ -89,14 +106,19 @@ pub trait CausalLM: Send + Sync {
     fn config(&self) -> &AutoConfig;
     /// Logits `[batch, t, vocab]` (or `[batch, vocab]` with [`LogitsMode::Last`]). The cache
     /// is extended with the new positions.
-    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>>;
+    fn forward(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>>;
     /// Every linear layer with its checkpoint prefix (GPT-2 Conv1D layers report their
     /// checkpoint prefix too; they are held as `[out, in]`).
     fn linears(&self) -> Vec<LinearRef<'_>>;
     /// Every other parameter (embeddings, norms, biases of non-linear parts) with its name and shape.
     fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)>;
-    /// Bytes of the token embedding table (reported apart from the linears).
-    fn embedding_bytes(&self) -> usize;
+    /// The token embedding table (also the output projection when tied).
+    fn embedding(&self) -> &DenseMatrix;
     /// Linear weights stored transposed in checkpoints (GPT-2 Conv1D).
     fn conv1d_weights(&self) -> bool {
         false
@@ -107,37 +129,43 @@ pub trait CausalLM: Send + Sync {
     }
 
     /// Bytes of all parameters as held in memory (packed sizes for quantized layers).
+    /// Derived from the config's tensor list so nothing is copied to count it.
     fn footprint_bytes(&self) -> usize {
-        let linears: usize = self.linears().iter().map(|l| l.linear.storage_bytes()).sum();
-        let others: usize = self
-            .other_tensors()
-            .iter()
-            .filter(|(n, _, _)| !is_embedding_name(n))
-            .map(|(_, v, _)| v.len() * 4)
-            .sum();
-        linears + others + self.embedding_bytes()
+        let linears = self.linears();
+        let linear_bytes: usize = linears.iter().map(|l| l.linear.storage_bytes()).sum();
+        let linear_params: usize = linears.iter().map(|l| linear_params(l.linear)).sum();
+        let embed = self.embedding();
+        // Norms, biases and position tables are held in f32.
+        let rest = self.num_parameters() - linear_params - embed.rows() * embed.cols();
+        linear_bytes + embed.storage_bytes() + 4 * rest
     }
 
     /// Number of parameters (tied weights counted once).
     fn num_parameters(&self) -> usize {
-        let linears: usize = self
-            .linears()
+        checkpoint_tensors(self.config())
             .iter()
-            .map(|l| l.linear.in_features() * l.linear.out_features() + l.linear.bias.as_ref().map_or(0, Vec::len))
-            .sum();
-        linears + self.other_tensors().iter().map(|(_, v, _)| v.len()).sum::<usize>()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
     }
 }
 
-fn is_embedding_name(name: &str) -> bool {
-    name.ends_with("embed_tokens.weight") || name == "transformer.wte.weight"
+fn linear_params(l: &Linear) -> usize {
+    l.in_features() * l.out_features() + l.bias.as_ref().map_or(0, Vec::len)
 }
 
 /// Keep only the last position of every row when only next-token logits are needed.
-pub(crate) fn select_rows(x: &[f32], batch: usize, t: usize, h: usize, mode: LogitsMode) -> Vec<f32> {
+pub(crate) fn select_rows(
+    x: &[f32],
+    batch: usize,
+    t: usize,
+    h: usize,
+    mode: LogitsMode,
+) -> Vec<f32> {
     match mode {
         LogitsMode::All => x.to_vec(),
-        LogitsMode::Last => (0..batch).flat_map(|b| x[((b + 1) * t - 1) * h..(b + 1) * t * h].iter().copied()).collect(),
+        LogitsMode::Last => (0..batch)
+            .flat_map(|b| x[((b + 1) * t - 1) * h..(b + 1) * t * h].iter().copied())
+            .collect(),
     }
 }
 
@@ -165,10 +193,16 @@ pub struct AutoModelForCausalLM;
 
 impl AutoModelForCausalLM {
     /// Build the model for `config` from the tensors in `weights`.
-    pub fn from_weights(config: AutoConfig, weights: &dyn WeightSource, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
+    pub fn from_weights(
+        config: AutoConfig,
+        weights: &dyn WeightSource,
+        opts: &LoadOptions,
+    ) -> Result<Box<dyn CausalLM>> {
         let ld = Loader::new(weights, opts.dtype);
         Ok(match config.arch.clone() {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => Box::new(llama::Llama::load(config, c, &ld)?),
+            Architecture::Llama(c) | Architecture::Qwen2(c) => {
+                Box::new(llama::Llama::load(config, c, &ld)?)
+            }
             Architecture::Opt(c) => Box::new(opt::Opt::load(config, c, &ld)?),
             Architecture::Gpt2(c) => Box::new(gpt2::Gpt2::load(config, c, &ld)?),
         })
@@ -176,7 +210,11 @@ impl AutoModelForCausalLM {
 
     /// A model with seeded random weights (HF-style init: normal(0, 0.02) matrices, unit norm
     /// weights, zero biases).
-    pub fn from_config(config: AutoConfig, seed: u64, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
+    pub fn from_config(
+        config: AutoConfig,
+        seed: u64,
+        opts: &LoadOptions,
+    ) -> Result<Box<dyn CausalLM>> {
         let weights = RandomWeights::new(&config, seed);
         Self::from_weights(config, &weights, opts)
     }
@@ -194,7 +232,10 @@ pub fn checkpoint_tensors(config: &AutoConfig) -> Vec<(String, Vec<usize>)> {
 fn llama_tensor_shapes(c: &crate::config::LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, hd, im) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         v.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -231,8 +272,16 @@ pub struct RandomWeights {
 
 impl RandomWeights {
     pub fn new(config: &AutoConfig, seed: u64) -> Self {
-        let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
-        RandomWeights { shapes: checkpoint_tensors(config).into_iter().collect(), seed, std }
+        let std = config
+            .raw
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
+        RandomWeights {
+            shapes: checkpoint_tensors(config).into_iter().collect(),
+            seed,
+            std,
+        }
     }
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
@@ -254,7 +303,8 @@ impl RandomWeights {
                 // Box-Muller normal sample.
                 let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
                 let u2: f64 = rng.gen();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std) as f32
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
+                    as f32
             })
             .collect()
     }
@@ -265,14 +315,23 @@ impl WeightSource for RandomWeights {
         self.shapes.keys().cloned().collect()
     }
     fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.shapes.get(name).map(|s| TensorInfo { dtype: DType::F32, shape: s.clone() })
+        self.shapes.get(name).map(|s| TensorInfo {
+            dtype: DType::F32,
+            shape: s.clone(),
+        })
     }
     fn read(&self, name: &str) -> Result<RawTensor> {
-        let shape = self
-            .shapes
-            .get(name)
-            .ok_or_else(|| Error::tensor("<random weights>", name, "no such tensor in this architecture"))?;
-        Ok(RawTensor::from_f32(shape.clone(), &self.values(name, shape.iter().product())))
+        let shape = self.shapes.get(name).ok_or_else(|| {
+            Error::tensor(
+                "<random weights>",
+                name,
+                "no such tensor in this architecture",
+            )
+        })?;
+        Ok(RawTensor::from_f32(
+            shape.clone(),
+            &self.values(name, shape.iter().product()),
+        ))
     }
     fn file_of(&self, _name: &str) -> std::path::PathBuf {
         "<random weights>".into()
@@ -287,10 +346,18 @@ pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawT
     let conv = |shape: Vec<usize>, v: &[f32]| -> RawTensor {
         match dtype {
             WeightDType::F32 => RawTensor::from_f32(shape, v),
-            WeightDType::F16 => RawTensor::from_f16(shape, &v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()),
-            WeightDType::BF16 => {
-                RawTensor::from_bf16(shape, &v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())
-            }
+            WeightDType::F16 => RawTensor::from_f16(
+                shape,
+                &v.iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>(),
+            ),
+            WeightDType::BF16 => RawTensor::from_bf16(
+                shape,
+                &v.iter()
+                    .map(|&x| half::bf16::from_f32(x))
+                    .collect::<Vec<_>>(),
+            ),
         }
     };
     let mut out = vec![];
@@ -322,12 +389,19 @@ pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawT
 /// Check that a checkpoint holds no tensor the architecture does not know (a sign of a wrong
 /// config), ignoring buffers transformers also ignores.
 pub fn unexpected_tensors(config: &AutoConfig, weights: &dyn WeightSource) -> Vec<String> {
-    let known: std::collections::HashSet<String> = checkpoint_tensors(config).into_iter().map(|(n, _)| n).collect();
+    let known: std::collections::HashSet<String> = checkpoint_tensors(config)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     weights
         .names()
         .into_iter()
         .filter(|n| !known.contains(n))
-        .filter(|n| !n.ends_with("rotary_emb.inv_freq") && !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias"))
+        .filter(|n| {
+            !n.ends_with("rotary_emb.inv_freq")
+                && !n.ends_with(".attn.bias")
+                && !n.ends_with(".attn.masked_bias")
+        })
         .filter(|n| n != "lm_head.weight")
         .collect()
 }

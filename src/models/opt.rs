@@ -46,7 +46,10 @@ pub fn tensor_shapes(c: &OptConfig) -> Vec<(String, Vec<usize>)> {
     let d = "model.decoder";
     let mut v = vec![
         (format!("{d}.embed_tokens.weight"), vec![c.vocab_size, p]),
-        (format!("{d}.embed_positions.weight"), vec![c.max_position_embeddings + POSITION_OFFSET, h]),
+        (
+            format!("{d}.embed_positions.weight"),
+            vec![c.max_position_embeddings + POSITION_OFFSET, h],
+        ),
     ];
     if p != h {
         v.push((format!("{d}.project_in.weight"), vec![h, p]));
@@ -90,7 +93,8 @@ impl Opt {
         let (h, p) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let d = "model.decoder";
         let affine = cfg.layer_norm_elementwise_affine;
-        let embed_tokens = Arc::new(ld.matrix(&format!("{d}.embed_tokens.weight"), cfg.vocab_size, p)?);
+        let embed_tokens =
+            Arc::new(ld.matrix(&format!("{d}.embed_tokens.weight"), cfg.vocab_size, p)?);
         let embed_positions = crate::formats::read_f32_checked(
             ld.src,
             &format!("{d}.embed_positions.weight"),
@@ -109,12 +113,22 @@ impl Opt {
         for i in 0..cfg.num_hidden_layers {
             let l = format!("{d}.layers.{i}");
             layers.push(OptLayer {
-                self_attn_layer_norm: ld.layer_norm(&format!("{l}.self_attn_layer_norm"), h, LN_EPS, affine)?,
+                self_attn_layer_norm: ld.layer_norm(
+                    &format!("{l}.self_attn_layer_norm"),
+                    h,
+                    LN_EPS,
+                    affine,
+                )?,
                 q_proj: ld.linear(&format!("{l}.self_attn.q_proj"), h, h, b)?,
                 k_proj: ld.linear(&format!("{l}.self_attn.k_proj"), h, h, b)?,
                 v_proj: ld.linear(&format!("{l}.self_attn.v_proj"), h, h, b)?,
                 out_proj: ld.linear(&format!("{l}.self_attn.out_proj"), h, h, b)?,
-                final_layer_norm: ld.layer_norm(&format!("{l}.final_layer_norm"), h, LN_EPS, affine)?,
+                final_layer_norm: ld.layer_norm(
+                    &format!("{l}.final_layer_norm"),
+                    h,
+                    LN_EPS,
+                    affine,
+                )?,
                 fc1: ld.linear(&format!("{l}.fc1"), h, cfg.ffn_dim, b)?,
                 fc2: ld.linear(&format!("{l}.fc2"), cfg.ffn_dim, h, b)?,
             });
@@ -124,8 +138,22 @@ impl Opt {
         } else {
             None
         };
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(ld.linear("lm_head", p, cfg.vocab_size, false)?) };
-        Ok(Opt { config, cfg, embed_tokens, embed_positions, project_in, project_out, layers, final_layer_norm, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.linear("lm_head", p, cfg.vocab_size, false)?)
+        };
+        Ok(Opt {
+            config,
+            cfg,
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            layers,
+            final_layer_norm,
+            lm_head,
+        })
     }
 
     pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
@@ -133,10 +161,15 @@ impl Opt {
         let layer = &self.layers[i];
         let rows = x.len() / c.hidden_size;
         let pre = c.do_layer_norm_before;
-        let hn = if pre { layer.self_attn_layer_norm.forward(x) } else { x.to_vec() };
-        let [q, k, v]: [Vec<f32>; 3] = forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
-            .try_into()
-            .expect("three outputs");
+        let hn = if pre {
+            layer.self_attn_layer_norm.forward(x)
+        } else {
+            x.to_vec()
+        };
+        let [q, k, v]: [Vec<f32>; 3] =
+            forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
+                .try_into()
+                .expect("three outputs");
         let hd = c.hidden_size / c.num_attention_heads;
         let shape = AttentionShape {
             heads: c.num_attention_heads,
@@ -149,7 +182,11 @@ impl Opt {
         if !pre {
             x.copy_from_slice(&layer.self_attn_layer_norm.forward(x));
         }
-        let hn = if pre { layer.final_layer_norm.forward(x) } else { x.to_vec() };
+        let hn = if pre {
+            layer.final_layer_norm.forward(x)
+        } else {
+            x.to_vec()
+        };
         let mut f = layer.fc1.forward(&hn, rows);
         activate(c.activation, &mut f);
         add_in_place(x, &layer.fc2.forward(&f, rows));
@@ -164,7 +201,12 @@ impl CausalLM for Opt {
         &self.config
     }
 
-    fn forward(&self, input: &ForwardInput, cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         let (batch, t) = input.dims(cache, self.config.vocab_size())?;
         let c = &self.cfg;
         let (h, p) = (c.hidden_size, c.word_embed_proj_dim);
@@ -211,14 +253,21 @@ impl CausalLM for Opt {
         if let Some(l) = &self.project_out {
             x = l.forward(&x, x.len() / h);
         }
-        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens))
+        Ok(super::project_logits(
+            &x,
+            self.lm_head.as_ref(),
+            &self.embed_tokens,
+        ))
     }
 
     fn linears(&self) -> Vec<LinearRef<'_>> {
         let mut out = vec![];
         let d = "model.decoder";
         if let Some(l) = &self.project_in {
-            out.push(LinearRef { name: format!("{d}.project_in"), linear: l });
+            out.push(LinearRef {
+                name: format!("{d}.project_in"),
+                linear: l,
+            });
         }
         for (i, l) in self.layers.iter().enumerate() {
             for (name, lin) in [
@@ -229,14 +278,23 @@ impl CausalLM for Opt {
                 ("fc1", &l.fc1),
                 ("fc2", &l.fc2),
             ] {
-                out.push(LinearRef { name: format!("{d}.layers.{i}.{name}"), linear: lin });
+                out.push(LinearRef {
+                    name: format!("{d}.layers.{i}.{name}"),
+                    linear: lin,
+                });
             }
         }
         if let Some(l) = &self.project_out {
-            out.push(LinearRef { name: format!("{d}.project_out"), linear: l });
+            out.push(LinearRef {
+                name: format!("{d}.project_out"),
+                linear: l,
+            });
         }
         if let Some(l) = &self.lm_head {
-            out.push(LinearRef { name: "lm_head".into(), linear: l });
+            out.push(LinearRef {
+                name: "lm_head".into(),
+                linear: l,
+            });
         }
         out
     }
@@ -263,8 +321,14 @@ impl CausalLM for Opt {
             }
         };
         for (i, l) in self.layers.iter().enumerate() {
-            ln(format!("{d}.layers.{i}.self_attn_layer_norm"), &l.self_attn_layer_norm);
-            ln(format!("{d}.layers.{i}.final_layer_norm"), &l.final_layer_norm);
+            ln(
+                format!("{d}.layers.{i}.self_attn_layer_norm"),
+                &l.self_attn_layer_norm,
+            );
+            ln(
+                format!("{d}.layers.{i}.final_layer_norm"),
+                &l.final_layer_norm,
+            );
         }
         if let Some(n) = &self.final_layer_norm {
             ln(format!("{d}.final_layer_norm"), n);
@@ -272,7 +336,7 @@ impl CausalLM for Opt {
         out
     }
 
-    fn embedding_bytes(&self) -> usize {
-        crate::nn::LinearKernel::storage_bytes(self.embed_tokens.as_ref())
+    fn embedding(&self) -> &DenseMatrix {
+        &self.embed_tokens
     }
 }

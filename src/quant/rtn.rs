@@ -114,7 +114,12 @@ pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u8 {
 ///
 /// Errors on an unsupported bit width, a group size of 0 or not dividing K (loaders need it to
 /// divide `in_features`), a length that is not `n·k`, or a non-finite weight.
-pub fn quantize_rtn(w: &[f32], n: usize, k: usize, params: &QuantParams) -> Result<QuantizedLinear> {
+pub fn quantize_rtn(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    params: &QuantParams,
+) -> Result<QuantizedLinear> {
     check_bits(params.bits)?;
     if w.len() != n * k {
         return Err(Error::InvalidArgument(format!(
@@ -124,11 +129,17 @@ pub fn quantize_rtn(w: &[f32], n: usize, k: usize, params: &QuantParams) -> Resu
         )));
     }
     if n == 0 || k == 0 {
-        return Err(Error::InvalidArgument(format!("cannot quantize an empty weight [N={n}, K={k}]")));
+        return Err(Error::InvalidArgument(format!(
+            "cannot quantize an empty weight [N={n}, K={k}]"
+        )));
     }
     let group = match params.group_size {
         None => k,
-        Some(0) => return Err(Error::InvalidArgument("group size must be positive (or per-channel)".into())),
+        Some(0) => {
+            return Err(Error::InvalidArgument(
+                "group size must be positive (or per-channel)".into(),
+            ))
+        }
         Some(g) if !k.is_multiple_of(g) => {
             return Err(Error::InvalidArgument(format!(
                 "group size {g} does not divide in_features K={k} (weight [N={n}, K={k}]); \

@@ -18,7 +18,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -32,17 +35,26 @@ pub(super) fn render(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
-    });
-    env.add_function("strftime_now", |fmt: String| -> std::result::Result<Value, minijinja::Error> {
-        Ok(Value::from(strftime_utc(&fmt, now_unix_seconds())))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("raise_exception: {msg}"),
+            ))
+        },
+    );
+    env.add_function(
+        "strftime_now",
+        |fmt: String| -> std::result::Result<Value, minijinja::Error> {
+            Ok(Value::from(strftime_utc(&fmt, now_unix_seconds())))
+        },
+    );
     env.add_filter("tojson", tojson);
 
-    let compiled = env
-        .template_from_str(template)
-        .map_err(|e| Error::InvalidArgument(format!("chat template does not parse: {}", describe(&e))))?;
+    let compiled = env.template_from_str(template).map_err(|e| {
+        Error::InvalidArgument(format!("chat template does not parse: {}", describe(&e)))
+    })?;
     let ctx = context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -71,7 +83,11 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`.
-fn tojson(value: Value, indent: Option<usize>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    value: Value,
+    indent: Option<usize>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent = match kwargs.get::<Option<usize>>("indent")? {
         Some(i) => Some(i),
         None => indent,
@@ -153,10 +169,28 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// A subset of C `strftime` (the directives chat templates use), in UTC.
 pub(crate) fn strftime_utc(fmt: &str, unix_seconds: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_seconds.div_euclid(86_400);
     let secs = unix_seconds.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -222,19 +256,26 @@ mod tests {
         let t = 1_709_211_909;
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
         assert_eq!(strftime_utc("%d %b %Y", t), "29 Feb 2024");
-        assert_eq!(strftime_utc("%A %B %j %I%p %%", t), "Thursday February 060 01PM %");
+        assert_eq!(
+            strftime_utc("%A %B %j %I%p %%", t),
+            "Thursday February 060 01PM %"
+        );
         assert_eq!(strftime_utc("%F", 0), "1970-01-01");
     }
 
     #[test]
     fn tojson_writes_like_python_json_dumps() {
-        let v: serde_json::Value = serde_json::from_str(r#"{"a": [1, 2], "b": "é<", "c": {}}"#).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"a": [1, 2], "b": "é<", "c": {}}"#).unwrap_or_default();
         let mut inline = String::new();
         write_python_json(&v, None, 0, &mut inline);
         // json.dumps({"a": [1, 2], "b": "é<", "c": {}}, ensure_ascii=False)
         assert_eq!(inline, r#"{"a": [1, 2], "b": "é<", "c": {}}"#);
         let mut indented = String::new();
         write_python_json(&v, Some(2), 0, &mut indented);
-        assert_eq!(indented, "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": \"é<\",\n  \"c\": {}\n}");
+        assert_eq!(
+            indented,
+            "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": \"é<\",\n  \"c\": {}\n}"
+        );
     }
 }

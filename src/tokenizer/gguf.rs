@@ -64,7 +64,10 @@ fn get_str<'a>(md: &'a Metadata, key: &str) -> Result<Option<&'a str>> {
     match md.get(key) {
         None => Ok(None),
         Some(GgufValue::String(s)) => Ok(Some(s)),
-        Some(other) => Err(err(format!("`{key}` should be a string, found {}", kind(other)))),
+        Some(other) => Err(err(format!(
+            "`{key}` should be a string, found {}",
+            kind(other)
+        ))),
     }
 }
 
@@ -105,7 +108,10 @@ fn get_bool(md: &Metadata, key: &str) -> Result<Option<bool>> {
     match md.get(key) {
         None => Ok(None),
         Some(GgufValue::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(err(format!("`{key}` should be a bool, found {}", kind(other)))),
+        Some(other) => Err(err(format!(
+            "`{key}` should be a bool, found {}",
+            kind(other)
+        ))),
     }
 }
 
@@ -113,44 +119,66 @@ fn get_array<'a>(md: &'a Metadata, key: &str) -> Result<Option<&'a [GgufValue]>>
     match md.get(key) {
         None => Ok(None),
         Some(GgufValue::Array(a)) => Ok(Some(a)),
-        Some(other) => Err(err(format!("`{key}` should be an array, found {}", kind(other)))),
+        Some(other) => Err(err(format!(
+            "`{key}` should be an array, found {}",
+            kind(other)
+        ))),
     }
 }
 
 fn get_strings<'a>(md: &'a Metadata, key: &str) -> Result<Option<Vec<&'a str>>> {
-    let Some(items) = get_array(md, key)? else { return Ok(None) };
+    let Some(items) = get_array(md, key)? else {
+        return Ok(None);
+    };
     items
         .iter()
         .enumerate()
         .map(|(i, v)| match v {
             GgufValue::String(s) => Ok(s.as_str()),
-            other => Err(err(format!("`{key}`[{i}] should be a string, found {}", kind(other)))),
+            other => Err(err(format!(
+                "`{key}`[{i}] should be a string, found {}",
+                kind(other)
+            ))),
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
 
 fn get_ints(md: &Metadata, key: &str) -> Result<Option<Vec<i64>>> {
-    let Some(items) = get_array(md, key)? else { return Ok(None) };
+    let Some(items) = get_array(md, key)? else {
+        return Ok(None);
+    };
     items
         .iter()
         .enumerate()
-        .map(|(i, v)| as_int(v).ok_or_else(|| err(format!("`{key}`[{i}] should be an integer, found {}", kind(v)))))
+        .map(|(i, v)| {
+            as_int(v).ok_or_else(|| {
+                err(format!(
+                    "`{key}`[{i}] should be an integer, found {}",
+                    kind(v)
+                ))
+            })
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
 
 fn get_floats(md: &Metadata, key: &str) -> Result<Option<Vec<f64>>> {
-    let Some(items) = get_array(md, key)? else { return Ok(None) };
+    let Some(items) = get_array(md, key)? else {
+        return Ok(None);
+    };
     items
         .iter()
         .enumerate()
         .map(|(i, v)| match *v {
             GgufValue::F32(x) => Ok(x as f64),
             GgufValue::F64(x) => Ok(x),
-            ref other => as_int(other)
-                .map(|x| x as f64)
-                .ok_or_else(|| err(format!("`{key}`[{i}] should be a number, found {}", kind(other)))),
+            ref other => as_int(other).map(|x| x as f64).ok_or_else(|| {
+                err(format!(
+                    "`{key}`[{i}] should be a number, found {}",
+                    kind(other)
+                ))
+            }),
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
@@ -179,10 +207,18 @@ fn read_common(md: &Metadata) -> Result<Common<'_>> {
         )));
     }
     let named = |key: &str| -> Result<Option<String>> {
-        let Some(id) = get_int(md, key)? else { return Ok(None) };
-        let token = usize::try_from(id).ok().and_then(|i| tokens.get(i)).ok_or_else(|| {
-            err(format!("`{key}` = {id} is outside the vocabulary ({} tokens)", tokens.len()))
-        })?;
+        let Some(id) = get_int(md, key)? else {
+            return Ok(None);
+        };
+        let token = usize::try_from(id)
+            .ok()
+            .and_then(|i| tokens.get(i))
+            .ok_or_else(|| {
+                err(format!(
+                    "`{key}` = {id} is outside the vocabulary ({} tokens)",
+                    tokens.len()
+                ))
+            })?;
         Ok(Some((*token).to_owned()))
     };
     let special = SpecialTokens {
@@ -193,7 +229,9 @@ fn read_common(md: &Metadata) -> Result<Common<'_>> {
         additional: Vec::new(),
     };
     let context_length = match get_str(md, "general.architecture")? {
-        Some(arch) => get_int(md, &format!("{arch}.context_length"))?.and_then(|n| u64::try_from(n).ok()),
+        Some(arch) => {
+            get_int(md, &format!("{arch}.context_length"))?.and_then(|n| u64::try_from(n).ok())
+        }
         None => None,
     };
     Ok(Common {
@@ -242,14 +280,14 @@ fn split_regex(pattern: &str) -> Value {
 }
 
 fn supported_pre() -> String {
-    [GPT2_PRE, SMOLLM_PRE, LLAMA3_PRE, QWEN2_PRE].concat().join(", ")
+    [GPT2_PRE, SMOLLM_PRE, LLAMA3_PRE, QWEN2_PRE]
+        .concat()
+        .join(", ")
 }
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` value.
 fn pre_tokenizer_for(pre: &str, flavor: GgufPreTokenizerFlavor) -> Result<Value> {
-    let split_then_bytes = |pattern: &str, use_regex: bool| {
-        json!({"type": "Sequence", "pretokenizers": [split_regex(pattern), byte_level_pre_tokenizer(use_regex)]})
-    };
+    let split_then_bytes = |pattern: &str, use_regex: bool| json!({"type": "Sequence", "pretokenizers": [split_regex(pattern), byte_level_pre_tokenizer(use_regex)]});
     if GPT2_PRE.contains(&pre) {
         Ok(byte_level_pre_tokenizer(true))
     } else if SMOLLM_PRE.contains(&pre) {
@@ -270,7 +308,9 @@ fn pre_tokenizer_for(pre: &str, flavor: GgufPreTokenizerFlavor) -> Result<Value>
 }
 
 fn merges_from_metadata(md: &Metadata) -> Result<Option<Vec<Value>>> {
-    let Some(merges) = get_strings(md, "tokenizer.ggml.merges")? else { return Ok(None) };
+    let Some(merges) = get_strings(md, "tokenizer.ggml.merges")? else {
+        return Ok(None);
+    };
     merges
         .iter()
         .enumerate()
@@ -411,7 +451,9 @@ fn build_sentencepiece(md: &Metadata, flavor: GgufPreTokenizerFlavor) -> Result<
     // transformers always prepends "▁" to the first word; llama.cpp follows the file's flag.
     let add_prefix_space = match flavor {
         GgufPreTokenizerFlavor::Transformers => true,
-        GgufPreTokenizerFlavor::Reference => get_bool(md, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
+        GgufPreTokenizerFlavor::Reference => {
+            get_bool(md, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true)
+        }
     };
     let pre_tokenizer = json!({
         "type": "Metaspace", "replacement": "\u{2581}",
@@ -430,7 +472,12 @@ fn build_sentencepiece(md: &Metadata, flavor: GgufPreTokenizerFlavor) -> Result<
         "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
         "vocab": vocab, "merges": merges,
     });
-    let doc = tokenizer_document(model, Value::Null, pre_tokenizer, json!({"type": "Sequence", "decoders": decoders}));
+    let doc = tokenizer_document(
+        model,
+        Value::Null,
+        pre_tokenizer,
+        json!({"type": "Sequence", "decoders": decoders}),
+    );
     let mut tokenizer = tokenizer_from_value(doc, &gguf_origin())?;
 
     let control: Vec<AddedToken> = typed_tokens(&common, TOKEN_TYPE_CONTROL)
@@ -478,10 +525,18 @@ mod tests {
         let m = merges_from_scores(&tokens, &scores);
         let pairs: Vec<(String, String)> = m
             .iter()
-            .map(|v| (v[0].as_str().unwrap_or("").to_owned(), v[1].as_str().unwrap_or("").to_owned()))
+            .map(|v| {
+                (
+                    v[0].as_str().unwrap_or("").to_owned(),
+                    v[1].as_str().unwrap_or("").to_owned(),
+                )
+            })
             .collect();
         let expect = [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")];
-        let expect: Vec<(String, String)> = expect.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let expect: Vec<(String, String)> = expect
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         assert_eq!(pairs, expect);
     }
 }

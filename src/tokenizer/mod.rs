@@ -80,7 +80,9 @@ impl SpecialTokens {
     }
 
     fn named(&self) -> impl Iterator<Item = &String> {
-        [&self.bos, &self.eos, &self.unk, &self.pad].into_iter().flatten()
+        [&self.bos, &self.eos, &self.unk, &self.pad]
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -96,7 +98,10 @@ fn token_content(v: &Value) -> Option<String> {
 fn as_object(v: Value, path: &Path) -> Result<Map<String, Value>> {
     match v {
         Value::Object(m) => Ok(m),
-        _ => Err(Error::format(path, "expected a JSON object at the top level")),
+        _ => Err(Error::format(
+            path,
+            "expected a JSON object at the top level",
+        )),
     }
 }
 
@@ -123,7 +128,12 @@ fn byte_level_bpe_model(vocab: Map<String, Value>, merges: Vec<Value>) -> Value 
 }
 
 /// A complete `tokenizer.json` document around the given parts.
-fn tokenizer_document(model: Value, normalizer: Value, pre_tokenizer: Value, decoder: Value) -> Value {
+fn tokenizer_document(
+    model: Value,
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+) -> Value {
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": null,
@@ -139,21 +149,33 @@ fn tokenizer_from_value(doc: Value, origin: &Path) -> Result<Tokenizer> {
 /// GPT-2/OPT `vocab.json` + `merges.txt`, built the way transformers' GPT2Tokenizer builds them.
 fn byte_level_from_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
     let vocab = as_object(read_json(vocab_path)?, vocab_path)?;
-    if let Some((token, _)) = vocab.iter().find(|(_, id)| id.as_u64().is_none_or(|i| i > u32::MAX as u64)) {
-        return Err(Error::format(vocab_path, format!("token {token:?} has no valid integer id")));
+    if let Some((token, _)) = vocab
+        .iter()
+        .find(|(_, id)| id.as_u64().is_none_or(|i| i > u32::MAX as u64))
+    {
+        return Err(Error::format(
+            vocab_path,
+            format!("token {token:?} has no valid integer id"),
+        ));
     }
     let bytes = read_file(merges_path)?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::format(merges_path, "not valid UTF-8"))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| Error::format(merges_path, "not valid UTF-8"))?;
     let mut merges = Vec::new();
     for (lineno, line) in text.lines().enumerate() {
         // The first line of GPT-2's file is a `#version: 0.2` header.
         if (lineno == 0 && line.starts_with("#version")) || line.trim().is_empty() {
             continue;
         }
-        let (a, b) = line
-            .trim_end_matches('\r')
-            .split_once(' ')
-            .ok_or_else(|| Error::format(merges_path, format!("line {}: expected two tokens separated by a space", lineno + 1)))?;
+        let (a, b) = line.trim_end_matches('\r').split_once(' ').ok_or_else(|| {
+            Error::format(
+                merges_path,
+                format!(
+                    "line {}: expected two tokens separated by a space",
+                    lineno + 1
+                ),
+            )
+        })?;
         merges.push(json!([a, b]));
     }
     let doc = tokenizer_document(
@@ -177,24 +199,38 @@ fn read_generation_config(dir: &Path) -> Result<(Vec<u32>, Option<u32>)> {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(list)) => list
             .iter()
-            .map(|v| as_id(v).ok_or_else(|| Error::format(&path, format!("eos_token_id: {v} is not a token id"))))
+            .map(|v| {
+                as_id(v).ok_or_else(|| {
+                    Error::format(&path, format!("eos_token_id: {v} is not a token id"))
+                })
+            })
             .collect::<Result<_>>()?,
-        Some(v) => vec![as_id(v).ok_or_else(|| Error::format(&path, format!("eos_token_id: {v} is not a token id")))?],
+        Some(v) => vec![as_id(v)
+            .ok_or_else(|| Error::format(&path, format!("eos_token_id: {v} is not a token id")))?],
     };
-    let bos = match cfg.get("bos_token_id") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(as_id(v).ok_or_else(|| Error::format(&path, format!("bos_token_id: {v} is not a token id")))?),
-    };
+    let bos =
+        match cfg.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(as_id(v).ok_or_else(|| {
+                Error::format(&path, format!("bos_token_id: {v} is not a token id"))
+            })?),
+        };
     Ok((eos, bos))
 }
 
 /// `chat_template.jinja` wins over `tokenizer_config.json`'s entry, as in transformers. A list of
 /// named templates yields the one called `default`.
-fn read_chat_template(dir: &Path, config: &Map<String, Value>, config_path: &Path) -> Result<Option<String>> {
+fn read_chat_template(
+    dir: &Path,
+    config: &Map<String, Value>,
+    config_path: &Path,
+) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
         let bytes = read_file(&jinja)?;
-        return String::from_utf8(bytes).map(Some).map_err(|_| Error::format(&jinja, "not valid UTF-8"));
+        return String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| Error::format(&jinja, "not valid UTF-8"));
     }
     match config.get("chat_template") {
         None | Some(Value::Null) => Ok(None),
@@ -203,9 +239,15 @@ fn read_chat_template(dir: &Path, config: &Map<String, Value>, config_path: &Pat
             let mut first = None;
             for entry in list {
                 let name = entry.get("name").and_then(Value::as_str);
-                let template = entry.get("template").and_then(Value::as_str).ok_or_else(|| {
-                    Error::format(config_path, "chat_template: list entries need a `template` string")
-                })?;
+                let template = entry
+                    .get("template")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        Error::format(
+                            config_path,
+                            "chat_template: list entries need a `template` string",
+                        )
+                    })?;
                 if name == Some("default") {
                     return Ok(Some(template.to_owned()));
                 }
@@ -219,7 +261,10 @@ fn read_chat_template(dir: &Path, config: &Map<String, Value>, config_path: &Pat
                 )),
             }
         }
-        Some(_) => Err(Error::format(config_path, "chat_template: expected a string or a list of {name, template}")),
+        Some(_) => Err(Error::format(
+            config_path,
+            "chat_template: expected a string or a list of {name, template}",
+        )),
     }
 }
 
@@ -233,7 +278,8 @@ fn added_tokens_decoder(config: &Map<String, Value>) -> Vec<AddedToken> {
         .filter_map(|(id, v)| {
             let id = id.parse::<u64>().ok()?;
             let content = token_content(v)?;
-            let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
+            let flag =
+                |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
             let special = flag("special", false);
             let token = AddedToken::from(content, special)
                 .single_word(flag("single_word", false))
@@ -264,14 +310,20 @@ impl AutoTokenizer {
         let mut special = SpecialTokens::default();
         let (mut inner, source) = if tokenizer_json.is_file() {
             let doc = read_json(&tokenizer_json)?;
-            (tokenizer_from_value(doc, &tokenizer_json)?, "tokenizer.json")
+            (
+                tokenizer_from_value(doc, &tokenizer_json)?,
+                "tokenizer.json",
+            )
         } else if vocab_path.is_file() && merges_path.is_file() {
             // GPT2Tokenizer's defaults; the config may override them.
             let eot = Some("<|endoftext|>".to_owned());
             special.bos = eot.clone();
             special.eos = eot.clone();
             special.unk = eot;
-            (byte_level_from_files(&vocab_path, &merges_path)?, "vocab.json+merges.txt")
+            (
+                byte_level_from_files(&vocab_path, &merges_path)?,
+                "vocab.json+merges.txt",
+            )
         } else {
             return Err(Error::format(
                 dir,
@@ -299,7 +351,12 @@ impl AutoTokenizer {
         // post-processor; otherwise the flags decide.
         if source != "tokenizer.json" {
             let flag = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(false);
-            set_template_post_processor(&mut inner, &special, flag("add_bos_token"), flag("add_eos_token"))?;
+            set_template_post_processor(
+                &mut inner,
+                &special,
+                flag("add_bos_token"),
+                flag("add_eos_token"),
+            )?;
         }
 
         let (generation_eos_ids, generation_bos_id) = read_generation_config(dir)?;
@@ -325,7 +382,10 @@ impl AutoTokenizer {
         } else if path.is_file() {
             Self::from_gguf_file(path)
         } else {
-            Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+            Err(Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ))
         }
     }
 
@@ -442,7 +502,11 @@ impl AutoTokenizer {
 
     /// The tokenizer's BOS id, else `generation_config.json`'s.
     pub fn bos_token_id(&self) -> Option<u32> {
-        self.special.bos.as_deref().and_then(|t| self.token_to_id(t)).or(self.generation_bos_id)
+        self.special
+            .bos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+            .or(self.generation_bos_id)
     }
 
     /// Ids that end generation: `generation_config.json`'s `eos_token_id` (int or list) when
@@ -451,15 +515,26 @@ impl AutoTokenizer {
         if !self.generation_eos_ids.is_empty() {
             return self.generation_eos_ids.clone();
         }
-        self.special.eos.as_deref().and_then(|t| self.token_to_id(t)).into_iter().collect()
+        self.special
+            .eos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+            .into_iter()
+            .collect()
     }
 
     pub fn pad_token_id(&self) -> Option<u32> {
-        self.special.pad.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .pad
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     pub fn unk_token_id(&self) -> Option<u32> {
-        self.special.unk.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .unk
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// Whether encoding with special tokens puts BOS first (what the post-processor really does).
@@ -472,7 +547,11 @@ impl AutoTokenizer {
 
     /// Whether encoding with special tokens puts EOS last.
     pub fn adds_eos(&self) -> bool {
-        let eos = self.special.eos.as_deref().and_then(|t| self.token_to_id(t));
+        let eos = self
+            .special
+            .eos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t));
         match (eos, self.encode("", true)) {
             (Some(eos), Ok(ids)) => ids.last() == Some(&eos),
             _ => false,
@@ -518,7 +597,11 @@ impl AutoTokenizer {
 
     /// Render a conversation with the model's chat template, as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "this tokenizer ({}) has no chat template; chat mode needs one",
@@ -551,13 +634,17 @@ impl AutoTokenizer {
             }
         }
         if !self.special.additional.is_empty() {
-            map.insert("additional_special_tokens".into(), json!(self.special.additional));
+            map.insert(
+                "additional_special_tokens".into(),
+                json!(self.special.additional),
+            );
         }
 
         let mut config = Map::new();
         config.insert("add_bos_token".into(), json!(self.adds_bos()));
         config.insert("add_eos_token".into(), json!(self.adds_eos()));
-        let mut decoder: Vec<(u32, AddedToken)> = self.inner.get_added_tokens_decoder().into_iter().collect();
+        let mut decoder: Vec<(u32, AddedToken)> =
+            self.inner.get_added_tokens_decoder().into_iter().collect();
         decoder.sort_by_key(|(id, _)| *id);
         let decoder: Map<String, Value> = decoder
             .into_iter()
@@ -584,7 +671,9 @@ impl AutoTokenizer {
         // the pipeline from its own defaults instead of using tokenizer.json as written.
         config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
 
-        let pretty = |v: &Map<String, Value>| serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()));
+        let pretty = |v: &Map<String, Value>| {
+            serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))
+        };
         crate::fsutil::write_atomic(&dir.join("tokenizer_config.json"), &pretty(&config)?)?;
         crate::fsutil::write_atomic(&dir.join("special_tokens_map.json"), &pretty(&map)?)?;
         Ok(())
@@ -604,12 +693,21 @@ fn add_named_special_tokens(inner: &mut Tokenizer, special: &SpecialTokens) {
 
 /// A TemplateProcessing post-processor adding BOS and/or EOS, as transformers'
 /// `update_post_processor` builds from `add_bos_token` / `add_eos_token`.
-fn set_template_post_processor(inner: &mut Tokenizer, special: &SpecialTokens, add_bos: bool, add_eos: bool) -> Result<()> {
-    let lookup = |t: &Option<String>| t.as_ref().and_then(|s| inner.token_to_id(s).map(|id| (s.clone(), id)));
+fn set_template_post_processor(
+    inner: &mut Tokenizer,
+    special: &SpecialTokens,
+    add_bos: bool,
+    add_eos: bool,
+) -> Result<()> {
+    let lookup = |t: &Option<String>| {
+        t.as_ref()
+            .and_then(|s| inner.token_to_id(s).map(|id| (s.clone(), id)))
+    };
     // A flag without its token is dropped, as transformers does.
     let bos = if add_bos { lookup(&special.bos) } else { None };
     let eos = if add_eos { lookup(&special.eos) } else { None };
-    let piece_special = |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+    let piece_special =
+        |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
     let piece_seq = |s: &str, type_id: u32| json!({"Sequence": {"id": s, "type_id": type_id}});
     let mut single = Vec::new();
     let mut pair = Vec::new();
@@ -632,8 +730,8 @@ fn set_template_post_processor(inner: &mut Tokenizer, special: &SpecialTokens, a
         specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
     }
     let doc = json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
-    let processor: tokenizers::PostProcessorWrapper =
-        serde_json::from_value(doc).map_err(|e| tokenizers_error("building the BOS/EOS post-processor", e))?;
+    let processor: tokenizers::PostProcessorWrapper = serde_json::from_value(doc)
+        .map_err(|e| tokenizers_error("building the BOS/EOS post-processor", e))?;
     inner.with_post_processor(Some(processor));
     Ok(())
 }

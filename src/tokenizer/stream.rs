@@ -21,7 +21,13 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub(super) fn new(tokenizer: &'a AutoTokenizer, skip_special_tokens: bool) -> Self {
-        StreamDecoder { tokenizer, skip_special_tokens, ids: Vec::new(), prefix: String::new(), prefix_index: 0 }
+        StreamDecoder {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }
     }
 
     /// Feed one id; returns the new text it completes, or `None` while a character is incomplete

@@ -7,25 +7,38 @@ use std::path::PathBuf;
 /// Returns `None` (the test then prints SKIPPED) unless the file exists; with
 /// `AUTOQUANT_REQUIRE_ASSETS=1` (set by scripts/test.sh) a missing asset fails the test instead.
 pub fn asset(relative: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("AUTOQUANT_ASSETS").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("AUTOQUANT_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/autoquant")
+    let root = std::env::var_os("AUTOQUANT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("AUTOQUANT_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/autoquant")
+                });
+            home.join("assets")
         });
-        home.join("assets")
-    });
     let path = root.join(relative);
     if path.exists() {
         return Some(path);
     }
     if std::env::var("AUTOQUANT_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("asset {} is missing (run scripts/fetch_assets.sh)", path.display());
+        panic!(
+            "asset {} is missing (run scripts/fetch_assets.sh)",
+            path.display()
+        );
     }
-    eprintln!("SKIPPED: asset {} not found (run scripts/fetch_assets.sh)", path.display());
+    eprintln!(
+        "SKIPPED: asset {} not found (run scripts/fetch_assets.sh)",
+        path.display()
+    );
     None
 }
 
 pub fn fixture(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(relative)
 }
 
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {
@@ -33,9 +46,17 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
 }
 
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
