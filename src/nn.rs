@@ -400,16 +400,54 @@ impl LayerNorm {
     }
 }
 
+/// Builds linear layers that are not plain dense weights: packed checkpoints (GPTQ, AWQ,
+/// bitsandbytes) or quantization at load time. One implementation per format or method.
+pub trait LinearFactory: Send + Sync {
+    /// The kernel for the layer stored under `prefix` (e.g. `model.layers.0.mlp.up_proj`), or
+    /// `None` to load it as a dense weight (skipped modules, `lm_head`). `conv1d` is true for
+    /// GPT-2 `Conv1D` layers, whose dense weight is stored transposed as `[in, out]`.
+    fn load_linear(
+        &self,
+        src: &dyn WeightSource,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        conv1d: bool,
+    ) -> Result<Option<Arc<dyn LinearKernel>>>;
+}
+
 /// Reads layers from a checkpoint, checking names, shapes and finiteness, and converting dense
 /// weights to the requested in-memory dtype.
 pub struct Loader<'a> {
     pub src: &'a dyn WeightSource,
     pub dtype: WeightDType,
+    /// Takes over linear layers of quantized checkpoints (or quantizes at load time).
+    pub factory: Option<&'a dyn LinearFactory>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(src: &'a dyn WeightSource, dtype: WeightDType) -> Self {
-        Loader { src, dtype }
+        Loader {
+            src,
+            dtype,
+            factory: None,
+        }
+    }
+    pub fn with_factory(mut self, factory: Option<&'a dyn LinearFactory>) -> Self {
+        self.factory = factory;
+        self
+    }
+    fn factory_kernel(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        conv1d: bool,
+    ) -> Result<Option<Arc<dyn LinearKernel>>> {
+        match self.factory {
+            Some(f) => f.load_linear(self.src, prefix, in_features, out_features, conv1d),
+            None => Ok(None),
+        }
     }
     pub fn has(&self, name: &str) -> bool {
         self.src.info(name).is_some()
@@ -429,19 +467,23 @@ impl<'a> Loader<'a> {
         out_features: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let weight = self.matrix(&format!("{prefix}.weight"), out_features, in_features)?;
+        let weight = match self.factory_kernel(prefix, in_features, out_features, false)? {
+            Some(k) => k,
+            None => Arc::new(self.matrix(&format!("{prefix}.weight"), out_features, in_features)?),
+        };
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"), out_features)?)
         } else {
             None
         };
-        Ok(Linear {
-            weight: Arc::new(weight),
-            bias,
-        })
+        Ok(Linear { weight, bias })
     }
     /// A GPT-2 `Conv1D`, stored transposed as `[in, out]`; held as `[out, in]` like Linear.
     pub fn conv1d(&self, prefix: &str, in_features: usize, out_features: usize) -> Result<Linear> {
+        if let Some(weight) = self.factory_kernel(prefix, in_features, out_features, true)? {
+            let bias = Some(self.vector(&format!("{prefix}.bias"), out_features)?);
+            return Ok(Linear { weight, bias });
+        }
         let t = read_f32_checked(
             self.src,
             &format!("{prefix}.weight"),

@@ -30,6 +30,7 @@ impl ModelArgs {
     fn load(&self) -> Result<Pretrained> {
         let opts = LoadOptions {
             dtype: WeightDType::parse(&self.dtype)?,
+            ..Default::default()
         };
         let p = Pretrained::load(&self.model, &opts, &self.hub())?;
         eprintln!(

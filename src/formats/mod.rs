@@ -1,7 +1,10 @@
 //! On-disk formats, one module each. Readers expose tensors under their Hugging Face names
 //! through [`WeightSource`], whatever the container.
 
+pub mod awq;
+pub mod bnb;
 pub mod gguf;
+pub mod gptq;
 pub mod gptq_pack;
 pub mod pytorch;
 pub mod safetensors;
@@ -23,6 +26,46 @@ pub trait WeightSource: Send + Sync {
     fn file_of(&self, name: &str) -> PathBuf;
     /// Every file this source reads.
     fn files(&self) -> Vec<PathBuf>;
+}
+
+/// The builder of packed linear layers for a quantized checkpoint (its config's
+/// `quantization_config.quant_method`), or for quantization at load time (`opts.bnb`);
+/// `None` for a plain float checkpoint.
+pub fn quantized_linear_factory(
+    config: &crate::config::AutoConfig,
+    opts: &crate::models::LoadOptions,
+) -> Result<Option<Box<dyn crate::nn::LinearFactory>>> {
+    let qcfg = config.raw.get("quantization_config");
+    let method = qcfg
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str());
+    let source = config
+        .source
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("config.json"));
+    if let (Some(_), Some(method)) = (&opts.bnb, method) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already quantized ({method}); it cannot also be quantized at load time",
+            source.display()
+        )));
+    }
+    if let Some(bnb) = &opts.bnb {
+        return crate::quant::bnb::load_time_factory(bnb).map(Some);
+    }
+    let Some(qcfg) = qcfg else { return Ok(None) };
+    match method {
+        Some("gptq") => gptq::linear_factory(config, qcfg).map(Some),
+        Some("awq") => awq::linear_factory(config, qcfg).map(Some),
+        Some("bitsandbytes") => bnb::linear_factory(config, qcfg).map(Some),
+        Some(other) => Err(Error::Unsupported(format!(
+            "{}: quant_method `{other}` is not supported (gptq, awq, bitsandbytes are)",
+            source.display()
+        ))),
+        None => Err(Error::format(
+            source,
+            "quantization_config has no quant_method",
+        )),
+    }
 }
 
 /// Read a float tensor as f32, checking it exists, has `shape`, and holds only finite values.

@@ -186,6 +186,8 @@ pub(crate) fn project_logits(x: &[f32], lm_head: Option<&Linear>, embed: &DenseM
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub dtype: WeightDType,
+    /// Quantize linear layers while loading, bitsandbytes style (`load_in_8bit`/`load_in_4bit`).
+    pub bnb: Option<crate::quant::bnb::BitsAndBytesConfig>,
 }
 
 /// The Auto class: picks the architecture from the config.
@@ -198,7 +200,8 @@ impl AutoModelForCausalLM {
         weights: &dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Box<dyn CausalLM>> {
-        let ld = Loader::new(weights, opts.dtype);
+        let factory = crate::formats::quantized_linear_factory(&config, opts)?;
+        let ld = Loader::new(weights, opts.dtype).with_factory(factory.as_deref());
         Ok(match config.arch.clone() {
             Architecture::Llama(c) | Architecture::Qwen2(c) => {
                 Box::new(llama::Llama::load(config, c, &ld)?)

@@ -1,4 +1,6 @@
 //! Quantization methods, one module per method, sharing calibration and layer streaming
 //! (issues 3–5). Kernels for packed low-bit matmul live in `kernels`, formats in `formats`.
 
+pub mod bnb;
+pub mod gptq;
 pub mod rtn;

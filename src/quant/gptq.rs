@@ -1,0 +1,1 @@
+//! GPTQ (stub, being written).
