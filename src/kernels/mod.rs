@@ -2,6 +2,8 @@
 //! element-wise pieces of a decoder. Packed low-bit kernels live beside these, apart from the
 //! quantization algorithms.
 
+pub mod gptq;
+
 use gemm::Parallelism;
 use half::{bf16, f16};
 use rayon::prelude::*;
