@@ -469,7 +469,9 @@ impl<'a> Loader<'a> {
     ) -> Result<Linear> {
         let weight = match self.factory_kernel(prefix, in_features, out_features, false)? {
             Some(k) => k,
-            None => Arc::new(self.matrix(&format!("{prefix}.weight"), out_features, in_features)?),
+            None => {
+                Arc::new(self.matrix(&format!("{prefix}.weight"), out_features, in_features)?)
+            }
         };
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"), out_features)?)

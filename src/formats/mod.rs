@@ -30,23 +30,38 @@ pub trait WeightSource: Send + Sync {
 
 /// The builder of packed linear layers for a quantized checkpoint (its config's
 /// `quantization_config.quant_method`), or for quantization at load time (`opts.bnb`);
-/// `None` for a plain float checkpoint.
+/// `None` for a plain float checkpoint. Old AutoGPTQ checkpoints (≤ 0.6) have no
+/// `quantization_config`; their settings are in `quantize_config.json` beside `config.json`.
 pub fn quantized_linear_factory(
     config: &crate::config::AutoConfig,
     opts: &crate::models::LoadOptions,
 ) -> Result<Option<Box<dyn crate::nn::LinearFactory>>> {
-    let qcfg = config.raw.get("quantization_config");
-    let method = qcfg
-        .and_then(|q| q.get("quant_method"))
-        .and_then(|m| m.as_str());
     let source = config
         .source
         .clone()
         .unwrap_or_else(|| PathBuf::from("config.json"));
+    let autogptq_file = source.with_file_name("quantize_config.json");
+    let autogptq_cfg;
+    let (qcfg, origin) = match config.raw.get("quantization_config") {
+        Some(q) => (Some(q), source.clone()),
+        None if config.source.is_some() && autogptq_file.is_file() => {
+            autogptq_cfg = crate::error::read_json(&autogptq_file)?;
+            (Some(&autogptq_cfg), autogptq_file)
+        }
+        None => (None, source.clone()),
+    };
+    // AutoGPTQ's quantize_config.json often has no quant_method: it is GPTQ by definition.
+    let method = match qcfg
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str())
+    {
+        None if origin != source => Some("gptq"),
+        m => m,
+    };
     if let (Some(_), Some(method)) = (&opts.bnb, method) {
         return Err(Error::InvalidArgument(format!(
             "{} is already quantized ({method}); it cannot also be quantized at load time",
-            source.display()
+            origin.display()
         )));
     }
     if let Some(bnb) = &opts.bnb {
@@ -59,10 +74,10 @@ pub fn quantized_linear_factory(
         Some("bitsandbytes") => bnb::linear_factory(config, qcfg).map(Some),
         Some(other) => Err(Error::Unsupported(format!(
             "{}: quant_method `{other}` is not supported (gptq, awq, bitsandbytes are)",
-            source.display()
+            origin.display()
         ))),
         None => Err(Error::format(
-            source,
+            origin,
             "quantization_config has no quant_method",
         )),
     }

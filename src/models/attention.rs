@@ -93,6 +93,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,

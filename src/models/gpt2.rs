@@ -2,7 +2,9 @@
 //! weights are stored `[in, out]`; they are transposed once at load into the Linear layout.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use super::{
+    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
+};
 use crate::config::{AutoConfig, Gpt2Config};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
@@ -15,6 +17,8 @@ pub struct Gpt2Block {
     pub ln_2: LayerNorm,
     pub c_fc: Linear,
     pub mlp_c_proj: Linear,
+    attention: AttentionShape,
+    activation: crate::config::Activation,
 }
 
 pub struct Gpt2 {
@@ -58,6 +62,116 @@ pub fn tensor_shapes(c: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+impl Gpt2Block {
+    /// Decoder block `i` (`transformer.h.{i}`).
+    pub fn load(cfg: &Gpt2Config, ld: &Loader, i: usize) -> Result<Self> {
+        let (e, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+        let p = format!("transformer.h.{i}");
+        let hd = e / cfg.n_head;
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / (hd as f32).sqrt()
+        } else {
+            1.0
+        };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (i + 1) as f32;
+        }
+        Ok(Gpt2Block {
+            ln_1: ld.layer_norm(&format!("{p}.ln_1"), e, eps, true)?,
+            c_attn: ld.conv1d(&format!("{p}.attn.c_attn"), e, 3 * e)?,
+            attn_c_proj: ld.conv1d(&format!("{p}.attn.c_proj"), e, e)?,
+            ln_2: ld.layer_norm(&format!("{p}.ln_2"), e, eps, true)?,
+            c_fc: ld.conv1d(&format!("{p}.mlp.c_fc"), e, cfg.n_inner)?,
+            mlp_c_proj: ld.conv1d(&format!("{p}.mlp.c_proj"), cfg.n_inner, e)?,
+            attention: AttentionShape {
+                heads: cfg.n_head,
+                kv_heads: cfg.n_head,
+                head_dim: hd,
+                scale,
+            },
+            activation: cfg.activation,
+        })
+    }
+}
+
+const GPT2_GROUPS: &[&[&str]] = &[
+    &["attn.c_attn"],
+    &["attn.c_proj"],
+    &["mlp.c_fc"],
+    &["mlp.c_proj"],
+];
+
+impl DecoderBlock for Gpt2Block {
+    fn groups(&self) -> &'static [&'static [&'static str]] {
+        GPT2_GROUPS
+    }
+    fn linear(&self, name: &str) -> &Linear {
+        match name {
+            "attn.c_attn" => &self.c_attn,
+            "attn.c_proj" => &self.attn_c_proj,
+            "mlp.c_fc" => &self.c_fc,
+            "mlp.c_proj" => &self.mlp_c_proj,
+            other => panic!("gpt2 block has no linear `{other}`"),
+        }
+    }
+    fn linear_mut(&mut self, name: &str) -> &mut Linear {
+        match name {
+            "attn.c_attn" => &mut self.c_attn,
+            "attn.c_proj" => &mut self.attn_c_proj,
+            "mlp.c_fc" => &mut self.c_fc,
+            "mlp.c_proj" => &mut self.mlp_c_proj,
+            other => panic!("gpt2 block has no linear `{other}`"),
+        }
+    }
+    fn begin(&self, x: Vec<f32>) -> BlockState {
+        BlockState {
+            input: self.ln_1.forward(&x),
+            residual: x,
+        }
+    }
+    fn step(&self, g: usize, st: &mut BlockState, ctx: &mut BlockContext) {
+        let e = self.ln_1.dim;
+        let rows = st.residual.len() / e;
+        match g {
+            0 => {
+                let qkv = self.c_attn.forward(&st.input, rows);
+                let (mut q, mut k, mut v) = (
+                    Vec::with_capacity(rows * e),
+                    Vec::with_capacity(rows * e),
+                    Vec::with_capacity(rows * e),
+                );
+                for row in qkv.chunks_exact(3 * e) {
+                    q.extend_from_slice(&row[..e]);
+                    k.extend_from_slice(&row[e..2 * e]);
+                    v.extend_from_slice(&row[2 * e..]);
+                }
+                st.input = attend(
+                    ctx.cache,
+                    ctx.cache_layer,
+                    &self.attention,
+                    ctx.t,
+                    &q,
+                    &k,
+                    &v,
+                );
+            }
+            1 => {
+                add_in_place(&mut st.residual, &self.attn_c_proj.forward(&st.input, rows));
+                st.input = self.ln_2.forward(&st.residual);
+            }
+            2 => {
+                let mut f = self.c_fc.forward(&st.input, rows);
+                activate(self.activation, &mut f);
+                st.input = f;
+            }
+            _ => {
+                add_in_place(&mut st.residual, &self.mlp_c_proj.forward(&st.input, rows));
+                st.input = Vec::new();
+            }
+        }
+    }
+}
+
 impl Gpt2 {
     pub fn load(config: AutoConfig, cfg: Gpt2Config, ld: &Loader) -> Result<Self> {
         let e = cfg.n_embd;
@@ -68,18 +182,9 @@ impl Gpt2 {
             "transformer.wpe.weight",
             &[cfg.n_positions, e],
         )?;
-        let mut h = vec![];
-        for i in 0..cfg.n_layer {
-            let p = format!("transformer.h.{i}");
-            h.push(Gpt2Block {
-                ln_1: ld.layer_norm(&format!("{p}.ln_1"), e, eps, true)?,
-                c_attn: ld.conv1d(&format!("{p}.attn.c_attn"), e, 3 * e)?,
-                attn_c_proj: ld.conv1d(&format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: ld.layer_norm(&format!("{p}.ln_2"), e, eps, true)?,
-                c_fc: ld.conv1d(&format!("{p}.mlp.c_fc"), e, cfg.n_inner)?,
-                mlp_c_proj: ld.conv1d(&format!("{p}.mlp.c_proj"), cfg.n_inner, e)?,
-            });
-        }
+        let h = (0..cfg.n_layer)
+            .map(|i| Gpt2Block::load(&cfg, ld, i))
+            .collect::<Result<Vec<_>>>()?;
         let ln_f = ld.layer_norm("transformer.ln_f", e, eps, true)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -95,45 +200,6 @@ impl Gpt2 {
             ln_f,
             lm_head,
         })
-    }
-
-    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
-        let c = &self.cfg;
-        let b = &self.h[i];
-        let e = c.n_embd;
-        let rows = x.len() / e;
-        let hd = e / c.n_head;
-        let qkv = b.c_attn.forward(&b.ln_1.forward(x), rows);
-        let (mut q, mut k, mut v) = (
-            vec![0f32; rows * e],
-            vec![0f32; rows * e],
-            vec![0f32; rows * e],
-        );
-        for r in 0..rows {
-            let src = &qkv[r * 3 * e..(r + 1) * 3 * e];
-            q[r * e..(r + 1) * e].copy_from_slice(&src[..e]);
-            k[r * e..(r + 1) * e].copy_from_slice(&src[e..2 * e]);
-            v[r * e..(r + 1) * e].copy_from_slice(&src[2 * e..]);
-        }
-        let mut scale = if c.scale_attn_weights {
-            1.0 / (hd as f32).sqrt()
-        } else {
-            1.0
-        };
-        if c.scale_attn_by_inverse_layer_idx {
-            scale /= (i + 1) as f32;
-        }
-        let shape = AttentionShape {
-            heads: c.n_head,
-            kv_heads: c.n_head,
-            head_dim: hd,
-            scale,
-        };
-        let attn = attend(cache, i, &shape, t, &q, &k, &v);
-        add_in_place(x, &b.attn_c_proj.forward(&attn, rows));
-        let mut f = b.c_fc.forward(&b.ln_2.forward(x), rows);
-        activate(c.activation, &mut f);
-        add_in_place(x, &b.mlp_c_proj.forward(&f, rows));
     }
 }
 
@@ -163,8 +229,14 @@ impl CausalLM for Gpt2 {
             let pos = pos.min(self.cfg.n_positions - 1);
             add_in_place(row, &self.wpe[pos * e..(pos + 1) * e]);
         }
-        for i in 0..self.h.len() {
-            self.block_forward(i, &mut x, t, cache);
+        for (i, block) in self.h.iter().enumerate() {
+            let mut ctx = BlockContext {
+                t,
+                positions: &[],
+                cache,
+                cache_layer: i,
+            };
+            x = block.forward(x, &mut ctx);
         }
         let x = super::select_rows(&x, batch, t, e, mode);
         let x = self.ln_f.forward(&x);

@@ -3,7 +3,9 @@
 //! attention and a SwiGLU MLP.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use super::{
+    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
+};
 use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::nn::{add_in_place, forward_many, DenseMatrix, Linear, Loader, RmsNorm};
@@ -19,6 +21,8 @@ pub struct LlamaLayer {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    attention: AttentionShape,
+    inv_freq: Arc<[f32]>,
 }
 
 pub struct Llama {
@@ -29,7 +33,6 @@ pub struct Llama {
     pub norm: RmsNorm,
     /// `None` when tied to the input embeddings.
     pub lm_head: Option<Linear>,
-    inv_freq: Vec<f32>,
 }
 
 /// Inverse rotary frequencies, with the configured scaling folded in.
@@ -106,49 +109,140 @@ pub fn apply_rope(
     }
 }
 
-impl Llama {
-    pub fn load(config: AutoConfig, cfg: LlamaConfig, ld: &Loader) -> Result<Self> {
+/// Rotary frequencies shared by every layer.
+pub fn layer_inv_freq(cfg: &LlamaConfig) -> Arc<[f32]> {
+    rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()).into()
+}
+
+impl LlamaLayer {
+    /// Decoder block `i` (`model.layers.{i}`).
+    pub fn load(cfg: &LlamaConfig, ld: &Loader, i: usize, inv_freq: Arc<[f32]>) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let embed_tokens = Arc::new(ld.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(LlamaLayer {
-                input_layernorm: ld.rms_norm(
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, cfg.qkv_bias)?,
-                k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, cfg.qkv_bias)?,
-                v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, cfg.qkv_bias)?,
-                o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, cfg.o_bias)?,
-                post_attention_layernorm: ld.rms_norm(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                gate_proj: ld.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    cfg.mlp_bias,
-                )?,
-                up_proj: ld.linear(
-                    &format!("{p}.mlp.up_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    cfg.mlp_bias,
-                )?,
-                down_proj: ld.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    cfg.mlp_bias,
-                )?,
-            });
+        let p = format!("model.layers.{i}");
+        let im = cfg.intermediate_size;
+        Ok(LlamaLayer {
+            input_layernorm: ld.rms_norm(
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, cfg.qkv_bias)?,
+            k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, cfg.qkv_bias)?,
+            v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, cfg.qkv_bias)?,
+            o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, cfg.o_bias)?,
+            post_attention_layernorm: ld.rms_norm(
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            gate_proj: ld.linear(&format!("{p}.mlp.gate_proj"), h, im, cfg.mlp_bias)?,
+            up_proj: ld.linear(&format!("{p}.mlp.up_proj"), h, im, cfg.mlp_bias)?,
+            down_proj: ld.linear(&format!("{p}.mlp.down_proj"), im, h, cfg.mlp_bias)?,
+            attention: AttentionShape {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+            inv_freq,
+        })
+    }
+}
+
+const LLAMA_GROUPS: &[&[&str]] = &[
+    &["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    &["self_attn.o_proj"],
+    &["mlp.up_proj", "mlp.gate_proj"],
+    &["mlp.down_proj"],
+];
+
+impl DecoderBlock for LlamaLayer {
+    fn groups(&self) -> &'static [&'static [&'static str]] {
+        LLAMA_GROUPS
+    }
+    fn linear(&self, name: &str) -> &Linear {
+        match name {
+            "self_attn.q_proj" => &self.q_proj,
+            "self_attn.k_proj" => &self.k_proj,
+            "self_attn.v_proj" => &self.v_proj,
+            "self_attn.o_proj" => &self.o_proj,
+            "mlp.gate_proj" => &self.gate_proj,
+            "mlp.up_proj" => &self.up_proj,
+            "mlp.down_proj" => &self.down_proj,
+            other => panic!("llama block has no linear `{other}`"),
         }
+    }
+    fn linear_mut(&mut self, name: &str) -> &mut Linear {
+        match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.o_proj" => &mut self.o_proj,
+            "mlp.gate_proj" => &mut self.gate_proj,
+            "mlp.up_proj" => &mut self.up_proj,
+            "mlp.down_proj" => &mut self.down_proj,
+            other => panic!("llama block has no linear `{other}`"),
+        }
+    }
+    fn begin(&self, x: Vec<f32>) -> BlockState {
+        BlockState {
+            input: self.input_layernorm.forward(&x),
+            residual: x,
+        }
+    }
+    fn step(&self, g: usize, st: &mut BlockState, ctx: &mut BlockContext) {
+        let rows = st.residual.len() / self.input_layernorm.weight.len();
+        match g {
+            0 => {
+                let [mut q, mut k, v]: [Vec<f32>; 3] =
+                    forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], &st.input, rows)
+                        .try_into()
+                        .expect("three outputs");
+                let s = &self.attention;
+                apply_rope(&mut q, s.heads, s.head_dim, ctx.positions, &self.inv_freq);
+                apply_rope(
+                    &mut k,
+                    s.kv_heads,
+                    s.head_dim,
+                    ctx.positions,
+                    &self.inv_freq,
+                );
+                st.input = attend(ctx.cache, ctx.cache_layer, s, ctx.t, &q, &k, &v);
+            }
+            1 => {
+                add_in_place(&mut st.residual, &self.o_proj.forward(&st.input, rows));
+                st.input = self.post_attention_layernorm.forward(&st.residual);
+            }
+            2 => {
+                let [mut gate, up]: [Vec<f32>; 2] =
+                    forward_many(&[&self.gate_proj, &self.up_proj], &st.input, rows)
+                        .try_into()
+                        .expect("two outputs");
+                let im = up.len() / rows;
+                crate::nn::for_each_row_in_place(&mut gate, &up, im, |g, u| {
+                    for (g, u) in g.iter_mut().zip(u) {
+                        *g = crate::kernels::silu(*g) * u;
+                    }
+                });
+                st.input = gate;
+            }
+            _ => {
+                add_in_place(&mut st.residual, &self.down_proj.forward(&st.input, rows));
+                st.input = Vec::new();
+            }
+        }
+    }
+}
+
+impl Llama {
+    pub fn load(config: AutoConfig, cfg: LlamaConfig, ld: &Loader) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let embed_tokens = Arc::new(ld.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?);
+        let inv_freq = layer_inv_freq(&cfg);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LlamaLayer::load(&cfg, ld, i, inv_freq.clone()))
+            .collect::<Result<Vec<_>>>()?;
         let norm = ld.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
         // Some tied checkpoints still carry lm_head.weight; the config decides.
         let lm_head = if cfg.tie_word_embeddings {
@@ -156,7 +250,6 @@ impl Llama {
         } else {
             Some(ld.linear("lm_head", h, cfg.vocab_size, false)?)
         };
-        let inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling.as_ref());
         Ok(Llama {
             config,
             cfg,
@@ -164,63 +257,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            inv_freq,
         })
-    }
-
-    fn attention_shape(&self) -> AttentionShape {
-        AttentionShape {
-            heads: self.cfg.num_attention_heads,
-            kv_heads: self.cfg.num_key_value_heads,
-            head_dim: self.cfg.head_dim,
-            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
-        }
-    }
-
-    /// Run decoder block `i` on hidden states `x` (`[rows, hidden]`), in place.
-    pub fn block_forward(
-        &self,
-        i: usize,
-        x: &mut [f32],
-        t: usize,
-        positions: &[usize],
-        cache: &mut KvCache,
-    ) {
-        let layer = &self.layers[i];
-        let cfg = &self.cfg;
-        let rows = x.len() / cfg.hidden_size;
-        let hn = layer.input_layernorm.forward(x);
-        let [mut q, mut k, v]: [Vec<f32>; 3] =
-            forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
-                .try_into()
-                .expect("three outputs");
-        apply_rope(
-            &mut q,
-            cfg.num_attention_heads,
-            cfg.head_dim,
-            positions,
-            &self.inv_freq,
-        );
-        apply_rope(
-            &mut k,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            positions,
-            &self.inv_freq,
-        );
-        let attn = attend(cache, i, &self.attention_shape(), t, &q, &k, &v);
-        add_in_place(x, &layer.o_proj.forward(&attn, rows));
-        let hn = layer.post_attention_layernorm.forward(x);
-        let [mut gate, up]: [Vec<f32>; 2] =
-            forward_many(&[&layer.gate_proj, &layer.up_proj], &hn, rows)
-                .try_into()
-                .expect("two outputs");
-        crate::nn::for_each_row_in_place(&mut gate, &up, cfg.intermediate_size, |g, u| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = crate::kernels::silu(*g) * u;
-            }
-        });
-        add_in_place(x, &layer.down_proj.forward(&gate, rows));
     }
 }
 
@@ -246,8 +283,14 @@ impl CausalLM for Llama {
             Some(p) => p.iter().flatten().copied().collect(),
             None => cache.default_positions(t).into_iter().flatten().collect(),
         };
-        for i in 0..self.layers.len() {
-            self.block_forward(i, &mut x, t, &positions, cache);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut ctx = BlockContext {
+                t,
+                positions: &positions,
+                cache,
+                cache_layer: i,
+            };
+            x = layer.forward(x, &mut ctx);
         }
         let x = super::select_rows(&x, batch, t, h, mode);
         let x = self.norm.forward(&x);

@@ -96,6 +96,50 @@ impl ForwardInput {
     }
 }
 
+/// Where a decoder block runs: the new positions of this call and the cache it attends over.
+pub struct BlockContext<'a> {
+    /// New positions per batch row.
+    pub t: usize,
+    /// Position id of every new row (`[batch * t]`), for rotary embeddings.
+    pub positions: &'a [usize],
+    pub cache: &'a mut KvCache,
+    /// Which of the cache's layers this block uses.
+    pub cache_layer: usize,
+}
+
+/// A decoder block's forward pass paused between its groups of linear layers.
+pub struct BlockState {
+    /// The residual stream `[rows, hidden]`; the block's output once every stage has run.
+    pub residual: Vec<f32>,
+    /// The input shared by the linears of the next group (`[rows, in_features]`).
+    pub input: Vec<f32>,
+}
+
+/// One decoder block as a sequence of stages, one per group of linears that share an input
+/// (q/k/v; the attention output projection; the MLP input projections; the MLP output).
+/// Inference runs every stage at once; true-sequential quantization advances all calibration
+/// samples one stage at a time so each group is quantized on inputs that went through the
+/// already-quantized groups before it, and no stage is computed twice.
+pub trait DecoderBlock: Send + Sync {
+    /// Linear names relative to the block prefix, grouped by shared input, in forward order
+    /// (within a group, in the reference's true-sequential order).
+    fn groups(&self) -> &'static [&'static [&'static str]];
+    fn linear(&self, name: &str) -> &Linear;
+    fn linear_mut(&mut self, name: &str) -> &mut Linear;
+    /// Start from the block input `x` (`[rows, hidden]`): the state before group 0.
+    fn begin(&self, x: Vec<f32>) -> BlockState;
+    /// Apply group `g` to `state.input` and run on to the next group's input (or the output).
+    fn step(&self, g: usize, state: &mut BlockState, ctx: &mut BlockContext);
+    /// The whole block.
+    fn forward(&self, x: Vec<f32>, ctx: &mut BlockContext) -> Vec<f32> {
+        let mut state = self.begin(x);
+        for g in 0..self.groups().len() {
+            self.step(g, &mut state, ctx);
+        }
+        state.residual
+    }
+}
+
 /// A named linear layer of a model, for quantization and saving.
 pub struct LinearRef<'a> {
     pub name: String,

@@ -3,7 +3,9 @@
 //! word embeddings are narrower than the hidden size.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{CausalLM, ForwardInput, LinearRef, LogitsMode};
+use super::{
+    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
+};
 use crate::config::{AutoConfig, OptConfig};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, forward_many, DenseMatrix, LayerNorm, Linear, Loader};
@@ -22,6 +24,10 @@ pub struct OptLayer {
     pub final_layer_norm: LayerNorm,
     pub fc1: Linear,
     pub fc2: Linear,
+    attention: AttentionShape,
+    /// LayerNorm before each sub-layer (most OPT) or after it (opt-350m).
+    pre_norm: bool,
+    activation: crate::config::Activation,
 }
 
 pub struct Opt {
@@ -88,6 +94,123 @@ pub fn tensor_shapes(c: &OptConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+impl OptLayer {
+    /// Decoder block `i` (`model.decoder.layers.{i}`).
+    pub fn load(cfg: &OptConfig, ld: &Loader, i: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (b, affine) = (cfg.enable_bias, cfg.layer_norm_elementwise_affine);
+        let l = format!("model.decoder.layers.{i}");
+        let hd = h / cfg.num_attention_heads;
+        Ok(OptLayer {
+            self_attn_layer_norm: ld.layer_norm(
+                &format!("{l}.self_attn_layer_norm"),
+                h,
+                LN_EPS,
+                affine,
+            )?,
+            q_proj: ld.linear(&format!("{l}.self_attn.q_proj"), h, h, b)?,
+            k_proj: ld.linear(&format!("{l}.self_attn.k_proj"), h, h, b)?,
+            v_proj: ld.linear(&format!("{l}.self_attn.v_proj"), h, h, b)?,
+            out_proj: ld.linear(&format!("{l}.self_attn.out_proj"), h, h, b)?,
+            final_layer_norm: ld.layer_norm(&format!("{l}.final_layer_norm"), h, LN_EPS, affine)?,
+            fc1: ld.linear(&format!("{l}.fc1"), h, cfg.ffn_dim, b)?,
+            fc2: ld.linear(&format!("{l}.fc2"), cfg.ffn_dim, h, b)?,
+            attention: AttentionShape {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_attention_heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+            pre_norm: cfg.do_layer_norm_before,
+            activation: cfg.activation,
+        })
+    }
+}
+
+const OPT_GROUPS: &[&[&str]] = &[
+    &["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    &["self_attn.out_proj"],
+    &["fc1"],
+    &["fc2"],
+];
+
+impl DecoderBlock for OptLayer {
+    fn groups(&self) -> &'static [&'static [&'static str]] {
+        OPT_GROUPS
+    }
+    fn linear(&self, name: &str) -> &Linear {
+        match name {
+            "self_attn.q_proj" => &self.q_proj,
+            "self_attn.k_proj" => &self.k_proj,
+            "self_attn.v_proj" => &self.v_proj,
+            "self_attn.out_proj" => &self.out_proj,
+            "fc1" => &self.fc1,
+            "fc2" => &self.fc2,
+            other => panic!("opt block has no linear `{other}`"),
+        }
+    }
+    fn linear_mut(&mut self, name: &str) -> &mut Linear {
+        match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.out_proj" => &mut self.out_proj,
+            "fc1" => &mut self.fc1,
+            "fc2" => &mut self.fc2,
+            other => panic!("opt block has no linear `{other}`"),
+        }
+    }
+    fn begin(&self, x: Vec<f32>) -> BlockState {
+        let input = if self.pre_norm {
+            self.self_attn_layer_norm.forward(&x)
+        } else {
+            x.clone()
+        };
+        BlockState { residual: x, input }
+    }
+    fn step(&self, g: usize, st: &mut BlockState, ctx: &mut BlockContext) {
+        let rows = st.residual.len() / self.self_attn_layer_norm.dim;
+        match g {
+            0 => {
+                let [q, k, v]: [Vec<f32>; 3] =
+                    forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], &st.input, rows)
+                        .try_into()
+                        .expect("three outputs");
+                st.input = attend(
+                    ctx.cache,
+                    ctx.cache_layer,
+                    &self.attention,
+                    ctx.t,
+                    &q,
+                    &k,
+                    &v,
+                );
+            }
+            1 => {
+                add_in_place(&mut st.residual, &self.out_proj.forward(&st.input, rows));
+                if self.pre_norm {
+                    st.input = self.final_layer_norm.forward(&st.residual);
+                } else {
+                    st.residual = self.self_attn_layer_norm.forward(&st.residual);
+                    st.input = st.residual.clone();
+                }
+            }
+            2 => {
+                let mut f = self.fc1.forward(&st.input, rows);
+                activate(self.activation, &mut f);
+                st.input = f;
+            }
+            _ => {
+                add_in_place(&mut st.residual, &self.fc2.forward(&st.input, rows));
+                if !self.pre_norm {
+                    st.residual = self.final_layer_norm.forward(&st.residual);
+                }
+                st.input = Vec::new();
+            }
+        }
+    }
+}
+
 impl Opt {
     pub fn load(config: AutoConfig, cfg: OptConfig, ld: &Loader) -> Result<Self> {
         let (h, p) = (cfg.hidden_size, cfg.word_embed_proj_dim);
@@ -108,31 +231,9 @@ impl Opt {
         } else {
             (None, None)
         };
-        let b = cfg.enable_bias;
-        let mut layers = vec![];
-        for i in 0..cfg.num_hidden_layers {
-            let l = format!("{d}.layers.{i}");
-            layers.push(OptLayer {
-                self_attn_layer_norm: ld.layer_norm(
-                    &format!("{l}.self_attn_layer_norm"),
-                    h,
-                    LN_EPS,
-                    affine,
-                )?,
-                q_proj: ld.linear(&format!("{l}.self_attn.q_proj"), h, h, b)?,
-                k_proj: ld.linear(&format!("{l}.self_attn.k_proj"), h, h, b)?,
-                v_proj: ld.linear(&format!("{l}.self_attn.v_proj"), h, h, b)?,
-                out_proj: ld.linear(&format!("{l}.self_attn.out_proj"), h, h, b)?,
-                final_layer_norm: ld.layer_norm(
-                    &format!("{l}.final_layer_norm"),
-                    h,
-                    LN_EPS,
-                    affine,
-                )?,
-                fc1: ld.linear(&format!("{l}.fc1"), h, cfg.ffn_dim, b)?,
-                fc2: ld.linear(&format!("{l}.fc2"), cfg.ffn_dim, h, b)?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| OptLayer::load(&cfg, ld, i))
+            .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = if has_final_norm(&cfg) {
             Some(ld.layer_norm(&format!("{d}.final_layer_norm"), h, LN_EPS, affine)?)
         } else {
@@ -154,45 +255,6 @@ impl Opt {
             final_layer_norm,
             lm_head,
         })
-    }
-
-    pub fn block_forward(&self, i: usize, x: &mut [f32], t: usize, cache: &mut KvCache) {
-        let c = &self.cfg;
-        let layer = &self.layers[i];
-        let rows = x.len() / c.hidden_size;
-        let pre = c.do_layer_norm_before;
-        let hn = if pre {
-            layer.self_attn_layer_norm.forward(x)
-        } else {
-            x.to_vec()
-        };
-        let [q, k, v]: [Vec<f32>; 3] =
-            forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &hn, rows)
-                .try_into()
-                .expect("three outputs");
-        let hd = c.hidden_size / c.num_attention_heads;
-        let shape = AttentionShape {
-            heads: c.num_attention_heads,
-            kv_heads: c.num_attention_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        let attn = attend(cache, i, &shape, t, &q, &k, &v);
-        add_in_place(x, &layer.out_proj.forward(&attn, rows));
-        if !pre {
-            x.copy_from_slice(&layer.self_attn_layer_norm.forward(x));
-        }
-        let hn = if pre {
-            layer.final_layer_norm.forward(x)
-        } else {
-            x.to_vec()
-        };
-        let mut f = layer.fc1.forward(&hn, rows);
-        activate(c.activation, &mut f);
-        add_in_place(x, &layer.fc2.forward(&f, rows));
-        if !pre {
-            x.copy_from_slice(&layer.final_layer_norm.forward(x));
-        }
     }
 }
 
@@ -243,8 +305,14 @@ impl CausalLM for Opt {
             let r = (pos + POSITION_OFFSET as i64).clamp(0, max_row as i64 - 1) as usize;
             add_in_place(row, &self.embed_positions[r * h..(r + 1) * h]);
         }
-        for i in 0..self.layers.len() {
-            self.block_forward(i, &mut x, t, cache);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut ctx = BlockContext {
+                t,
+                positions: &[],
+                cache,
+                cache_layer: i,
+            };
+            x = layer.forward(x, &mut ctx);
         }
         let mut x = super::select_rows(&x, batch, t, h, mode);
         if let Some(ln) = &self.final_layer_norm {
