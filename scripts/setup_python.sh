@@ -19,6 +19,8 @@ REQUIREMENTS=(
   "numpy==2.4.6"
   # transformers refuses to load a GGUF file without accelerate.
   "accelerate==1.15.0"
+  # bitsandbytes golden data (scripts/golden/make_bnb_golden.py); CPU backend, deps already pinned.
+  "bitsandbytes==0.50.2"
 )
 
 # Full `pip freeze` of the install that produced the committed fixtures, used as
@@ -130,6 +132,12 @@ else
   log "installing ${REQUIREMENTS[*]} (this downloads ~3 GB the first time)"
   "$VPY" -m pip install "pip==26.3" >&2
   "$VPY" -m pip install -c "$CONSTRAINTS_FILE" "${REQUIREMENTS[@]}" >&2
+fi
+
+# AutoGPTQ's QuantLinear (GPTQ golden data and scripts/interop). --no-deps: only two of its module
+# files are loaded, and its declared dependencies would move the pins above.
+if ! "$VPY" -c 'import sys; from importlib.metadata import version; sys.exit(version("auto-gptq") != "0.7.1")' 2>/dev/null; then
+  "$VPY" -m pip install --no-deps "auto-gptq==0.7.1" >&2
 fi
 
 # Smoke test: the imports the golden scripts need.

@@ -477,3 +477,12 @@ mod tests {
         assert!(safe_join(&snap, "model-00001-of-00002.safetensors").is_ok());
     }
 }
+
+/// Lower-case hex sha256 of `bytes` (provenance of calibration data).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

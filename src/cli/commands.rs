@@ -8,6 +8,7 @@ use autoquant::generate::{generate as run_generate, GenerationConfig};
 use autoquant::hub::HubOptions;
 use autoquant::models::LoadOptions;
 use autoquant::nn::WeightDType;
+use autoquant::quant::bnb::{BitsAndBytesConfig, FourBitType, Int8Compute};
 use autoquant::tokenizer::ChatMessage;
 use autoquant::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,12 +28,40 @@ impl ModelArgs {
             ..Default::default()
         }
     }
+    /// The bitsandbytes load-time quantization asked for, if any.
+    fn bnb(&self) -> Result<Option<BitsAndBytesConfig>> {
+        if !(self.load_in_4bit || self.load_in_8bit) {
+            return Ok(None);
+        }
+        let cfg = BitsAndBytesConfig {
+            load_in_4bit: self.load_in_4bit,
+            load_in_8bit: self.load_in_8bit,
+            quant_type: FourBitType::parse(&self.bnb_4bit_quant_type)?,
+            double_quant: self.double_quant,
+            compute_dtype: WeightDType::parse(&self.compute_dtype)?,
+            int8_threshold: self.int8_threshold,
+            int8_compute: if self.int8_dequantized {
+                Int8Compute::DequantizedWeights
+            } else {
+                Int8Compute::Int8Matmul
+            },
+            ..Default::default()
+        };
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
     fn load(&self) -> Result<Pretrained> {
         let opts = LoadOptions {
             dtype: WeightDType::parse(&self.dtype)?,
-            ..Default::default()
+            bnb: self.bnb()?,
         };
         let p = Pretrained::load(&self.model, &opts, &self.hub())?;
+        if opts.bnb.is_some() || p.config.raw.contains_key("quantization_config") {
+            let r = autoquant::quant::bnb::memory_report(p.model.as_ref());
+            if r.quantized_params > 0 {
+                eprintln!("memory: {}", r.explanation);
+            }
+        }
         eprintln!(
             "loaded {} ({}, {} layers, {:.1}M params, {} weights, {:.1} MiB) in {:.2}s",
             p.files.describe(),

@@ -42,6 +42,27 @@ pub struct ModelArgs {
     /// Hugging Face cache folder (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Quantize linear layers to 8 bits while loading (LLM.int8, bitsandbytes style).
+    #[arg(long, conflicts_with = "load_in_4bit")]
+    pub load_in_8bit: bool,
+    /// Quantize linear layers to 4 bits while loading (NF4/FP4, bitsandbytes style).
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// 4-bit code book: nf4 or fp4.
+    #[arg(long, default_value = "nf4", requires = "load_in_4bit")]
+    pub bnb_4bit_quant_type: String,
+    /// Also quantize the 4-bit block statistics (double quantization).
+    #[arg(long, requires = "load_in_4bit")]
+    pub double_quant: bool,
+    /// 4-bit compute dtype: f32, f16 or bf16 (16-bit types round weights, activations, outputs).
+    #[arg(long, default_value = "f32", requires = "load_in_4bit")]
+    pub compute_dtype: String,
+    /// LLM.int8 outlier threshold (0 disables the decomposition).
+    #[arg(long, default_value_t = 6.0, requires = "load_in_8bit")]
+    pub int8_threshold: f32,
+    /// 8-bit weights dequantized to float, activations kept in float (no int8 matmul).
+    #[arg(long, requires = "load_in_8bit")]
+    pub int8_dequantized: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -184,6 +184,12 @@ pub fn perplexity(
 /// as is (plain or WikiText raw). JSON records are joined with "\n\n" as the papers join
 /// WikiText rows.
 pub fn load_text(path: &Path) -> Result<String> {
+    Ok(load_records(path)?.join("\n\n"))
+}
+
+/// The documents of a text file: one per line of a JSON-lines file (its `text` field), or the
+/// whole file for plain and WikiText-style text. Errors on empty or malformed input.
+pub fn load_records(path: &Path) -> Result<Vec<String>> {
     let bytes = crate::error::read_file(path)?;
     let text = String::from_utf8(bytes)
         .map_err(|e| Error::format(path, format!("not UTF-8 text: {e}")))?;
@@ -202,12 +208,15 @@ pub fn load_text(path: &Path) -> Result<String> {
             })?;
             parts.push(t.to_string());
         }
-        return Ok(parts.join("\n\n"));
+        if parts.iter().all(|p| p.trim().is_empty()) {
+            return Err(Error::format(path, "no non-empty `text` records"));
+        }
+        return Ok(parts);
     }
     if text.trim().is_empty() {
         return Err(Error::format(path, "the file is empty"));
     }
-    Ok(text)
+    Ok(vec![text])
 }
 
 #[cfg(test)]

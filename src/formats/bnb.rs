@@ -34,9 +34,8 @@ impl BnbCheckpointParams {
         let bad = |msg: String| Error::format(&config_file, format!("quantization_config: {msg}"));
         let compute_dtype = match qcfg.get("bnb_4bit_compute_dtype") {
             None | Some(Value::Null) => WeightDType::F32,
-            Some(Value::String(s)) => {
-                WeightDType::parse(s.trim_start_matches("torch.")).map_err(|e| bad(e.to_string()))?
-            }
+            Some(Value::String(s)) => WeightDType::parse(s.trim_start_matches("torch."))
+                .map_err(|e| bad(e.to_string()))?,
             Some(v) => return Err(bad(format!("bnb_4bit_compute_dtype {v} is not a string"))),
         };
         let int8_threshold = match qcfg.get("llm_int8_threshold") {
@@ -49,11 +48,20 @@ impl BnbCheckpointParams {
         };
         if let Some(s) = qcfg.get("bnb_4bit_quant_storage").and_then(|v| v.as_str()) {
             // Other storage dtypes hold the same bytes; only the tensor dtype differs.
-            if !matches!(s, "uint8" | "int8" | "float16" | "bfloat16" | "float32" | "torch.uint8") {
-                return Err(bad(format!("bnb_4bit_quant_storage `{s}` is not supported")));
+            if !matches!(
+                s,
+                "uint8" | "int8" | "float16" | "bfloat16" | "float32" | "torch.uint8"
+            ) {
+                return Err(bad(format!(
+                    "bnb_4bit_quant_storage `{s}` is not supported"
+                )));
             }
         }
-        if qcfg.get("llm_int8_has_fp16_weight").and_then(|v| v.as_bool()) == Some(true) {
+        if qcfg
+            .get("llm_int8_has_fp16_weight")
+            .and_then(|v| v.as_bool())
+            == Some(true)
+        {
             return Err(Error::Unsupported(format!(
                 "{}: llm_int8_has_fp16_weight=true checkpoints keep float weights and are not \
                  bitsandbytes-serialized; load the original model instead",
@@ -135,9 +143,7 @@ const QS_KEYS: [&str; 7] = [
 pub fn parse_quant_state(bytes: &[u8]) -> std::result::Result<QuantStateJson, String> {
     let v: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("malformed quant state JSON: {e}"))?;
-    let obj = v
-        .as_object()
-        .ok_or("quant state JSON is not an object")?;
+    let obj = v.as_object().ok_or("quant state JSON is not an object")?;
     if let Some(k) = obj.keys().find(|k| !QS_KEYS.contains(&k.as_str())) {
         return Err(format!("unknown quant state key `{k}`"));
     }
@@ -170,7 +176,8 @@ pub fn parse_quant_state(bytes: &[u8]) -> std::result::Result<QuantStateJson, St
             let b = b
                 .as_u64()
                 .filter(|b| *b > 0)
-                .ok_or("`nested_blocksize` is not a positive integer")? as usize;
+                .ok_or("`nested_blocksize` is not a positive integer")?
+                as usize;
             if parse_torch_dtype(d)? != WeightDType::F32 {
                 return Err(format!("nested_dtype {d} is not supported (float32 is)"));
             }
@@ -281,9 +288,14 @@ pub fn four_bit_tensors(prefix: &str, q: &FourBitWeight) -> Vec<(String, RawTens
         ),
     ];
     match &q.absmax {
-        Absmax::Plain(a) => out.push((format!("{w}.absmax"), RawTensor::from_f32(vec![a.len()], a))),
+        Absmax::Plain(a) => {
+            out.push((format!("{w}.absmax"), RawTensor::from_f32(vec![a.len()], a)))
+        }
         Absmax::Nested(n) => {
-            out.push((format!("{w}.absmax"), u8s(vec![n.codes.len()], n.codes.clone())));
+            out.push((
+                format!("{w}.absmax"),
+                u8s(vec![n.codes.len()], n.codes.clone()),
+            ));
             out.push((
                 format!("{w}.nested_absmax"),
                 RawTensor::from_f32(vec![n.nested_absmax.len()], &n.nested_absmax),
@@ -313,7 +325,10 @@ pub fn int8_tensors(prefix: &str, q: &Int8Weight) -> Vec<(String, RawTensor)> {
                 data: bytemuck::cast_slice(&q.codes).to_vec(),
             },
         ),
-        (format!("{prefix}.SCB"), RawTensor::from_f32(vec![q.n], &q.scb)),
+        (
+            format!("{prefix}.SCB"),
+            RawTensor::from_f32(vec![q.n], &q.scb),
+        ),
         (
             format!("{prefix}.weight_format"),
             RawTensor {
@@ -352,7 +367,10 @@ pub fn read_four_bit(
     let err = |name: &str, msg: String| Error::tensor(src.file_of(name), name, msg);
     let qs_raw = src.read(&qs_name)?;
     if qs_raw.dtype != DType::U8 {
-        return Err(err(&qs_name, format!("dtype {:?}, expected U8 (JSON bytes)", qs_raw.dtype)));
+        return Err(err(
+            &qs_name,
+            format!("dtype {:?}, expected U8 (JSON bytes)", qs_raw.dtype),
+        ));
     }
     let qs = parse_quant_state(&qs_raw.data).map_err(|m| err(&qs_name, m))?;
     if qs.quant_type != key_type {
@@ -398,7 +416,10 @@ pub fn read_four_bit(
             if !absmax_raw.dtype.is_float() {
                 return Err(err(
                     &absmax_name,
-                    format!("dtype {:?}; without double quantization absmax is float", absmax_raw.dtype),
+                    format!(
+                        "dtype {:?}; without double quantization absmax is float",
+                        absmax_raw.dtype
+                    ),
                 ));
             }
             check_len(&absmax_name, absmax_raw.numel(), nb, src, &qs)?;
@@ -408,7 +429,10 @@ pub fn read_four_bit(
             if absmax_raw.dtype != DType::U8 {
                 return Err(err(
                     &absmax_name,
-                    format!("dtype {:?}; with double quantization absmax holds uint8 codes", absmax_raw.dtype),
+                    format!(
+                        "dtype {:?}; with double quantization absmax holds uint8 codes",
+                        absmax_raw.dtype
+                    ),
                 ));
             }
             check_len(&absmax_name, absmax_raw.numel(), nb, src, &qs)?;
@@ -462,7 +486,11 @@ fn check_len(
 
 fn read_required(src: &dyn WeightSource, name: &str) -> Result<RawTensor> {
     if src.info(name).is_none() {
-        return Err(Error::tensor(src.file_of(name), name, "missing from the checkpoint"));
+        return Err(Error::tensor(
+            src.file_of(name),
+            name,
+            "missing from the checkpoint",
+        ));
     }
     src.read(name)
 }
@@ -472,7 +500,10 @@ fn read_float(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>
     let raw = read_required(src, name)?;
     let err = |msg: String| Error::tensor(src.file_of(name), name, msg);
     if !raw.dtype.is_float() {
-        return Err(err(format!("dtype {:?}, expected a float tensor", raw.dtype)));
+        return Err(err(format!(
+            "dtype {:?}, expected a float tensor",
+            raw.dtype
+        )));
     }
     if raw.numel() != len {
         return Err(err(format!("has {} entries, expected {len}", raw.numel())));

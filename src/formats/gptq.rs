@@ -16,7 +16,7 @@ use crate::quant::rtn::{maxq, QuantizedLinear, SUPPORTED_BITS};
 use crate::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The quantization settings a GPTQ reader needs, parsed from `quantization_config` (or
@@ -122,10 +122,12 @@ impl GptqParams {
         let format = match ck.or(fm).as_deref() {
             None | Some("gptq") => ZeroFormat::V1,
             Some("gptq_v2") => ZeroFormat::V2,
-            Some(other) => return Err(Error::Unsupported(format!(
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
                 "{file}: GPTQ checkpoint_format {other:?} is not supported (gptq and gptq_v2 are; \
                      marlin, bitblas and GPTQModel's gptq_p repack the weights differently)"
-            ))),
+            )))
+            }
         };
         if boolean("is_marlin_format", false)? {
             return Err(Error::Unsupported(format!(
@@ -186,7 +188,6 @@ pub fn linear_factory(config: &AutoConfig, qcfg: &Value) -> Result<Box<dyn Linea
     let params = GptqParams::from_config(qcfg, &config_file_of(config))?;
     Ok(Box::new(GptqFactory {
         params,
-        wrapped_zeros: AtomicUsize::new(0),
         warned_wrap: AtomicBool::new(false),
         warned_g_idx: AtomicBool::new(false),
     }))
@@ -194,7 +195,6 @@ pub fn linear_factory(config: &AutoConfig, qcfg: &Value) -> Result<Box<dyn Linea
 
 struct GptqFactory {
     params: GptqParams,
-    wrapped_zeros: AtomicUsize,
     warned_wrap: AtomicBool,
     warned_g_idx: AtomicBool,
 }
@@ -215,20 +215,17 @@ impl LinearFactory for GptqFactory {
         };
         let p = &self.params;
         let top = 1u32 << p.bits;
-        let wrapped = q.zeros.iter().filter(|&&z| z == top).count();
-        if wrapped > 0 {
-            self.wrapped_zeros.fetch_add(wrapped, Ordering::Relaxed);
-            if !self.warned_wrap.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "warning: {}: GPTQ v1 checkpoint stores zero points as {} ({}-bit all ones), first in \
-                     `{prefix}.qzeros`. v1 stores Z-1, so this is a zero point of 0 that wrapped when it was \
-                     written; tools disagree on reading it. Reading it as Z = {top}, as vLLM and exllama do. \
-                     Re-quantize and save as gptq_v2 to avoid the ambiguity.",
-                    p.config_file.display(),
-                    maxq(p.bits),
-                    p.bits,
-                );
-            }
+        // Only v1 adds 1, so only v1 can produce Z = 2^b; warn once per checkpoint.
+        if q.zeros.contains(&top) && !self.warned_wrap.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "warning: {}: GPTQ v1 checkpoint stores zero points as {} ({}-bit all ones), first in \
+                 `{prefix}.qzeros`. v1 stores Z-1, so this is a zero point of 0 that wrapped when it was \
+                 written; tools disagree on reading it. Reading it as Z = {top}, as vLLM and exllama do. \
+                 Re-quantize and save as gptq_v2 to avoid the ambiguity.",
+                p.config_file.display(),
+                maxq(p.bits),
+                p.bits,
+            );
         }
         if !p.desc_act && !self.warned_g_idx.load(Ordering::Relaxed) {
             let g = p.group_size.unwrap_or(in_features);

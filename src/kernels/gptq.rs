@@ -3,35 +3,41 @@
 //!
 //! # In-memory layout (not the on-disk `qweight` layout)
 //!
-//! Input channels are first put in *group-contiguous order*: group 0's columns (in increasing
-//! column order), then group 1's, and so on, each group padded with zero codes to a multiple of
-//! [`BLOCK`] = 32 positions ("slots"). For the usual sequential `g_idx = k / group_size` with
+//! Input channels are put in *group-contiguous order*: group 0's columns (in increasing column
+//! order), then group 1's, and so on, each group padded with zero codes to a multiple of
+//! `BLOCK` = 32 positions ("slots"). For the usual sequential `g_idx = k / group_size` with
 //! group sizes that are multiples of 32 this order is the identity and nothing is stored for it;
 //! otherwise (act-order, odd group sizes) the slot → column map is kept and the input is gathered
-//! into slot order once per call. Every group is then a whole number of 32-code blocks.
+//! into slot order once per call.
 //!
-//! Each output row holds its blocks back to back (`4·bits` bytes per block). Inside a block the
-//! 32 codes are arranged so that one 512-bit register of 16 lanes unpacks into codes 0..16 and a
-//! second into codes 16..32 with a couple of shifts and masks:
+//! Output rows are stored in *panels* of 16 (the lanes of a 512-bit register), the last panel
+//! padded with zero rows. A panel holds its blocks back to back, `64·bits` bytes each. Inside a
+//! block, slots are taken four at a time ("quads"): the quad vector of quad q is 64 bytes whose
+//! byte `4r + i` is the code of row r at slot `4q + i` — exactly the operand layout of the
+//! VNNI instruction `vpdpbusd`, which multiplies four byte pairs per 32-bit lane and adds them.
+//! The 8 quad vectors of a block are stored as:
 //!
-//! * 8-bit: byte i = code i.
-//! * 4-bit: byte l = code l | code (l+16) << 4.
-//! * 2-bit: a little-endian u64 whose nibble `(l % 2)·8 + l / 2` holds code l | code (l+16) << 2
-//!   (so a broadcast of the u64 and a per-lane shift by `4·(l / 2)` lines them up).
-//! * 3-bit: the low two bits of every code as a 2-bit block (8 bytes), then a u32 whose bit i is
-//!   bit 2 of code i.
+//! * 8-bit: the 8 vectors as they are (512 bytes).
+//! * 4-bit: 4 vectors; low nibbles are quad 2j, high nibbles quad 2j+1.
+//! * 2-bit: 2 vectors; bits `2t..2t+2` of vector j are quad 4j+t.
+//! * 3-bit: the low two bits as a 2-bit block, then one vector whose bit q is bit 2 of quad q.
 //!
-//! Scales are held as f16 `[N, G]` (what checkpoints store; [`GptqMatrix::from_quantized`]
-//! rounds f32 scales to f16) and zero points as u16 `[N, G]` (Z may be 2^bits, e.g. 256).
+//! Scales are f16 and zero points u8 (u16 if some Z is 256), both `[panel, G, 16]` so a panel's
+//! 16 values for a group are one vector load. Scales are f16 because checkpoints store them so;
+//! [`GptqMatrix::from_quantized`] rounds f32 scales to f16.
 //!
 //! # Arithmetic
 //!
-//! A group's contribution to output n is `s·Σ q·x − s·Z·Σ x`: the inner loop only converts codes
-//! to f32 and multiplies-adds them with the input, and the per-group input sums Σx are computed
-//! once per call. Decoding (`forward_rows`, few input rows) uses an AVX-512 kernel that works on
-//! several output rows at once so each input load serves them all (scalar fallback without
-//! AVX-512). Many input rows (`forward`) dequantize blocks of output rows to f32 in a per-thread
-//! scratch buffer and run a serial GEMM on each, the blocks spread over the threads.
+//! A group's contribution to output n is `s·Σ q·x − s·Z·Σ x`, with the per-group input sums Σx
+//! computed once per call. For few input rows (decoding, `forward_rows`) Σ q·x is computed in
+//! integers: the input is split, per group, into three signed 8-bit limbs,
+//! `x ≈ a·(l₀ + l₁/2⁷ + l₂/2¹⁴)` with `a = max|x|/127`, which keeps about 22 bits of each value
+//! relative to the group's largest (f32 keeps 24), and `vpdpbusd` multiplies codes with limbs
+//! exactly. The prepared limbs are cached per thread and reused while the same input comes
+//! back (several projections of one input, and all row blocks of one call). Without AVX-512
+//! VNNI a portable f32 kernel is used. For many input rows (`forward`) blocks of output rows are
+//! dequantized to f32 in a per-thread buffer and multiplied with a serial GEMM, the blocks
+//! spread over the threads.
 
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -40,192 +46,109 @@ use crate::quant::rtn::{check_bits, maxq, QuantizedLinear};
 use half::f16;
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 
-/// Codes per packed block, for every bit width.
+/// Slots per block, for every bit width.
 const BLOCK: usize = 32;
+/// Output rows per panel (f32 / i32 lanes of a 512-bit register).
+const LANES: usize = 16;
 /// Slot map entry of a padding slot (its code is 0 and its input is 0).
 const PAD: u32 = u32::MAX;
-/// Output rows dequantized at a time by one task of the GEMM path: big enough that the GEMM
-/// amortizes packing the input, small enough to stay in L2 and to balance two or more threads.
+/// Signed 8-bit limbs an input value is split into for the integer kernel.
+const LIMBS: usize = 3;
+/// Longest run of blocks accumulated in i32 before converting to f32: each `vpdpbusd` adds at
+/// most 4·255·127 per lane, 8 per block, so 1024 blocks stay below 2³¹.
+const SEG_BLOCKS: usize = 1024;
+/// Output rows dequantized at a time by one task of the GEMM path (about; see `forward_gemm`):
+/// big enough that the GEMM amortizes packing the input, small enough for L2 and for balance.
 const GEMM_ROWS: usize = 128;
 
-/// Bytes of one block of 32 codes.
-fn block_bytes(bits: u8) -> usize {
-    4 * bits as usize
+/// Bytes of one block of one panel: 16 rows × 32 codes × bits / 8.
+fn panel_block_bytes(bits: u8) -> usize {
+    64 * bits as usize
 }
 
-/// A quantized `[N, K]` weight kept packed in memory (see the module docs for the layout).
-///
-/// Built from the interchange type [`QuantizedLinear`] and convertible back to it, so GPTQ, AWQ
-/// and other integer-grid formats share this kernel.
-pub struct GptqMatrix {
-    bits: u8,
-    group_size: Option<usize>,
-    n: usize,
+/// Slot order of the input channels, shared by every row (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+struct SlotLayout {
     k: usize,
-    /// Slots per row: K plus padding, a multiple of [`BLOCK`].
+    /// Slots: K plus padding, a multiple of [`BLOCK`].
     kp: usize,
-    /// Packed bytes per output row: `kp / 32 · 4·bits`.
-    row_bytes: usize,
-    /// `[N, row_bytes]`.
-    packed: Vec<u8>,
-    /// `[N, G]`, row-major by output row so a row's groups are adjacent.
-    scales: Vec<f16>,
-    /// `[N, G]`: true zero points, `0..=2^bits`.
-    zeros: Vec<u16>,
-    /// `[G + 1]`: group g occupies blocks `group_blocks[g]..group_blocks[g + 1]` of every row.
+    /// `[G + 1]`: group g occupies blocks `group_blocks[g]..group_blocks[g + 1]`.
     group_blocks: Vec<u32>,
-    /// `[kp]`: the input column of each slot ([`PAD`] for padding); `None` when slot i is column
-    /// i for every i < K (only trailing padding), the common case.
+    /// Block ranges accumulated in integers with one input scale: the groups, split every
+    /// [`SEG_BLOCKS`] blocks.
+    segs: Vec<[u32; 2]>,
+    /// `[G + 1]`: group g's segments are `segs[group_segs[g]..group_segs[g + 1]]`.
+    group_segs: Vec<u32>,
+    /// `[kp]`: input column of each slot ([`PAD`] for padding); `None` when slot i is column i
+    /// for every i < K (only trailing padding), the common case.
     slot_col: Option<Vec<u32>>,
-    /// `g_idx` is not `k / group_size` (act-order or otherwise irregular).
-    irregular_g_idx: bool,
 }
 
-impl GptqMatrix {
-    /// Pack a quantized weight for inference.
-    ///
-    /// Scales are rounded to f16, as a saved checkpoint stores them, so in-memory results equal
-    /// those of the reloaded checkpoint. Errors (`InvalidArgument`) on an unsupported bit width,
-    /// an empty shape, inconsistent lengths, a code above `2^bits − 1`, a zero point above
-    /// `2^bits`, a `g_idx` entry ≥ G, or a scale that is not finite in f16.
-    pub fn from_quantized(q: &QuantizedLinear) -> Result<Self> {
-        let (n, k, bits) = (q.n, q.k, q.bits);
-        validate(q)?;
-        let g_count = q.scales.len() / n;
-
-        // Group-contiguous slot order, each group padded to whole blocks.
+impl SlotLayout {
+    /// `g_idx` must have K entries, all below `g_count` (checked by the caller).
+    fn new(g_idx: &[u32], g_count: usize) -> Result<Self> {
+        let k = g_idx.len();
         let mut counts = vec![0usize; g_count];
-        for &g in &q.g_idx {
+        for &g in g_idx {
             counts[g as usize] += 1;
         }
+        let too_big = || {
+            Error::InvalidArgument(format!(
+                "quantized weight with K={k} and {g_count} groups is too large to pack"
+            ))
+        };
         let mut group_blocks = Vec::with_capacity(g_count + 1);
-        group_blocks.push(0u32);
-        let mut total_blocks = 0usize;
+        let mut segs = Vec::new();
+        let mut group_segs = Vec::with_capacity(g_count + 1);
+        let mut blocks = 0usize;
+        group_blocks.push(0);
+        group_segs.push(0);
         for &c in &counts {
-            total_blocks += c.div_ceil(BLOCK);
-            let b = u32::try_from(total_blocks).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "weight [N={n}, K={k}] with {g_count} groups is too large to pack"
-                ))
-            })?;
-            group_blocks.push(b);
+            let end = blocks + c.div_ceil(BLOCK);
+            let end32 = u32::try_from(end).map_err(|_| too_big())?;
+            for b0 in (blocks..end).step_by(SEG_BLOCKS) {
+                segs.push([b0 as u32, (b0 + SEG_BLOCKS).min(end) as u32]);
+            }
+            blocks = end;
+            group_blocks.push(end32);
+            group_segs.push(segs.len() as u32);
         }
-        let kp = total_blocks * BLOCK;
+        let kp = blocks * BLOCK;
         let mut slot_col = vec![PAD; kp];
         let mut next: Vec<usize> = group_blocks[..g_count]
             .iter()
             .map(|&b| b as usize * BLOCK)
             .collect();
-        for (col, &g) in q.g_idx.iter().enumerate() {
+        for (col, &g) in g_idx.iter().enumerate() {
             slot_col[next[g as usize]] = col as u32;
             next[g as usize] += 1;
         }
-        let identity = slot_col[..k].iter().enumerate().all(|(i, &c)| c == i as u32);
-        let irregular_g_idx = match q.group_size {
-            Some(gs) => q.g_idx.iter().enumerate().any(|(i, &g)| g as usize != i / gs),
-            None => q.g_idx.iter().any(|&g| g != 0),
-        };
-
-        let bb = block_bytes(bits);
-        let row_bytes = total_blocks * bb;
-        let mut packed = vec![0u8; n * row_bytes];
-        let mut codes = [0u8; BLOCK];
-        for row in 0..n {
-            let src = &q.codes[row * k..(row + 1) * k];
-            let dst = &mut packed[row * row_bytes..(row + 1) * row_bytes];
-            for (b, out) in dst.chunks_exact_mut(bb).enumerate() {
-                for (i, c) in codes.iter_mut().enumerate() {
-                    let col = slot_col[b * BLOCK + i];
-                    *c = if col == PAD { 0 } else { src[col as usize] };
-                }
-                pack_block(bits, &codes, out);
-            }
-        }
-        let mut scales = vec![f16::ZERO; n * g_count];
-        let mut zeros = vec![0u16; n * g_count];
-        for g in 0..g_count {
-            for row in 0..n {
-                scales[row * g_count + g] = f16::from_f32(q.scales[g * n + row]);
-                zeros[row * g_count + g] = q.zeros[g * n + row] as u16;
-            }
-        }
-        Ok(GptqMatrix {
-            bits,
-            group_size: q.group_size,
-            n,
+        let identity = slot_col[..k]
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| c == i as u32);
+        Ok(SlotLayout {
             k,
             kp,
-            row_bytes,
-            packed,
-            scales,
-            zeros,
             group_blocks,
+            segs,
+            group_segs,
             slot_col: (!identity).then_some(slot_col),
-            irregular_g_idx,
         })
-    }
-
-    /// The unpacked form (codes, scales, true zero points, `g_idx`), e.g. for saving. Equal to
-    /// what [`from_quantized`](Self::from_quantized) took, except that scales are f16-rounded.
-    pub fn to_quantized(&self) -> QuantizedLinear {
-        let (n, k, g_count) = (self.n, self.k, self.groups());
-        let mut codes = vec![0u8; n * k];
-        let mut block = [0u8; BLOCK];
-        let bb = block_bytes(self.bits);
-        for row in 0..n {
-            let src = &self.packed[row * self.row_bytes..(row + 1) * self.row_bytes];
-            for (b, bytes) in src.chunks_exact(bb).enumerate() {
-                unpack_block(self.bits, bytes, &mut block);
-                for (i, &c) in block.iter().enumerate() {
-                    let col = self.slot_col(b * BLOCK + i);
-                    if col != PAD {
-                        codes[row * k + col as usize] = c;
-                    }
-                }
-            }
-        }
-        let mut g_idx = vec![0u32; k];
-        for g in 0..g_count {
-            let slots = self.group_blocks[g] as usize * BLOCK..self.group_blocks[g + 1] as usize * BLOCK;
-            for slot in slots {
-                let col = self.slot_col(slot);
-                if col != PAD {
-                    g_idx[col as usize] = g as u32;
-                }
-            }
-        }
-        let mut scales = vec![0f32; g_count * n];
-        let mut zeros = vec![0u32; g_count * n];
-        for row in 0..n {
-            for g in 0..g_count {
-                scales[g * n + row] = self.scales[row * g_count + g].to_f32();
-                zeros[g * n + row] = self.zeros[row * g_count + g] as u32;
-            }
-        }
-        QuantizedLinear {
-            bits: self.bits,
-            group_size: self.group_size,
-            n,
-            k,
-            codes,
-            scales,
-            zeros,
-            g_idx,
-        }
-    }
-
-    /// Bit width of the codes.
-    pub fn bits(&self) -> u8 {
-        self.bits
     }
 
     fn groups(&self) -> usize {
         self.group_blocks.len() - 1
     }
 
+    fn blocks(&self, g: usize) -> Range<usize> {
+        self.group_blocks[g] as usize..self.group_blocks[g + 1] as usize
+    }
+
     /// Input column of slot `i` ([`PAD`] for padding).
-    fn slot_col(&self, i: usize) -> u32 {
+    fn col(&self, i: usize) -> u32 {
         match &self.slot_col {
             Some(map) => map[i],
             None if i < self.k => i as u32,
@@ -233,8 +156,13 @@ impl GptqMatrix {
         }
     }
 
-    /// `x` (`[m, K]`) in slot order (`[m, kp]`, zero in padding slots), into `buf`; or `x` itself
-    /// when the slot order is the identity without padding.
+    fn bytes(&self) -> usize {
+        4 * (self.group_blocks.len() + self.group_segs.len() + 2 * self.segs.len())
+            + self.slot_col.as_ref().map_or(0, |s| 4 * s.len())
+    }
+
+    /// `x` (`[m, K]`) in slot order (`[m, kp]`, zero in padding slots), into `buf`; or `x`
+    /// itself when the slot order is the identity without padding.
     fn gather<'a>(&self, x: &'a [f32], m: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
         let (k, kp) = (self.k, self.kp);
         if self.slot_col.is_none() && kp == k {
@@ -257,163 +185,368 @@ impl GptqMatrix {
         buf
     }
 
-    /// Per-group sums of the slot-ordered input: `[m, G]`.
+    /// Per-group sums of slot-ordered input `xs`: `out` is `[m, G]`.
     fn group_sums(&self, xs: &[f32], m: usize, out: &mut Vec<f32>) {
         let g_count = self.groups();
         out.clear();
         out.resize(m * g_count, 0.0);
-        for (xr, sums) in xs.chunks_exact(self.kp).take(m).zip(out.chunks_exact_mut(g_count)) {
+        for (xr, sums) in xs
+            .chunks_exact(self.kp)
+            .take(m)
+            .zip(out.chunks_exact_mut(g_count))
+        {
             for (g, s) in sums.iter_mut().enumerate() {
-                let r = self.group_blocks[g] as usize * BLOCK..self.group_blocks[g + 1] as usize * BLOCK;
-                *s = sum(&xr[r]);
+                let b = self.blocks(g);
+                *s = sum(&xr[b.start * BLOCK..b.end * BLOCK]);
             }
         }
     }
+}
 
-    /// Dequantize output rows `rows` to f32 in slot order: `dst` is `[rows.len(), kp]`.
-    fn dequantize_rows(&self, rows: Range<usize>, dst: &mut [f32]) {
+/// Zero points, `[panel, G, 16]`: one byte each unless some Z is 256 (8-bit, wrapped v1).
+enum Zeros {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+}
+
+impl Zeros {
+    fn get(&self, i: usize) -> u32 {
+        match self {
+            Zeros::U8(z) => z[i] as u32,
+            Zeros::U16(z) => z[i] as u32,
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            Zeros::U8(z) => z.len(),
+            Zeros::U16(z) => 2 * z.len(),
+        }
+    }
+}
+
+/// A quantized `[N, K]` weight kept packed in memory (see the module docs for the layout).
+///
+/// Built from the interchange type [`QuantizedLinear`] and convertible back to it, so GPTQ, AWQ
+/// and other integer-grid formats share this kernel.
+pub struct GptqMatrix {
+    bits: u8,
+    group_size: Option<usize>,
+    n: usize,
+    /// `ceil(N / 16)`.
+    panels: usize,
+    /// Bytes per panel: blocks × `64·bits`.
+    panel_bytes: usize,
+    /// `[panels, panel_bytes]`.
+    packed: Vec<u8>,
+    /// `[panels, G, 16]`.
+    scales: Vec<f16>,
+    zeros: Zeros,
+    layout: Arc<SlotLayout>,
+    /// `g_idx` is not `k / group_size` (act-order or otherwise irregular).
+    irregular_g_idx: bool,
+}
+
+impl GptqMatrix {
+    /// Pack a quantized weight for inference.
+    ///
+    /// Scales are rounded to f16, as a saved checkpoint stores them, so in-memory results equal
+    /// those of the reloaded checkpoint. Errors (`InvalidArgument`) on an unsupported bit width,
+    /// an empty shape, inconsistent lengths, a code above `2^bits − 1`, a zero point above
+    /// `2^bits`, a `g_idx` entry ≥ G, or a scale that is not finite in f16.
+    pub fn from_quantized(q: &QuantizedLinear) -> Result<Self> {
+        validate(q)?;
+        let (n, k, bits) = (q.n, q.k, q.bits);
+        let g_count = q.scales.len() / n;
+        let layout = SlotLayout::new(&q.g_idx, g_count)?;
+        let irregular_g_idx = match q.group_size {
+            Some(gs) => q
+                .g_idx
+                .iter()
+                .enumerate()
+                .any(|(i, &g)| g as usize != i / gs),
+            None => q.g_idx.iter().any(|&g| g != 0),
+        };
+
+        let panels = n.div_ceil(LANES);
+        let pbb = panel_block_bytes(bits);
+        let nblocks = layout.kp / BLOCK;
+        let panel_bytes = nblocks * pbb;
+        let mut packed = vec![0u8; panels * panel_bytes];
+        let mut codes = [[0u8; BLOCK]; LANES];
+        for p in 0..panels {
+            for b in 0..nblocks {
+                for (r, row_codes) in codes.iter_mut().enumerate() {
+                    let row = p * LANES + r;
+                    for (i, c) in row_codes.iter_mut().enumerate() {
+                        let col = layout.col(b * BLOCK + i);
+                        *c = if row < n && col != PAD {
+                            q.codes[row * k + col as usize]
+                        } else {
+                            0
+                        };
+                    }
+                }
+                let at = p * panel_bytes + b * pbb;
+                pack_panel_block(bits, &codes, &mut packed[at..at + pbb]);
+            }
+        }
+
+        let mut scales = vec![f16::ZERO; panels * g_count * LANES];
+        let mut zeros = vec![0u16; panels * g_count * LANES];
+        for g in 0..g_count {
+            for row in 0..n {
+                let at = ((row / LANES) * g_count + g) * LANES + row % LANES;
+                scales[at] = f16::from_f32(q.scales[g * n + row]);
+                zeros[at] = q.zeros[g * n + row] as u16;
+            }
+        }
+        let zeros = if zeros.iter().all(|&z| z <= u8::MAX as u16) {
+            Zeros::U8(zeros.iter().map(|&z| z as u8).collect())
+        } else {
+            Zeros::U16(zeros)
+        };
+        Ok(GptqMatrix {
+            bits,
+            group_size: q.group_size,
+            n,
+            panels,
+            panel_bytes,
+            packed,
+            scales,
+            zeros,
+            layout: Arc::new(layout),
+            irregular_g_idx,
+        })
+    }
+
+    /// The unpacked form (codes, scales, true zero points, `g_idx`), e.g. for saving. Equal to
+    /// what [`from_quantized`](Self::from_quantized) took, except that scales are f16-rounded.
+    pub fn to_quantized(&self) -> QuantizedLinear {
+        let (n, k, g_count) = (self.n, self.layout.k, self.layout.groups());
+        let lay = &self.layout;
+        let pbb = panel_block_bytes(self.bits);
+        let mut codes = vec![0u8; n * k];
+        let mut block = [[0u8; BLOCK]; LANES];
+        for p in 0..self.panels {
+            for b in 0..lay.kp / BLOCK {
+                let at = p * self.panel_bytes + b * pbb;
+                unpack_panel_block(self.bits, &self.packed[at..at + pbb], &mut block);
+                for (r, row_codes) in block.iter().enumerate() {
+                    let row = p * LANES + r;
+                    for (i, &c) in row_codes.iter().enumerate() {
+                        let col = lay.col(b * BLOCK + i);
+                        if row < n && col != PAD {
+                            codes[row * k + col as usize] = c;
+                        }
+                    }
+                }
+            }
+        }
+        let mut g_idx = vec![0u32; k];
+        for g in 0..g_count {
+            let b = lay.blocks(g);
+            for slot in b.start * BLOCK..b.end * BLOCK {
+                let col = lay.col(slot);
+                if col != PAD {
+                    g_idx[col as usize] = g as u32;
+                }
+            }
+        }
+        let mut scales = vec![0f32; g_count * n];
+        let mut zeros = vec![0u32; g_count * n];
+        for g in 0..g_count {
+            for row in 0..n {
+                let at = ((row / LANES) * g_count + g) * LANES + row % LANES;
+                scales[g * n + row] = self.scales[at].to_f32();
+                zeros[g * n + row] = self.zeros.get(at);
+            }
+        }
+        QuantizedLinear {
+            bits: self.bits,
+            group_size: self.group_size,
+            n,
+            k,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+        }
+    }
+
+    /// Bit width of the codes.
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
+    /// Dequantize panels `panels` into `dst[slot · ld + 16·(p − panels.start) + lane]` (slot
+    /// order, output rows contiguous: the `[K, N]` operand of a GEMM). All 16 lanes of every
+    /// panel are written; padding rows come out as zeros.
+    fn dequantize_panels(&self, panels: Range<usize>, dst: &mut [f32], ld: usize, simd: bool) {
+        assert!(panels.end <= self.panels && ld >= panels.len() * LANES);
+        assert!(dst.len() >= self.layout.kp * ld);
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512F is available (checked above); lengths are checked inside.
-            unsafe {
-                match self.bits {
-                    2 => avx512::dequantize_rows::<2>(self, rows, dst),
-                    3 => avx512::dequantize_rows::<3>(self, rows, dst),
-                    4 => avx512::dequantize_rows::<4>(self, rows, dst),
-                    _ => avx512::dequantize_rows::<8>(self, rows, dst),
+        if simd && has_avx512() {
+            for (j, p) in panels.enumerate() {
+                // SAFETY: AVX-512F/BW are available; the asserts above bound every store
+                // (slot < kp, lane offset + 16 ≤ ld).
+                unsafe {
+                    let d = dst.as_mut_ptr().add(j * LANES);
+                    match self.bits {
+                        2 => avx512::dequantize_panel::<2>(self, p, d, ld),
+                        3 => avx512::dequantize_panel::<3>(self, p, d, ld),
+                        4 => avx512::dequantize_panel::<4>(self, p, d, ld),
+                        _ => avx512::dequantize_panel::<8>(self, p, d, ld),
+                    }
                 }
             }
             return;
         }
-        self.dequantize_rows_scalar(rows, dst)
-    }
-
-    fn dequantize_rows_scalar(&self, rows: Range<usize>, dst: &mut [f32]) {
-        let g_count = self.groups();
-        let bb = block_bytes(self.bits);
-        let mut codes = [0u8; BLOCK];
-        for (row, d) in rows.zip(dst.chunks_exact_mut(self.kp)) {
-            let packed = &self.packed[row * self.row_bytes..];
+        let _ = simd;
+        let lay = &self.layout;
+        let g_count = lay.groups();
+        let pbb = panel_block_bytes(self.bits);
+        let mut codes = [[0u8; BLOCK]; LANES];
+        for (j, p) in panels.enumerate() {
             for g in 0..g_count {
-                let s = self.scales[row * g_count + g].to_f32();
-                let z = self.zeros[row * g_count + g] as f32;
-                for b in self.group_blocks[g] as usize..self.group_blocks[g + 1] as usize {
-                    unpack_block(self.bits, &packed[b * bb..(b + 1) * bb], &mut codes);
-                    for (o, &c) in d[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&codes) {
-                        *o = s * (c as f32 - z);
-                    }
-                }
-            }
-        }
-    }
-
-    /// `forward_rows` on slot-ordered input `xs` (`[m, kp]`) with group sums `xsum` (`[m, G]`).
-    fn rows_kernel(&self, xs: &[f32], xsum: &[f32], m: usize, rows: Range<usize>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512F is available; the caller checked every length.
-            unsafe {
-                match self.bits {
-                    2 => avx512::forward_rows::<2>(self, xs, xsum, m, rows, out),
-                    3 => avx512::forward_rows::<3>(self, xs, xsum, m, rows, out),
-                    4 => avx512::forward_rows::<4>(self, xs, xsum, m, rows, out),
-                    _ => avx512::forward_rows::<8>(self, xs, xsum, m, rows, out),
-                }
-            }
-            return;
-        }
-        self.rows_kernel_scalar(xs, xsum, m, rows, out)
-    }
-
-    /// Portable version of the decode kernel: a block is unpacked to f32 once and used for up
-    /// to four input rows.
-    fn rows_kernel_scalar(
-        &self,
-        xs: &[f32],
-        xsum: &[f32],
-        m: usize,
-        rows: Range<usize>,
-        out: &mut [f32],
-    ) {
-        let (kp, g_count, bb) = (self.kp, self.groups(), block_bytes(self.bits));
-        let nr = rows.len();
-        let mut codes = [0u8; BLOCK];
-        let mut wf = [0f32; BLOCK];
-        for (j, row) in rows.enumerate() {
-            let packed = &self.packed[row * self.row_bytes..];
-            for mi0 in (0..m).step_by(4) {
-                let mc = (m - mi0).min(4);
-                let mut tot = [0f32; 4];
-                for g in 0..g_count {
-                    let mut acc = [0f32; 4];
-                    for b in self.group_blocks[g] as usize..self.group_blocks[g + 1] as usize {
-                        unpack_block(self.bits, &packed[b * bb..(b + 1) * bb], &mut codes);
-                        for (w, &c) in wf.iter_mut().zip(&codes) {
-                            *w = c as f32;
-                        }
-                        for (i, a) in acc.iter_mut().enumerate().take(mc) {
-                            let xr = &xs[(mi0 + i) * kp + b * BLOCK..][..BLOCK];
-                            *a += kernels::dot(&wf, xr);
+                let at = (p * g_count + g) * LANES;
+                for b in lay.blocks(g) {
+                    let from = p * self.panel_bytes + b * pbb;
+                    unpack_panel_block(self.bits, &self.packed[from..from + pbb], &mut codes);
+                    for (r, row_codes) in codes.iter().enumerate() {
+                        let s = self.scales[at + r].to_f32();
+                        let z = self.zeros.get(at + r) as f32;
+                        for (i, &c) in row_codes.iter().enumerate() {
+                            dst[(b * BLOCK + i) * ld + j * LANES + r] = s * (c as f32 - z);
                         }
                     }
-                    let s = self.scales[row * g_count + g].to_f32();
-                    let sz = s * self.zeros[row * g_count + g] as f32;
-                    for i in 0..mc {
-                        tot[i] += s * acc[i] - sz * xsum[(mi0 + i) * g_count + g];
-                    }
-                }
-                for i in 0..mc {
-                    out[(mi0 + i) * nr + j] = tot[i];
                 }
             }
         }
     }
 
-    /// `forward_rows` with an explicit choice of kernel (tests compare the two).
+    /// `forward_rows` with a choice of kernel (tests run both): the integer AVX-512 VNNI
+    /// kernel when `simd` and available, else the portable f32 one.
     fn forward_rows_impl(
         &self,
         x: &[f32],
         m: usize,
         rows: Range<usize>,
         out: &mut [f32],
-        scalar: bool,
+        simd: bool,
     ) {
-        assert!(x.len() >= m * self.k, "input shorter than [m, in_features]");
-        assert!(rows.end <= self.n && rows.start <= rows.end, "row range out of bounds");
+        let k = self.layout.k;
+        assert!(x.len() >= m * k, "input shorter than [m, in_features]");
+        assert!(
+            rows.start <= rows.end && rows.end <= self.n,
+            "row range out of bounds"
+        );
         assert!(out.len() >= m * rows.len(), "output shorter than [m, rows]");
         if m == 0 || rows.is_empty() {
             return;
         }
-        SCRATCH.with(|cell| {
-            // A nested call on the same thread (not expected) gets fresh buffers.
-            let mut fresh = Scratch::default();
-            let mut guard = cell.try_borrow_mut();
-            let s = match guard.as_deref_mut() {
-                Ok(s) => s,
-                Err(_) => &mut fresh,
-            };
-            let xs = self.gather(x, m, &mut s.x);
-            self.group_sums(xs, m, &mut s.sums);
-            if scalar {
-                self.rows_kernel_scalar(xs, &s.sums, m, rows, out);
-            } else {
-                self.rows_kernel(xs, &s.sums, m, rows, out);
-            }
-        });
+        #[cfg(target_arch = "x86_64")]
+        if simd && has_avx512_vnni() {
+            PREPARED.with(|cell| {
+                let mut fresh = None;
+                let mut guard = cell.try_borrow_mut();
+                // A nested call on the same thread (not expected) prepares its own copy.
+                let slot = match guard.as_deref_mut() {
+                    Ok(s) => s,
+                    Err(_) => &mut fresh,
+                };
+                let prep = slot.get_or_insert_with(|| Prepared::empty(&self.layout));
+                if !prep.matches(&self.layout, x, m) {
+                    let mut buf = Vec::new();
+                    // SAFETY: AVX-512F/BW are available (checked above).
+                    unsafe { prep.rebuild(&self.layout, x, m, &mut buf) };
+                }
+                // SAFETY: AVX-512F/BW/VNNI are available; `prep` matches this layout and m.
+                unsafe {
+                    match self.bits {
+                        2 => avx512::forward_rows::<2>(self, prep, rows, out),
+                        3 => avx512::forward_rows::<3>(self, prep, rows, out),
+                        4 => avx512::forward_rows::<4>(self, prep, rows, out),
+                        _ => avx512::forward_rows::<8>(self, prep, rows, out),
+                    }
+                }
+            });
+            return;
+        }
+        let _ = simd;
+        self.forward_rows_portable(x, m, rows, out)
     }
 
-    /// Many input rows: dequantize [`GEMM_ROWS`] output rows at a time into a per-thread buffer
+    /// Portable f32 kernel: a panel block is unpacked once and used for up to four inputs.
+    fn forward_rows_portable(&self, x: &[f32], m: usize, rows: Range<usize>, out: &mut [f32]) {
+        let lay = &self.layout;
+        let (kp, g_count) = (lay.kp, lay.groups());
+        let pbb = panel_block_bytes(self.bits);
+        let mut buf = Vec::new();
+        let xs = lay.gather(x, m, &mut buf);
+        let mut xsum = Vec::new();
+        lay.group_sums(xs, m, &mut xsum);
+        let nr = rows.len();
+        let mut codes = [[0u8; BLOCK]; LANES];
+        let mut wf = [0f32; BLOCK];
+        for p in rows.start / LANES..rows.end.div_ceil(LANES) {
+            for mi0 in (0..m).step_by(4) {
+                let mc = (m - mi0).min(4);
+                let mut tot = [[0f32; 4]; LANES];
+                for g in 0..g_count {
+                    let mut acc = [[0f32; 4]; LANES];
+                    for b in lay.blocks(g) {
+                        let from = p * self.panel_bytes + b * pbb;
+                        unpack_panel_block(self.bits, &self.packed[from..from + pbb], &mut codes);
+                        for (row_codes, a) in codes.iter().zip(acc.iter_mut()) {
+                            for (w, &c) in wf.iter_mut().zip(row_codes) {
+                                *w = c as f32;
+                            }
+                            for (i, ai) in a.iter_mut().enumerate().take(mc) {
+                                *ai +=
+                                    kernels::dot(&wf, &xs[(mi0 + i) * kp + b * BLOCK..][..BLOCK]);
+                            }
+                        }
+                    }
+                    let at = (p * g_count + g) * LANES;
+                    for (r, (t, a)) in tot.iter_mut().zip(&acc).enumerate() {
+                        let s = self.scales[at + r].to_f32();
+                        let sz = s * self.zeros.get(at + r) as f32;
+                        for i in 0..mc {
+                            t[i] += s * a[i] - sz * xsum[(mi0 + i) * g_count + g];
+                        }
+                    }
+                }
+                for (r, t) in tot.iter().enumerate() {
+                    let row = p * LANES + r;
+                    if rows.contains(&row) {
+                        for i in 0..mc {
+                            out[(mi0 + i) * nr + row - rows.start] = t[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Many input rows: dequantize about [`GEMM_ROWS`] output rows at a time into a per-thread buffer
     /// and multiply with a serial GEMM, the row blocks spread over the threads.
-    fn forward_gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    fn forward_gemm(&self, x: &[f32], m: usize, out: &mut [f32], simd: bool) {
         use rayon::prelude::*;
-        let (n, kp) = (self.n, self.kp);
+        let (n, kp) = (self.n, self.layout.kp);
         let mut gathered = Vec::new();
-        let xs = self.gather(x, m, &mut gathered);
+        let xs = self.layout.gather(x, m, &mut gathered);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        (0..n.div_ceil(GEMM_ROWS)).into_par_iter().for_each(|b| {
-            let r0 = b * GEMM_ROWS;
-            let r1 = (r0 + GEMM_ROWS).min(n);
+        // About GEMM_ROWS rows per task, but a multiple of the thread count of tasks so the
+        // last round does not leave threads idle (576 rows on 2 threads: 6 × 96, not 5 × 128).
+        let threads = rayon::current_num_threads().max(1);
+        let tasks = n.div_ceil(GEMM_ROWS).div_ceil(threads) * threads;
+        let step = n.div_ceil(tasks).next_multiple_of(LANES);
+        (0..n.div_ceil(step)).into_par_iter().for_each(|task| {
+            let r0 = task * step;
+            let r1 = (r0 + step).min(n);
             let nr = r1 - r0;
+            let panels = r0 / LANES..r1.div_ceil(LANES);
+            let ld = panels.len() * LANES;
             GEMM_SCRATCH.with(|cell| {
                 let mut fresh = (Vec::new(), Vec::new());
                 let mut guard = cell.try_borrow_mut();
@@ -421,14 +554,14 @@ impl GptqMatrix {
                     Ok(s) => s,
                     Err(_) => &mut fresh,
                 };
-                w.resize(nr * kp, 0.0);
+                w.resize(kp * ld, 0.0);
                 local.resize(m * nr, 0.0);
-                self.dequantize_rows(r0..r1, &mut w[..nr * kp]);
-                // local[m, nr] = xs[m, kp] · w[nr, kp]ᵀ
-                kernels::gemm_serial(m, nr, kp, xs, kp, 1, &w[..nr * kp], 1, kp, local);
+                self.dequantize_panels(panels, w, ld, simd);
+                // local[m, nr] = xs[m, kp] · W where W[slot, j] = w[slot·ld + j]
+                kernels::gemm_serial(m, nr, kp, xs, kp, 1, &w[..kp * ld], ld, 1, local);
                 let out_ptr = &out_ptr;
                 for r in 0..m {
-                    // SAFETY: `out` has m·n elements (checked by the caller) and each task
+                    // SAFETY: `out` has m·n elements (checked by `forward`) and each task
                     // writes only its own columns r0..r1 of every row.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
@@ -441,6 +574,115 @@ impl GptqMatrix {
             });
         });
     }
+
+    fn forward_impl(&self, x: &[f32], m: usize, out: &mut [f32], simd: bool) {
+        assert!(
+            x.len() >= m * self.layout.k,
+            "input shorter than [m, in_features]"
+        );
+        assert!(
+            out.len() >= m * self.n,
+            "output shorter than [m, out_features]"
+        );
+        if m == 0 {
+            return;
+        }
+        if m <= kernels::GEMV_MAX_ROWS {
+            forward_rows_parallel(self, x, m, out)
+        } else {
+            self.forward_gemm(x, m, out, simd)
+        }
+    }
+
+    fn to_f32_impl(&self, simd: bool) -> Vec<f32> {
+        let (n, k, kp) = (self.n, self.layout.k, self.layout.kp);
+        let mut buf = vec![0f32; kp * LANES];
+        let mut w = vec![0f32; n * k];
+        for p in 0..self.panels {
+            self.dequantize_panels(p..p + 1, &mut buf, LANES, simd);
+            for r in 0..LANES.min(n - p * LANES) {
+                let dst = &mut w[(p * LANES + r) * k..][..k];
+                for slot in 0..kp {
+                    let col = self.layout.col(slot);
+                    if col != PAD {
+                        dst[col as usize] = buf[slot * LANES + r];
+                    }
+                }
+            }
+        }
+        w
+    }
+}
+
+/// The input of the integer kernel, prepared once and cached per thread: slot-ordered,
+/// split into limbs per segment, with per-group sums.
+struct Prepared {
+    layout: Arc<SlotLayout>,
+    m: usize,
+    /// The `[m, K]` input it was made from (compared bitwise to decide reuse).
+    x: Vec<f32>,
+    /// `[m, kp / 16, LIMBS, 16]` signed bytes.
+    limbs: Vec<i8>,
+    /// `[m, segments]`: the value of one unit of limb 0.
+    seg_scale: Vec<f32>,
+    /// `[m, G]`: Σ x over each group.
+    xsum: Vec<f32>,
+}
+
+impl Prepared {
+    fn empty(layout: &Arc<SlotLayout>) -> Self {
+        Prepared {
+            layout: layout.clone(),
+            m: 0,
+            x: Vec::new(),
+            limbs: Vec::new(),
+            seg_scale: Vec::new(),
+            xsum: Vec::new(),
+        }
+    }
+
+    fn matches(&self, layout: &Arc<SlotLayout>, x: &[f32], m: usize) -> bool {
+        let k = layout.k;
+        self.m == m
+            && (Arc::ptr_eq(&self.layout, layout) || *self.layout == **layout)
+            && bytemuck::cast_slice::<f32, u32>(&self.x)
+                == bytemuck::cast_slice::<f32, u32>(&x[..m * k])
+    }
+
+    /// Prepare `x` (`[m, K]`) for `layout`, reusing this value's buffers.
+    ///
+    /// # Safety
+    /// AVX-512F/BW must be available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rebuild(
+        &mut self,
+        layout: &Arc<SlotLayout>,
+        x: &[f32],
+        m: usize,
+        buf: &mut Vec<f32>,
+    ) {
+        let (k, kp, nseg) = (layout.k, layout.kp, layout.segs.len());
+        if !Arc::ptr_eq(&self.layout, layout) {
+            self.layout = layout.clone();
+        }
+        self.m = m;
+        self.x.clear();
+        self.x.extend_from_slice(&x[..m * k]);
+        let xs = layout.gather(x, m, buf);
+        layout.group_sums(xs, m, &mut self.xsum);
+        self.limbs.resize(m * kp * LIMBS, 0);
+        self.seg_scale.resize(m * nseg, 0.0);
+        for mi in 0..m {
+            let xr = &xs[mi * kp..(mi + 1) * kp];
+            let lr = &mut self.limbs[mi * kp * LIMBS..(mi + 1) * kp * LIMBS];
+            for (si, &[b0, b1]) in layout.segs.iter().enumerate() {
+                let (s0, s1) = (b0 as usize * BLOCK, b1 as usize * BLOCK);
+                // SAFETY: the caller guarantees AVX-512F/BW.
+                self.seg_scale[mi * nseg + si] =
+                    unsafe { avx512::split_limbs(&xr[s0..s1], &mut lr[s0 * LIMBS..s1 * LIMBS]) };
+            }
+        }
+    }
 }
 
 /// An output pointer shared by tasks that write disjoint parts of it.
@@ -448,44 +690,28 @@ struct SyncPtr(*mut f32);
 // SAFETY: used only for disjoint writes, see `forward_gemm`.
 unsafe impl Sync for SyncPtr {}
 
-#[derive(Default)]
-struct Scratch {
-    x: Vec<f32>,
-    sums: Vec<f32>,
-}
-
 thread_local! {
-    /// Per-thread buffers of `forward_rows` (gathered input, group sums), reused across calls.
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The last input prepared for the integer kernel on this thread.
+    static PREPARED: RefCell<Option<Prepared>> = const { RefCell::new(None) };
     /// Per-thread dequantized row block and GEMM output of `forward`.
     static GEMM_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl LinearKernel for GptqMatrix {
     fn in_features(&self) -> usize {
-        self.k
+        self.layout.k
     }
     fn out_features(&self) -> usize {
         self.n
     }
     fn forward_rows(&self, x: &[f32], m: usize, rows: Range<usize>, out: &mut [f32]) {
-        self.forward_rows_impl(x, m, rows, out, false)
+        self.forward_rows_impl(x, m, rows, out, true)
     }
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert!(x.len() >= m * self.k, "input shorter than [m, in_features]");
-        assert!(out.len() >= m * self.n, "output shorter than [m, out_features]");
-        if m <= kernels::GEMV_MAX_ROWS {
-            forward_rows_parallel(self, x, m, out)
-        } else {
-            self.forward_gemm(x, m, out)
-        }
+        self.forward_impl(x, m, out, true)
     }
     fn storage_bytes(&self) -> usize {
-        self.packed.len()
-            + 2 * self.scales.len()
-            + 2 * self.zeros.len()
-            + 4 * self.group_blocks.len()
-            + self.slot_col.as_ref().map_or(0, |s| 4 * s.len())
+        self.packed.len() + 2 * self.scales.len() + self.zeros.bytes() + self.layout.bytes()
     }
     fn storage_name(&self) -> String {
         let mut name = format!("gptq-{}bit", self.bits);
@@ -498,28 +724,19 @@ impl LinearKernel for GptqMatrix {
         name
     }
     fn to_f32(&self) -> Vec<f32> {
-        let (n, k, kp) = (self.n, self.k, self.kp);
-        let mut slots = vec![0f32; kp];
-        let mut w = vec![0f32; n * k];
-        for (row, dst) in w.chunks_exact_mut(k).enumerate() {
-            self.dequantize_rows(row..row + 1, &mut slots);
-            for (i, &v) in slots.iter().enumerate() {
-                let col = self.slot_col(i);
-                if col != PAD {
-                    dst[col as usize] = v;
-                }
-            }
-        }
-        w
+        self.to_f32_impl(true)
     }
 }
 
 /// Checks of [`GptqMatrix::from_quantized`], each naming what is wrong.
 fn validate(q: &QuantizedLinear) -> Result<()> {
     let (n, k, bits) = (q.n, q.k, q.bits);
-    let shape = format!("[N={n}, K={k}]");
     check_bits(bits)?;
-    let bad = |msg: String| Err(Error::InvalidArgument(format!("quantized weight {shape}: {msg}")));
+    let bad = |msg: String| {
+        Err(Error::InvalidArgument(format!(
+            "quantized weight [N={n}, K={k}]: {msg}"
+        )))
+    };
     if n == 0 || k == 0 {
         return bad("empty shape".into());
     }
@@ -529,7 +746,7 @@ fn validate(q: &QuantizedLinear) -> Result<()> {
     if n.checked_mul(k) != Some(q.codes.len()) {
         return bad(format!("has {} codes, expected N·K", q.codes.len()));
     }
-    if q.scales.is_empty() || q.scales.len() % n != 0 {
+    if q.scales.is_empty() || !q.scales.len().is_multiple_of(n) {
         return bad(format!(
             "scales has {} values, expected G·N for some G ≥ 1",
             q.scales.len()
@@ -546,7 +763,12 @@ fn validate(q: &QuantizedLinear) -> Result<()> {
     if q.g_idx.len() != k {
         return bad(format!("g_idx has {} entries, expected K", q.g_idx.len()));
     }
-    if let Some((i, g)) = q.g_idx.iter().enumerate().find(|(_, &g)| g as usize >= g_count) {
+    if let Some((i, g)) = q
+        .g_idx
+        .iter()
+        .enumerate()
+        .find(|(_, &g)| g as usize >= g_count)
+    {
         return bad(format!(
             "g_idx[{i}] = {g} but there are only {g_count} groups"
         ));
@@ -596,58 +818,44 @@ fn sum(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Pack 32 codes into one block of `4·bits` bytes (layout in the module docs).
-fn pack_block(bits: u8, c: &[u8; BLOCK], out: &mut [u8]) {
-    match bits {
-        8 => out.copy_from_slice(c),
-        4 => {
-            for l in 0..16 {
-                out[l] = c[l] | (c[l + 16] << 4);
+/// Where code (row r, slot s) of a block lives: byte `4r + s % 4` of quad vector `s / 4`.
+fn quad_byte(r: usize, s: usize) -> (usize, usize) {
+    (s / 4, 4 * r + s % 4)
+}
+
+/// Pack one block of a panel, `codes[row][slot]`, into `64·bits` bytes (module docs).
+fn pack_panel_block(bits: u8, codes: &[[u8; BLOCK]; LANES], out: &mut [u8]) {
+    out.fill(0);
+    for (r, row) in codes.iter().enumerate() {
+        for (s, &c) in row.iter().enumerate() {
+            let (q, byte) = quad_byte(r, s);
+            match bits {
+                8 => out[64 * q + byte] = c,
+                4 => out[64 * (q / 2) + byte] |= c << (4 * (q % 2)),
+                2 => out[64 * (q / 4) + byte] |= c << (2 * (q % 4)),
+                _ => {
+                    out[64 * (q / 4) + byte] |= (c & 3) << (2 * (q % 4));
+                    out[128 + byte] |= ((c >> 2) & 1) << q;
+                }
             }
-        }
-        2 => out.copy_from_slice(&pack2(c).to_le_bytes()),
-        _ => {
-            let low: [u8; BLOCK] = std::array::from_fn(|i| c[i] & 3);
-            out[..8].copy_from_slice(&pack2(&low).to_le_bytes());
-            let high = (0..BLOCK).fold(0u32, |h, i| h | (((c[i] >> 2) & 1) as u32) << i);
-            out[8..12].copy_from_slice(&high.to_le_bytes());
         }
     }
 }
 
-/// The 2-bit block word: nibble `(l % 2)·8 + l / 2` holds codes l and l + 16.
-fn pack2(c: &[u8; BLOCK]) -> u64 {
-    (0..16).fold(0u64, |w, l| {
-        let nibble = (c[l] | (c[l + 16] << 2)) as u64;
-        w | nibble << (4 * ((l % 2) * 8 + l / 2))
-    })
-}
-
-fn unpack2(w: u64, out: &mut [u8; BLOCK]) {
-    for l in 0..16 {
-        let nibble = (w >> (4 * ((l % 2) * 8 + l / 2))) as u8;
-        out[l] = nibble & 3;
-        out[l + 16] = (nibble >> 2) & 3;
-    }
-}
-
-/// Inverse of [`pack_block`].
-fn unpack_block(bits: u8, bytes: &[u8], out: &mut [u8; BLOCK]) {
-    match bits {
-        8 => out.copy_from_slice(&bytes[..BLOCK]),
-        4 => {
-            for l in 0..16 {
-                out[l] = bytes[l] & 15;
-                out[l + 16] = bytes[l] >> 4;
-            }
-        }
-        2 => unpack2(u64::from_le_bytes(bytes[..8].try_into().unwrap()), out),
-        _ => {
-            unpack2(u64::from_le_bytes(bytes[..8].try_into().unwrap()), out);
-            let high = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-            for (i, c) in out.iter_mut().enumerate() {
-                *c |= (((high >> i) & 1) as u8) << 2;
-            }
+/// Inverse of [`pack_panel_block`].
+fn unpack_panel_block(bits: u8, bytes: &[u8], codes: &mut [[u8; BLOCK]; LANES]) {
+    for (r, row) in codes.iter_mut().enumerate() {
+        for (s, c) in row.iter_mut().enumerate() {
+            let (q, byte) = quad_byte(r, s);
+            *c = match bits {
+                8 => bytes[64 * q + byte],
+                4 => (bytes[64 * (q / 2) + byte] >> (4 * (q % 2))) & 15,
+                2 => (bytes[64 * (q / 4) + byte] >> (2 * (q % 4))) & 3,
+                _ => {
+                    ((bytes[64 * (q / 4) + byte] >> (2 * (q % 4))) & 3)
+                        | (((bytes[128 + byte] >> q) & 1) << 2)
+                }
+            };
         }
     }
 }
@@ -655,198 +863,289 @@ fn unpack_block(bits: u8, bytes: &[u8], out: &mut [u8; BLOCK]) {
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
-/// AVX-512 kernels. Each block unpacks into two vectors of 16 codes (codes 0..16 and 16..32).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+/// AVX-512 kernels on the panel layout.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{block_bytes, GptqMatrix, BLOCK};
+    use super::{panel_block_bytes, GptqMatrix, Prepared, Zeros, BLOCK, LANES, LIMBS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Codes of one block as two vectors of 16 lanes (`p` points at `4·BITS` readable bytes).
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn unpack<const BITS: u8>(p: *const u8) -> (__m512i, __m512i) {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn srl(v: __m512i, n: i32) -> __m512i {
+        _mm512_srl_epi32(v, _mm_cvtsi32_si128(n))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn sll(v: __m512i, n: i32) -> __m512i {
+        _mm512_sll_epi32(v, _mm_cvtsi32_si128(n))
+    }
+
+    /// The 8 quad vectors of one block (`p` points at `64·BITS` readable bytes): byte `4r + i`
+    /// of vector q is the code of row r at slot `4q + i`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn unpack<const BITS: u8>(p: *const u8) -> [__m512i; 8] {
         unsafe {
+            let load = |j: usize| _mm512_loadu_si512(p.add(64 * j) as *const _);
             match BITS {
-                8 => (
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)),
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
-                ),
+                8 => std::array::from_fn(load),
                 4 => {
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    (_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_srli_epi32::<4>(v))
+                    let m = _mm512_set1_epi8(15);
+                    std::array::from_fn(|q| {
+                        _mm512_and_si512(srl(load(q / 2), 4 * (q % 2) as i32), m)
+                    })
+                }
+                2 => {
+                    let m = _mm512_set1_epi8(3);
+                    std::array::from_fn(|q| {
+                        _mm512_and_si512(srl(load(q / 4), 2 * (q % 4) as i32), m)
+                    })
                 }
                 _ => {
-                    let word = std::ptr::read_unaligned(p as *const i64);
-                    let shifts =
-                        _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-                    let v = _mm512_srlv_epi32(_mm512_set1_epi64(word), shifts);
-                    let three = _mm512_set1_epi32(3);
-                    let lo = _mm512_and_si512(v, three);
-                    let hi = _mm512_and_si512(_mm512_srli_epi32::<2>(v), three);
-                    if BITS == 2 {
-                        return (lo, hi);
-                    }
-                    let h = _mm512_set1_epi32(std::ptr::read_unaligned(p.add(8) as *const i32));
-                    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-                    let one = _mm512_set1_epi32(1);
-                    let ha = _mm512_and_si512(_mm512_srlv_epi32(h, iota), one);
-                    let hb = _mm512_and_si512(
-                        _mm512_srlv_epi32(h, _mm512_add_epi32(iota, _mm512_set1_epi32(16))),
-                        one,
-                    );
-                    (
-                        _mm512_or_si512(lo, _mm512_slli_epi32::<2>(ha)),
-                        _mm512_or_si512(hi, _mm512_slli_epi32::<2>(hb)),
-                    )
+                    let m = _mm512_set1_epi8(3);
+                    let four = _mm512_set1_epi8(4);
+                    let h = load(2);
+                    std::array::from_fn(|q| {
+                        let low = _mm512_and_si512(srl(load(q / 4), 2 * (q % 4) as i32), m);
+                        // Bring bit q of every byte to bit 2; other bits are masked off below.
+                        let hs = if q < 2 {
+                            sll(h, 2 - q as i32)
+                        } else {
+                            srl(h, q as i32 - 2)
+                        };
+                        // low | (hs & 4)
+                        _mm512_ternarylogic_epi32::<0xF8>(low, hs, four)
+                    })
                 }
             }
         }
     }
 
-    /// `R` output rows from `row0` times `M` input rows: `out[mi·out_stride + r]`.
-    ///
-    /// `x` is `[M, kp]` slot-ordered input, `xsum` its group sums with row stride G.
+    /// The 16 scales and zero points of panel `p`, group `g`, as f32.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const BITS: u8, const R: usize, const M: usize>(
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scale_zero(w: &GptqMatrix, p: usize, g: usize) -> (__m512, __m512) {
+        unsafe {
+            let at = (p * w.layout.groups() + g) * LANES;
+            debug_assert!(at + LANES <= w.scales.len());
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(at) as *const _));
+            let z = match &w.zeros {
+                Zeros::U8(z) => {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(z.as_ptr().add(at) as *const _))
+                }
+                Zeros::U16(z) => {
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(z.as_ptr().add(at) as *const _))
+                }
+            };
+            (s, _mm512_cvtepi32_ps(z))
+        }
+    }
+
+    /// Outputs of panel `p` for `M` prepared inputs starting at input `mi0`: lane r of result
+    /// mi is output row `16p + r` for input `mi0 + mi`. `S` independent accumulators per limb
+    /// hide the latency of `vpdpbusd`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn panel<const BITS: u8, const M: usize, const S: usize>(
         w: &GptqMatrix,
-        x: *const f32,
-        xsum: *const f32,
-        row0: usize,
-        out: *mut f32,
-        out_stride: usize,
+        prep: &Prepared,
+        mi0: usize,
+        p: usize,
+    ) -> [__m512; M] {
+        unsafe {
+            let lay = &*w.layout;
+            let (kp, g_count, nseg) = (lay.kp, lay.groups(), lay.segs.len());
+            let pbb = panel_block_bytes(BITS);
+            let base = w.packed.as_ptr().add(p * w.panel_bytes);
+            let limbs = prep.limbs.as_ptr().add(mi0 * kp * LIMBS) as *const u8;
+            let seg_scale = prep.seg_scale.as_ptr().add(mi0 * nseg);
+            let xsum = prep.xsum.as_ptr().add(mi0 * g_count);
+            let inv128 = _mm512_set1_ps(1.0 / 128.0);
+            let mut tot = [_mm512_setzero_ps(); M];
+            for g in 0..g_count {
+                let (s, z) = scale_zero(w, p, g);
+                for si in lay.group_segs[g] as usize..lay.group_segs[g + 1] as usize {
+                    let [b0, b1] = *lay.segs.get_unchecked(si);
+                    let mut acc = [[[_mm512_setzero_si512(); S]; LIMBS]; M];
+                    for b in b0 as usize..b1 as usize {
+                        let qv = unpack::<BITS>(base.add(b * pbb));
+                        for (q, &codes) in qv.iter().enumerate() {
+                            for (mi, a) in acc.iter_mut().enumerate() {
+                                // Limbs of slots 4q..4q+4 of this block: chunk 2b + q/4.
+                                let xp = limbs.add(
+                                    mi * kp * LIMBS + (2 * b + q / 4) * 16 * LIMBS + (q % 4) * 4,
+                                );
+                                for (l, al) in a.iter_mut().enumerate() {
+                                    let xl = _mm512_set1_epi32(std::ptr::read_unaligned(
+                                        xp.add(16 * l) as *const i32,
+                                    ));
+                                    al[q % S] = _mm512_dpbusd_epi32(al[q % S], codes, xl);
+                                }
+                            }
+                        }
+                    }
+                    for (mi, a) in acc.iter().enumerate() {
+                        // c = A₀ + A₁/128 + A₂/128², by Horner from the last limb.
+                        let mut c = _mm512_setzero_ps();
+                        for al in a.iter().rev() {
+                            let mut sum = al[0];
+                            for part in &al[1..] {
+                                sum = _mm512_add_epi32(sum, *part);
+                            }
+                            c = _mm512_fmadd_ps(c, inv128, _mm512_cvtepi32_ps(sum));
+                        }
+                        let scale =
+                            _mm512_mul_ps(s, _mm512_set1_ps(*seg_scale.add(mi * nseg + si)));
+                        tot[mi] = _mm512_fmadd_ps(c, scale, tot[mi]);
+                    }
+                }
+                let sz = _mm512_mul_ps(s, z);
+                for (mi, t) in tot.iter_mut().enumerate() {
+                    *t = _mm512_fnmadd_ps(sz, _mm512_set1_ps(*xsum.add(mi * g_count + g)), *t);
+                }
+            }
+            tot
+        }
+    }
+
+    /// Panels covering `rows` for inputs `mi0..mi0 + M`, results written to `out` (`[m, rows]`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run<const BITS: u8, const M: usize, const S: usize>(
+        w: &GptqMatrix,
+        prep: &Prepared,
+        mi0: usize,
+        rows: &Range<usize>,
+        out: &mut [f32],
     ) {
         unsafe {
-            let (kp, bb) = (w.kp, block_bytes(BITS));
-            let g_count = w.group_blocks.len() - 1;
-            let rp: [*const u8; R] =
-                std::array::from_fn(|r| w.packed.as_ptr().add((row0 + r) * w.row_bytes));
-            let mut tot = [[_mm512_setzero_ps(); M]; R];
-            let mut zt = [[0f32; M]; R];
-            for g in 0..g_count {
-                let b0 = *w.group_blocks.get_unchecked(g) as usize;
-                let b1 = *w.group_blocks.get_unchecked(g + 1) as usize;
-                let mut acc = [[_mm512_setzero_ps(); M]; R];
-                for b in b0..b1 {
-                    let mut xa = [_mm512_setzero_ps(); M];
-                    let mut xb = [_mm512_setzero_ps(); M];
-                    for mi in 0..M {
-                        let px = x.add(mi * kp + b * BLOCK);
-                        xa[mi] = _mm512_loadu_ps(px);
-                        xb[mi] = _mm512_loadu_ps(px.add(16));
-                    }
-                    for r in 0..R {
-                        let (qa, qb) = unpack::<BITS>(rp[r].add(b * bb));
-                        let fa = _mm512_cvtepi32_ps(qa);
-                        let fb = _mm512_cvtepi32_ps(qb);
-                        for mi in 0..M {
-                            acc[r][mi] = _mm512_fmadd_ps(fa, xa[mi], acc[r][mi]);
-                            acc[r][mi] = _mm512_fmadd_ps(fb, xb[mi], acc[r][mi]);
+            let nr = rows.len();
+            for p in rows.start / LANES..rows.end.div_ceil(LANES) {
+                let tot = panel::<BITS, M, S>(w, prep, mi0, p);
+                let r0 = p * LANES;
+                for (mi, t) in tot.iter().enumerate() {
+                    let orow = &mut out[(mi0 + mi) * nr..(mi0 + mi + 1) * nr];
+                    if r0 >= rows.start && r0 + LANES <= rows.end {
+                        _mm512_storeu_ps(orow[r0 - rows.start..][..LANES].as_mut_ptr(), *t);
+                    } else {
+                        let mut lanes = [0f32; LANES];
+                        _mm512_storeu_ps(lanes.as_mut_ptr(), *t);
+                        for (r, &v) in lanes.iter().enumerate() {
+                            if rows.contains(&(r0 + r)) {
+                                orow[r0 + r - rows.start] = v;
+                            }
                         }
                     }
                 }
-                for r in 0..R {
-                    let at = (row0 + r) * g_count + g;
-                    let s = w.scales.get_unchecked(at).to_f32();
-                    let sz = s * *w.zeros.get_unchecked(at) as f32;
-                    let sv = _mm512_set1_ps(s);
-                    for mi in 0..M {
-                        tot[r][mi] = _mm512_fmadd_ps(acc[r][mi], sv, tot[r][mi]);
-                        zt[r][mi] += sz * *xsum.add(mi * g_count + g);
-                    }
-                }
-            }
-            for r in 0..R {
-                for mi in 0..M {
-                    *out.add(mi * out_stride + r) = _mm512_reduce_add_ps(tot[r][mi]) - zt[r][mi];
-                }
             }
         }
     }
 
-    /// Rows `rows` in tiles of `R`, the rest one at a time.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const BITS: u8, const R: usize, const M: usize>(
-        w: &GptqMatrix,
-        x: *const f32,
-        xsum: *const f32,
-        rows: Range<usize>,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
-        unsafe {
-            let mut r = rows.start;
-            while r + R <= rows.end {
-                tile::<BITS, R, M>(w, x, xsum, r, out.add(r - rows.start), out_stride);
-                r += R;
-            }
-            while r < rows.end {
-                tile::<BITS, 1, M>(w, x, xsum, r, out.add(r - rows.start), out_stride);
-                r += 1;
-            }
-        }
-    }
-
-    /// See `GptqMatrix::rows_kernel`; input rows are taken four at a time.
-    #[target_feature(enable = "avx512f")]
+    /// See `GptqMatrix::forward_rows_impl`; inputs are taken up to four at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn forward_rows<const BITS: u8>(
         w: &GptqMatrix,
-        xs: &[f32],
-        xsum: &[f32],
-        m: usize,
+        prep: &Prepared,
         rows: Range<usize>,
         out: &mut [f32],
     ) {
-        let (kp, g_count, nr) = (w.kp, w.group_blocks.len() - 1, rows.len());
-        assert!(xs.len() >= m * kp && xsum.len() >= m * g_count && out.len() >= m * nr);
-        assert!(rows.end <= w.n && w.packed.len() >= w.n * w.row_bytes);
+        let m = prep.m;
+        assert!(rows.end <= w.n && out.len() >= m * rows.len());
+        assert!(w.packed.len() == w.panels * w.panel_bytes);
+        assert!(prep.limbs.len() == m * w.layout.kp * LIMBS);
         unsafe {
-            let mut mi = 0;
-            while mi < m {
-                let mc = (m - mi).min(4);
-                let x = xs.as_ptr().add(mi * kp);
-                let s = xsum.as_ptr().add(mi * g_count);
-                let o = out.as_mut_ptr().add(mi * nr);
-                let r = rows.clone();
+            let mut mi0 = 0;
+            while mi0 < m {
+                let mc = (m - mi0).min(4);
                 match mc {
-                    1 => run::<BITS, 8, 1>(w, x, s, r, o, nr),
-                    2 => run::<BITS, 4, 2>(w, x, s, r, o, nr),
-                    3 => run::<BITS, 2, 3>(w, x, s, r, o, nr),
-                    _ => run::<BITS, 2, 4>(w, x, s, r, o, nr),
+                    1 => run::<BITS, 1, 4>(w, prep, mi0, &rows, out),
+                    2 => run::<BITS, 2, 2>(w, prep, mi0, &rows, out),
+                    3 => run::<BITS, 3, 1>(w, prep, mi0, &rows, out),
+                    _ => run::<BITS, 4, 1>(w, prep, mi0, &rows, out),
                 }
-                mi += mc;
+                mi0 += mc;
             }
         }
     }
 
-    /// See `GptqMatrix::dequantize_rows`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dequantize_rows<const BITS: u8>(
-        w: &GptqMatrix,
-        rows: Range<usize>,
-        dst: &mut [f32],
-    ) {
-        let (kp, bb, g_count) = (w.kp, block_bytes(BITS), w.group_blocks.len() - 1);
-        assert!(rows.end <= w.n && dst.len() >= rows.len() * kp);
-        assert!(w.packed.len() >= w.n * w.row_bytes);
+    /// Split `x` (a multiple of 16 values) into limbs, `out[chunk of 16][limb][16]`, with
+    /// `x ≈ a·(l₀ + l₁/2⁷ + l₂/2¹⁴)`; returns `a = max|x| / 127`, or NaN if some x is not
+    /// finite (so the outputs become NaN as in f32 arithmetic).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn split_limbs(x: &[f32], out: &mut [i8]) -> f32 {
+        assert!(x.len().is_multiple_of(16) && out.len() >= x.len() * LIMBS);
         unsafe {
-            for (j, row) in rows.enumerate() {
-                let p = w.packed.as_ptr().add(row * w.row_bytes);
-                let d = dst.as_mut_ptr().add(j * kp);
-                for g in 0..g_count {
-                    let at = row * g_count + g;
-                    let sv = _mm512_set1_ps(w.scales[at].to_f32());
-                    let zv = _mm512_set1_ps(w.zeros[at] as f32);
-                    for b in w.group_blocks[g] as usize..w.group_blocks[g + 1] as usize {
-                        let (qa, qb) = unpack::<BITS>(p.add(b * bb));
-                        let fa = _mm512_sub_ps(_mm512_cvtepi32_ps(qa), zv);
-                        let fb = _mm512_sub_ps(_mm512_cvtepi32_ps(qb), zv);
-                        _mm512_storeu_ps(d.add(b * BLOCK), _mm512_mul_ps(sv, fa));
-                        _mm512_storeu_ps(d.add(b * BLOCK + 16), _mm512_mul_ps(sv, fb));
+            let mut amax = _mm512_setzero_ps();
+            let mut finite: u16 = 0xFFFF;
+            for c in x.chunks_exact(16) {
+                let a = _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr()));
+                finite &= _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, _mm512_set1_ps(f32::INFINITY));
+                amax = _mm512_max_ps(amax, a);
+            }
+            if finite != 0xFFFF {
+                out.fill(0);
+                return f32::NAN;
+            }
+            let amax = _mm512_reduce_max_ps(amax);
+            // Below this, 127/amax·x would overflow or be denormal; such inputs are zero for
+            // every practical purpose.
+            if amax < 1e-30 {
+                out.fill(0);
+                return 0.0;
+            }
+            let inv = _mm512_set1_ps(127.0 / amax);
+            let radix = _mm512_set1_ps(128.0);
+            for (c, o) in x.chunks_exact(16).zip(out.chunks_exact_mut(16 * LIMBS)) {
+                let mut t = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv);
+                for l in 0..LIMBS {
+                    // Round half to even; t − round(t) and the ×128 are exact in f32, so only
+                    // the last limb rounds.
+                    let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        t,
+                    );
+                    let bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+                    _mm_storeu_si128(o.as_mut_ptr().add(16 * l) as *mut __m128i, bytes);
+                    t = _mm512_mul_ps(_mm512_sub_ps(t, r), radix);
+                }
+            }
+            amax / 127.0
+        }
+    }
+
+    /// All 16 rows of panel `p` dequantized to `dst[slot · ld + lane]`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dequantize_panel<const BITS: u8>(
+        w: &GptqMatrix,
+        p: usize,
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        unsafe {
+            let lay = &*w.layout;
+            let pbb = panel_block_bytes(BITS);
+            let base = w.packed.as_ptr().add(p * w.panel_bytes);
+            let byte = _mm512_set1_epi32(0xFF);
+            for g in 0..lay.groups() {
+                let (s, z) = scale_zero(w, p, g);
+                for b in lay.blocks(g) {
+                    let qv = unpack::<BITS>(base.add(b * pbb));
+                    for (q, &codes) in qv.iter().enumerate() {
+                        for i in 0..4 {
+                            // Byte i of every lane: the codes of all 16 rows at slot 4q + i.
+                            let c = _mm512_and_si512(srl(codes, 8 * i as i32), byte);
+                            let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), z), s);
+                            _mm512_storeu_ps(dst.add((b * BLOCK + 4 * q + i) * ld), v);
+                        }
                     }
                 }
             }
@@ -885,7 +1184,14 @@ mod tests {
 
     /// A random quantized weight. Scales are f16-representable (so round trips are exact) and
     /// zero points cover the whole `0..=2^bits` range, including the wrapped 2^bits.
-    fn make(bits: u8, n: usize, k: usize, groups: Groups, act_order: bool, seed: u64) -> QuantizedLinear {
+    fn make(
+        bits: u8,
+        n: usize,
+        k: usize,
+        groups: Groups,
+        act_order: bool,
+        seed: u64,
+    ) -> QuantizedLinear {
         let mut rng = Rng(seed);
         let (gs, group_size) = match groups {
             Groups::Size(g) => (g, Some(g)),
@@ -897,7 +1203,9 @@ mod tests {
         let scales = (0..g_count * n)
             .map(|_| f16::from_f32(0.001 + 0.05 * (rng.unit() + 1.0)).to_f32())
             .collect();
-        let zeros = (0..g_count * n).map(|_| rng.below(maxq + 2) as u32).collect();
+        let zeros = (0..g_count * n)
+            .map(|_| rng.below(maxq + 2) as u32)
+            .collect();
         let g_idx = if act_order {
             // Groups are consecutive runs of a random permutation: g_idx[perm[i]] = i / gs.
             let mut perm: Vec<usize> = (0..k).collect();
@@ -912,7 +1220,16 @@ mod tests {
         } else {
             (0..k).map(|i| (i / gs) as u32).collect()
         };
-        QuantizedLinear { bits, group_size, n, k, codes, scales, zeros, g_idx }
+        QuantizedLinear {
+            bits,
+            group_size,
+            n,
+            k,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+        }
     }
 
     fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -951,9 +1268,16 @@ mod tests {
     }
 
     /// Rows `rows` of the `[m, n]` reference.
-    fn slice_rows(want: &(Vec<f64>, Vec<f64>), m: usize, n: usize, rows: Range<usize>) -> (Vec<f64>, Vec<f64>) {
+    fn slice_rows(
+        want: &(Vec<f64>, Vec<f64>),
+        m: usize,
+        n: usize,
+        rows: Range<usize>,
+    ) -> (Vec<f64>, Vec<f64>) {
         let pick = |v: &Vec<f64>| {
-            (0..m).flat_map(|i| v[i * n + rows.start..i * n + rows.end].to_vec()).collect()
+            (0..m)
+                .flat_map(|i| v[i * n + rows.start..i * n + rows.end].to_vec())
+                .collect()
         };
         (pick(&want.0), pick(&want.1))
     }
@@ -963,21 +1287,33 @@ mod tests {
     fn check(q: &QuantizedLinear, ms: &[usize], what: &str) {
         let mat = GptqMatrix::from_quantized(q).unwrap();
         assert_eq!(mat.to_quantized(), *q, "{what}: round trip");
-        assert_eq!(mat.to_f32(), q.dequantize(), "{what}: to_f32 must equal dequantize exactly");
+        let dense = q.dequantize();
+        for simd in [true, false] {
+            assert_eq!(
+                mat.to_f32_impl(simd),
+                dense,
+                "{what}: to_f32 (simd={simd}) must equal dequantize"
+            );
+        }
         let (n, k) = (q.n, q.k);
         for &m in ms {
             let x = input(m, k, 1000 + m as u64);
             let want = reference(q, &x, m);
-            let mut out = vec![f32::NAN; m * n];
-            mat.forward(&x, m, &mut out);
-            assert_close(&out, &want, &format!("{what} forward m={m}"));
-            // A row subset that starts off any tile boundary and ends at N.
-            let rows = 3.min(n)..n;
-            let sub = slice_rows(&want, m, n, rows.clone());
-            for scalar in [false, true] {
-                let mut out = vec![f32::NAN; m * rows.len()];
-                mat.forward_rows_impl(&x, m, rows.clone(), &mut out, scalar);
-                assert_close(&out, &sub, &format!("{what} forward_rows m={m} scalar={scalar}"));
+            for simd in [true, false] {
+                let mut out = vec![f32::NAN; m * n];
+                mat.forward_impl(&x, m, &mut out, simd);
+                assert_close(&out, &want, &format!("{what} forward m={m} simd={simd}"));
+                // Row subsets that start and end off panel boundaries.
+                for rows in [3.min(n)..n, 0..n.min(21), n / 2..n / 2 + 1] {
+                    let sub = slice_rows(&want, m, n, rows.clone());
+                    let mut out = vec![f32::NAN; m * rows.len()];
+                    mat.forward_rows_impl(&x, m, rows.clone(), &mut out, simd);
+                    assert_close(
+                        &out,
+                        &sub,
+                        &format!("{what} forward_rows {rows:?} m={m} simd={simd}"),
+                    );
+                }
             }
         }
     }
@@ -997,7 +1333,11 @@ mod tests {
                     // N = 37: not a multiple of any tile height (8, 4, 2) nor of a row block.
                     let q = make(bits, 37, k, groups, act, seed);
                     seed += 1;
-                    check(&q, &[1, 3, 5, 64], &format!("{bits}-bit K={k} {groups:?} act={act}"));
+                    check(
+                        &q,
+                        &[1, 3, 5, 64],
+                        &format!("{bits}-bit K={k} {groups:?} act={act}"),
+                    );
                 }
             }
         }
@@ -1016,8 +1356,12 @@ mod tests {
             ] {
                 let q = make(bits, 200, k, groups, act, 77 + k as u64);
                 let mat = GptqMatrix::from_quantized(&q).unwrap();
-                assert!(mat.kp % BLOCK == 0 && mat.kp >= k);
-                check(&q, &[1, 2, 4, 7], &format!("{bits}-bit K={k} {groups:?} act={act}"));
+                assert!(mat.layout.kp.is_multiple_of(BLOCK) && mat.layout.kp >= k);
+                check(
+                    &q,
+                    &[1, 2, 4, 7],
+                    &format!("{bits}-bit K={k} {groups:?} act={act}"),
+                );
             }
         }
     }
@@ -1031,7 +1375,10 @@ mod tests {
             *g = [0, 1, 3][rng.below(3) as usize];
         }
         check(&q, &[1, 4, 6], "irregular g_idx");
-        assert_eq!(GptqMatrix::from_quantized(&q).unwrap().storage_name(), "gptq-4bit-g24-actorder");
+        assert_eq!(
+            GptqMatrix::from_quantized(&q).unwrap().storage_name(),
+            "gptq-4bit-g24-actorder"
+        );
     }
 
     #[test]
@@ -1043,23 +1390,36 @@ mod tests {
         assert_eq!(back.scales[0], f16::from_f32(0.1).to_f32());
         assert_ne!(back.scales[0], 0.1);
         assert_eq!(back.scales[1..], q.scales[1..]);
-        assert_eq!((back.codes, back.zeros, back.g_idx), (q.codes, q.zeros, q.g_idx));
+        assert_eq!(
+            (back.codes, back.zeros, back.g_idx),
+            (q.codes, q.zeros, q.g_idx)
+        );
     }
 
     #[test]
     fn storage_and_names() {
         let q = make(4, 8, 64, Groups::Size(32), false, 3);
         let mat = GptqMatrix::from_quantized(&q).unwrap();
-        // 8 rows × 2 blocks × 16 bytes, f16 scales and u16 zeros for 2 groups, 3 block offsets.
-        assert_eq!(mat.storage_bytes(), 8 * 2 * 16 + 8 * 2 * 2 * 2 + 3 * 4);
+        // One panel (8 rows padded to 16) × 2 blocks × 256 bytes; f16 scales and u8 zeros for
+        // 16 rows × 2 groups; layout: 3 group offsets, 3 segment offsets, 2 segments of 2 u32.
+        assert_eq!(
+            mat.storage_bytes(),
+            2 * 256 + 16 * 2 * 2 + 16 * 2 + 4 * (3 + 3 + 2 * 2)
+        );
         assert_eq!(mat.storage_name(), "gptq-4bit-g32");
         let q = make(3, 8, 64, Groups::PerChannel, false, 3);
-        assert_eq!(GptqMatrix::from_quantized(&q).unwrap().storage_name(), "gptq-3bit");
+        assert_eq!(
+            GptqMatrix::from_quantized(&q).unwrap().storage_name(),
+            "gptq-3bit"
+        );
         let q = make(2, 8, 256, Groups::Size(128), true, 3);
         let mat = GptqMatrix::from_quantized(&q).unwrap();
         assert_eq!(mat.storage_name(), "gptq-2bit-g128-actorder");
         // The act-order slot map is held: 4 bytes per slot.
-        assert_eq!(mat.storage_bytes(), 8 * 8 * 8 + 8 * 2 * 4 + 3 * 4 + 256 * 4);
+        assert_eq!(
+            mat.storage_bytes(),
+            8 * 128 + 16 * 2 * 3 + 4 * (3 + 3 + 2 * 2) + 256 * 4
+        );
         // 4-bit g128 at a real shape: about 1/7.5 of f32.
         let q = make(4, 576, 1536, Groups::Size(128), false, 3);
         let mat = GptqMatrix::from_quantized(&q).unwrap();
@@ -1071,22 +1431,35 @@ mod tests {
     fn rejects_bad_input() {
         let good = make(4, 8, 64, Groups::Size(32), false, 3);
         assert!(GptqMatrix::from_quantized(&good).is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut QuantizedLinear)>)> = vec![
+        type Edit = Box<dyn Fn(&mut QuantizedLinear)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("unsupported bit width", Box::new(|q| q.bits = 5)),
             ("empty shape", Box::new(|q| q.n = 0)),
             ("group size 0", Box::new(|q| q.group_size = Some(0))),
-            ("codes", Box::new(|q| {
-                q.codes.pop();
-            })),
-            ("scales has", Box::new(|q| {
-                q.scales.pop();
-            })),
-            ("zeros has", Box::new(|q| {
-                q.zeros.pop();
-            })),
-            ("g_idx has", Box::new(|q| {
-                q.g_idx.pop();
-            })),
+            (
+                "codes",
+                Box::new(|q| {
+                    q.codes.pop();
+                }),
+            ),
+            (
+                "scales has",
+                Box::new(|q| {
+                    q.scales.pop();
+                }),
+            ),
+            (
+                "zeros has",
+                Box::new(|q| {
+                    q.zeros.pop();
+                }),
+            ),
+            (
+                "g_idx has",
+                Box::new(|q| {
+                    q.g_idx.pop();
+                }),
+            ),
             ("g_idx[5] = 2", Box::new(|q| q.g_idx[5] = 2)),
             ("does not fit in 4 bits", Box::new(|q| q.codes[70] = 16)),
             ("exceeds 2^4", Box::new(|q| q.zeros[3] = 17)),
@@ -1108,5 +1481,110 @@ mod tests {
         let mut q = good.clone();
         q.zeros[0] = 16;
         assert!(GptqMatrix::from_quantized(&q).is_ok());
+    }
+
+    #[test]
+    fn cached_input_is_reused_only_for_the_same_input_and_layout() {
+        // Same layout, different weights; inputs alternate, so a stale cache would show.
+        let qa = make(4, 40, 576, Groups::Size(128), false, 11);
+        let qb = make(4, 40, 576, Groups::Size(128), false, 12);
+        let qc = make(4, 40, 576, Groups::Size(128), true, 13); // other slot order
+        let mats: Vec<_> = [&qa, &qb, &qc]
+            .iter()
+            .map(|q| GptqMatrix::from_quantized(q).unwrap())
+            .collect();
+        let x1 = input(1, 576, 1);
+        let mut x2 = x1.clone();
+        x2[300] += 0.5; // one value differs
+        for round in 0..3 {
+            for (q, mat) in [&qa, &qb, &qc].iter().zip(&mats) {
+                for x in [&x1, &x2, &x1] {
+                    let want = reference(q, x, 1);
+                    let mut out = vec![f32::NAN; 40];
+                    mat.forward_rows(x, 1, 0..40, &mut out);
+                    assert_close(&out, &want, &format!("round {round}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_outliers_keep_precision() {
+        // One input 1000× larger than the rest of its group: the other values are then
+        // represented relative to it by the limbs; the error must stay within tolerance.
+        for bits in [4u8, 8] {
+            let q = make(bits, 33, 576, Groups::Size(128), false, 21);
+            let mut x = input(2, 576, 22);
+            x[7] = 1000.0;
+            x[576 + 200] = -3000.0;
+            let want = reference(&q, &x, 2);
+            let mat = GptqMatrix::from_quantized(&q).unwrap();
+            let mut out = vec![0f32; 2 * 33];
+            mat.forward_rows(&x, 2, 0..33, &mut out);
+            assert_close(&out, &want, &format!("{bits}-bit outliers"));
+        }
+    }
+
+    #[test]
+    fn zero_and_non_finite_inputs() {
+        let q = make(4, 20, 64, Groups::Size(32), false, 31);
+        let mat = GptqMatrix::from_quantized(&q).unwrap();
+        for simd in [true, false] {
+            let mut out = vec![f32::NAN; 20];
+            mat.forward_rows_impl(&[0.0; 64], 1, 0..20, &mut out, simd);
+            assert!(
+                out.iter().all(|&v| v == 0.0),
+                "zero input, simd={simd}: {out:?}"
+            );
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut x = input(1, 64, 32);
+                x[40] = bad;
+                mat.forward_rows_impl(&x, 1, 0..20, &mut out, simd);
+                assert!(
+                    out.iter().all(|v| !v.is_finite()),
+                    "{bad} input, simd={simd}: {out:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn long_rows_are_split_before_i32_overflow() {
+        // 8-bit per-channel with the largest codes and inputs: one i32 sum over 70,000 channels
+        // would be 255·127·70000 > 2³¹; segments of SEG_BLOCKS blocks keep it in range.
+        let k = 70_000;
+        let n = 3;
+        let q = QuantizedLinear {
+            bits: 8,
+            group_size: None,
+            n,
+            k,
+            codes: vec![255; n * k],
+            scales: vec![0.5; n],
+            zeros: vec![0, 1, 256],
+            g_idx: vec![0; k],
+        };
+        let mat = GptqMatrix::from_quantized(&q).unwrap();
+        assert!(mat.layout.segs.len() > 1);
+        let x = vec![1.0f32; k];
+        let mut out = vec![0f32; n];
+        mat.forward_rows(&x, 1, 0..n, &mut out);
+        for (j, z) in [0.0, 1.0, 256.0].iter().enumerate() {
+            let want = 0.5 * (255.0 - z) * k as f64;
+            assert!(
+                (out[j] as f64 - want).abs() <= 1e-5 * want.abs() + 1e-3,
+                "row {j}: {} vs {want}",
+                out[j]
+            );
+        }
+        // And with varied data against the reference.
+        let mut q = make(8, 5, k, Groups::PerChannel, false, 41);
+        q.codes.iter_mut().step_by(3).for_each(|c| *c = 255);
+        let x = input(1, k, 42);
+        let mut out = vec![0f32; 5];
+        GptqMatrix::from_quantized(&q)
+            .unwrap()
+            .forward_rows(&x, 1, 0..5, &mut out);
+        assert_close(&out, &reference(&q, &x, 1), "8-bit K=70000");
     }
 }

@@ -2,6 +2,7 @@
 //! element-wise pieces of a decoder. Packed low-bit kernels live beside these, apart from the
 //! quantization algorithms.
 
+pub mod bnb;
 pub mod gptq;
 
 use gemm::Parallelism;

@@ -2,9 +2,7 @@
 //! weights are stored `[in, out]`; they are transposed once at load into the Linear layout.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{
-    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
-};
+use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
 use crate::config::{AutoConfig, Gpt2Config};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
@@ -208,15 +206,10 @@ impl CausalLM for Gpt2 {
         &self.config
     }
 
-    fn forward(
-        &self,
-        input: &ForwardInput,
-        cache: &mut KvCache,
-        mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
-        let (batch, t) = input.dims(cache, self.config.vocab_size())?;
+    fn embed(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (_, t) = input.dims(cache, self.config.vocab_size())?;
         let e = self.cfg.n_embd;
-        let mut x = vec![0f32; batch * t * e];
+        let mut x = vec![0f32; input.ids.len() * e];
         for (row, &id) in x.chunks_exact_mut(e).zip(&input.ids) {
             self.wte.row_into(id as usize, row);
         }
@@ -229,18 +222,16 @@ impl CausalLM for Gpt2 {
             let pos = pos.min(self.cfg.n_positions - 1);
             add_in_place(row, &self.wpe[pos * e..(pos + 1) * e]);
         }
-        for (i, block) in self.h.iter().enumerate() {
-            let mut ctx = BlockContext {
-                t,
-                positions: &[],
-                cache,
-                cache_layer: i,
-            };
-            x = block.forward(x, &mut ctx);
-        }
-        let x = super::select_rows(&x, batch, t, e, mode);
-        let x = self.ln_f.forward(&x);
-        Ok(super::project_logits(&x, self.lm_head.as_ref(), &self.wte))
+        Ok((x, positions))
+    }
+
+    fn blocks(&self) -> Vec<&dyn DecoderBlock> {
+        self.h.iter().map(|b| b as &dyn DecoderBlock).collect()
+    }
+
+    fn head(&self, x: &[f32]) -> Vec<f32> {
+        let x = self.ln_f.forward(x);
+        super::project_logits(&x, self.lm_head.as_ref(), &self.wte)
     }
 
     fn linears(&self) -> Vec<LinearRef<'_>> {

@@ -3,9 +3,7 @@
 //! attention and a SwiGLU MLP.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{
-    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
-};
+use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
 use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::nn::{add_in_place, forward_many, DenseMatrix, Linear, Loader, RmsNorm};
@@ -266,15 +264,10 @@ impl CausalLM for Llama {
         &self.config
     }
 
-    fn forward(
-        &self,
-        input: &ForwardInput,
-        cache: &mut KvCache,
-        mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
-        let (batch, t) = input.dims(cache, self.config.vocab_size())?;
+    fn embed(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (_, t) = input.dims(cache, self.config.vocab_size())?;
         let h = self.cfg.hidden_size;
-        let mut x = vec![0f32; batch * t * h];
+        let mut x = vec![0f32; input.ids.len() * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(&input.ids) {
             self.embed_tokens.row_into(id as usize, row);
         }
@@ -283,22 +276,16 @@ impl CausalLM for Llama {
             Some(p) => p.iter().flatten().copied().collect(),
             None => cache.default_positions(t).into_iter().flatten().collect(),
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut ctx = BlockContext {
-                t,
-                positions: &positions,
-                cache,
-                cache_layer: i,
-            };
-            x = layer.forward(x, &mut ctx);
-        }
-        let x = super::select_rows(&x, batch, t, h, mode);
-        let x = self.norm.forward(&x);
-        Ok(super::project_logits(
-            &x,
-            self.lm_head.as_ref(),
-            &self.embed_tokens,
-        ))
+        Ok((x, positions))
+    }
+
+    fn blocks(&self) -> Vec<&dyn DecoderBlock> {
+        self.layers.iter().map(|l| l as &dyn DecoderBlock).collect()
+    }
+
+    fn head(&self, x: &[f32]) -> Vec<f32> {
+        let x = self.norm.forward(x);
+        super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens)
     }
 
     fn linears(&self) -> Vec<LinearRef<'_>> {

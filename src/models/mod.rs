@@ -148,6 +148,14 @@ pub struct LinearRef<'a> {
 
 pub trait CausalLM: Send + Sync {
     fn config(&self) -> &AutoConfig;
+    /// Hidden states entering the first block (`[batch * t, hidden]`) and the position id of
+    /// every row; registers the new positions (and mask) in `cache`.
+    fn embed(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<usize>)>;
+    /// The decoder blocks in order.
+    fn blocks(&self) -> Vec<&dyn DecoderBlock>;
+    /// Final norm (and projection) and the vocabulary projection: hidden rows → logits.
+    fn head(&self, x: &[f32]) -> Vec<f32>;
+
     /// Logits `[batch, t, vocab]` (or `[batch, vocab]` with [`LogitsMode::Last`]). The cache
     /// is extended with the new positions.
     fn forward(
@@ -155,7 +163,21 @@ pub trait CausalLM: Send + Sync {
         input: &ForwardInput,
         cache: &mut KvCache,
         mode: LogitsMode,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<Vec<f32>> {
+        let (batch, t) = input.dims(cache, self.config().vocab_size())?;
+        let (mut x, positions) = self.embed(input, cache)?;
+        for (i, block) in self.blocks().into_iter().enumerate() {
+            let mut ctx = BlockContext {
+                t,
+                positions: &positions,
+                cache,
+                cache_layer: i,
+            };
+            x = block.forward(x, &mut ctx);
+        }
+        let h = self.config().hidden_size();
+        Ok(self.head(&select_rows(&x, batch, t, h, mode)))
+    }
     /// Every linear layer with its checkpoint prefix (GPT-2 Conv1D layers report their
     /// checkpoint prefix too; they are held as `[out, in]`).
     fn linears(&self) -> Vec<LinearRef<'_>>;

@@ -3,9 +3,7 @@
 //! word embeddings are narrower than the hidden size.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{
-    BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef, LogitsMode,
-};
+use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
 use crate::config::{AutoConfig, OptConfig};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, forward_many, DenseMatrix, LayerNorm, Linear, Loader};
@@ -263,12 +261,7 @@ impl CausalLM for Opt {
         &self.config
     }
 
-    fn forward(
-        &self,
-        input: &ForwardInput,
-        cache: &mut KvCache,
-        mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
+    fn embed(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<usize>)> {
         let (batch, t) = input.dims(cache, self.config.vocab_size())?;
         let c = &self.cfg;
         let (h, p) = (c.hidden_size, c.word_embed_proj_dim);
@@ -305,27 +298,25 @@ impl CausalLM for Opt {
             let r = (pos + POSITION_OFFSET as i64).clamp(0, max_row as i64 - 1) as usize;
             add_in_place(row, &self.embed_positions[r * h..(r + 1) * h]);
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut ctx = BlockContext {
-                t,
-                positions: &[],
-                cache,
-                cache_layer: i,
-            };
-            x = layer.forward(x, &mut ctx);
-        }
-        let mut x = super::select_rows(&x, batch, t, h, mode);
+        // Blocks do not use positions (they are added here); keep the clamped rows for callers.
+        let positions = positions.iter().map(|&p| p.max(0) as usize).collect();
+        Ok((x, positions))
+    }
+
+    fn blocks(&self) -> Vec<&dyn DecoderBlock> {
+        self.layers.iter().map(|l| l as &dyn DecoderBlock).collect()
+    }
+
+    fn head(&self, x: &[f32]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut x = x.to_vec();
         if let Some(ln) = &self.final_layer_norm {
             x = ln.forward(&x);
         }
         if let Some(l) = &self.project_out {
             x = l.forward(&x, x.len() / h);
         }
-        Ok(super::project_logits(
-            &x,
-            self.lm_head.as_ref(),
-            &self.embed_tokens,
-        ))
+        super::project_logits(&x, self.lm_head.as_ref(), &self.embed_tokens)
     }
 
     fn linears(&self) -> Vec<LinearRef<'_>> {

@@ -10,8 +10,8 @@
 //!   then the code whose bucket holds it, buckets split at the float32 midpoints of the sorted code
 //!   book with ties going to the lower bucket (`torch.bucketize`). The short last block divides by
 //!   its absmax instead (and stores it clamped to ≥ 1e−38), as the reference does.
-//! * Double quantization: `offset = mean(absmax)` with torch's float32 cascade sum (16 lanes,
-//!   AVX-512 build, single-threaded below 32,768 statistics), then 8-bit blockwise quantization
+//! * Double quantization: `offset = mean(absmax)` with torch's float32 cascade sum (8 lanes,
+//!   single-threaded below 32,768 statistics), then 8-bit blockwise quantization
 //!   (blocks of 256) of `absmax − offset` with bitsandbytes' CPU kernel: a 65,536-entry lookup table
 //!   on the normalised value, index `trunc(fma((v + 1)·0.5, 65535, 0.5))`.
 //! * LLM.int8 weights: the weight rounded to fp16, `SCB` = row absmax, codes
@@ -52,20 +52,21 @@ pub const NF4_CODE: [f32; 16] = [
 ];
 
 /// FP4 (1 sign, 2 exponent, 1 mantissa bit) by code index: the raw values divided by their
-/// largest magnitude, 12, in float32. Index 8 is −0.
+/// largest magnitude, 12, in float32. Index 8 is the "negative zero" slot but holds +0: the
+/// reference builds the table from the Python integer `-0`.
 pub const FP4_CODE: [f32; 16] = [
     0.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0, // 12 / 12
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
     3.0 / 12.0,
-    -0.0,
+    0.0,
     -0.0625 / 12.0,
     -8.0 / 12.0,
-    -12.0 / 12.0,
+    -1.0, // -12 / 12
     -4.0 / 12.0,
     -6.0 / 12.0,
     -2.0 / 12.0,
@@ -73,7 +74,8 @@ pub const FP4_CODE: [f32; 16] = [
 ];
 
 /// Code indices in ascending value order, as `torch.argsort` orders them in the reference.
-/// For FP4, +0 (code 0) sorts before −0 (code 8), so the bucket just above 0 maps to −0.
+/// For FP4 the two zeros (codes 0 and 8) tie and keep their order, so the bucket just above 0
+/// maps to code 8.
 const NF4_ORDER: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 const FP4_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
 
@@ -221,11 +223,7 @@ impl BitsAndBytesConfig {
     /// Whether the linear layer `prefix` stays in float: `lm_head` always, and any module whose
     /// dotted name equals or ends with an entry of `skip_modules` (or lies under one).
     pub fn skips(&self, prefix: &str) -> bool {
-        prefix == "lm_head"
-            || self
-                .skip_modules
-                .iter()
-                .any(|s| module_matches(prefix, s))
+        prefix == "lm_head" || self.skip_modules.iter().any(|s| module_matches(prefix, s))
     }
 
     /// Short storage name for reports: "bnb-nf4", "bnb-fp4-dq", "bnb-int8".
@@ -381,8 +379,8 @@ pub struct FourBitWeight {
     pub blocksize: usize,
     /// `[N, K]` (out, in).
     pub shape: [usize; 2],
-    /// The weight's dtype before quantization (the quant state's `dtype`): dequantized weights
-    /// are rounded to it, as bitsandbytes returns them in that dtype.
+    /// The weight's dtype before quantization (the quant state's `dtype`). bitsandbytes'
+    /// `dequantize_4bit` returns that dtype, but its matmul dequantizes to the compute dtype.
     pub dtype: WeightDType,
     /// `(N·K + 1) / 2` bytes.
     pub packed: Vec<u8>,
@@ -399,7 +397,7 @@ impl FourBitWeight {
     #[inline]
     pub fn code_at(&self, i: usize) -> u8 {
         let b = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             b >> 4
         } else {
             b & 0x0F
@@ -625,7 +623,8 @@ pub fn dynamic_map_signed() -> [f32; 256] {
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for i in 0..7 {
         let pts = torch_linspace_f32(0.1, 1.0, (1usize << i) + 1);
-        let scale = 10f64.powi(i as i32 - 6) as f32;
+        // Python's `10 ** (i − 6)`, a float, used as a float32 scalar.
+        let scale = [1e-6f64, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0][i] as f32;
         let means: Vec<f32> = pts.windows(2).map(|p| (p[0] + p[1]) / 2.0).collect();
         data.extend(means.iter().map(|m| scale * m));
         data.extend(means.iter().map(|m| -scale * m));
@@ -640,9 +639,9 @@ pub fn dynamic_map_signed() -> [f32; 256] {
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: `start + step·i` for the first
-/// half and `end − step·(steps − 1 − i)` for the rest, `step = (end − start)/(steps − 1)` in f32.
-/// (The vectorized kernel computes each 16-lane chunk as `base + lane·step`; the two agree for the
-/// lengths used here, which the golden table checks.)
+/// half and `end − step·(steps − 1 − i)` for the rest, `step = (end − start)/(steps − 1)` in f32,
+/// each point one fused multiply-add (as the compiled kernel computes it; checked against torch
+/// by the golden dynamic map).
 fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     let (s, e) = (start as f32, end as f32);
     if steps == 1 {
@@ -653,16 +652,17 @@ fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     (0..steps)
         .map(|i| {
             if i < half {
-                s + step * i as f32
+                step.mul_add(i as f32, s)
             } else {
-                e - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, e)
             }
         })
         .collect()
 }
 
-/// `torch.mean` of a contiguous float32 vector on the CPU: the cascade sum (16-lane vectors,
-/// 4 interleaved accumulators, levels of 16) divided by n in f32. Exact for the single-threaded
+/// `torch.mean` of a contiguous float32 vector on the CPU: the cascade sum (8-lane vectors — torch
+/// dispatches its sum kernel at AVX2 width even on AVX-512 machines — 4 interleaved accumulators,
+/// levels of 16) divided by n in f32. Exact for the single-threaded
 /// case (fewer than 32,768 values); beyond that torch splits the sum across threads and the
 /// result depends on the thread count, so this stays a close approximation there.
 pub fn torch_mean_f32(x: &[f32]) -> f32 {
@@ -674,7 +674,7 @@ pub fn torch_mean_f32(x: &[f32]) -> f32 {
 
 /// torch's float32 `sum` of a contiguous vector (see [`torch_mean_f32`]).
 pub fn torch_sum_f32(x: &[f32]) -> f32 {
-    const W: usize = 16;
+    const W: usize = 8;
     let n = x.len();
     if n < W {
         return row_sum(n, |i| [x[i]])[0];
@@ -740,10 +740,10 @@ fn multi_row_sum<const L: usize, const R: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..R {
-                let lower = acc[j - 1][k];
-                add_lanes(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; L];
+            let (lower, upper) = acc.split_at_mut(j);
+            for (lo, up) in lower[j - 1].iter_mut().zip(upper[0].iter_mut()) {
+                add_lanes(up, lo);
+                *lo = [0f32; L];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -756,10 +756,10 @@ fn multi_row_sum<const L: usize, const R: usize>(
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..R {
-            let upper = acc[j][k];
-            add_lanes(&mut acc[0][k], &upper);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (a, u) in first[0].iter_mut().zip(level) {
+            add_lanes(a, u);
         }
     }
     acc[0]
@@ -863,6 +863,20 @@ impl Int8Weight {
         }
         out
     }
+    /// `CB · (SCB · 1/127)` as `MatMul8bitFp` dequantizes (the "int8 weights, float
+    /// activations" mode); differs from [`Int8Weight::dequantize`] only in rounding order.
+    pub fn dequantize_fp(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.n * self.k);
+        for r in 0..self.n {
+            let s = self.scb[r] * INV_127;
+            out.extend(
+                self.codes[r * self.k..(r + 1) * self.k]
+                    .iter()
+                    .map(|&q| q as f32 * s),
+            );
+        }
+        out
+    }
     pub fn validate(&self) -> Result<()> {
         if self.codes.len() != self.n * self.k || self.scb.len() != self.n {
             return Err(Error::InvalidArgument(format!(
@@ -885,8 +899,8 @@ impl Int8Weight {
     }
 }
 
-/// 1/127 as the reference's float32 scalar (`7.874015718698502e-3`).
-pub const INV_127: f32 = 7.874_015_7e-3;
+/// 1/127 as the reference's float32 scalar (`7.874015718698502e-3` rounds to the same f32).
+pub const INV_127: f32 = 1.0 / 127.0;
 
 /// Round to a 16-bit float and back (the emulation of a compute or storage dtype).
 #[inline]
@@ -1127,11 +1141,10 @@ pub fn quantized_state_dict(
     use rayon::prelude::*;
     opts.config.validate()?;
     let cfg = &opts.config;
-    let mut tensors: Vec<(String, crate::tensor::RawTensor)> = crate::models::state_dict(
-        model, opts.dtype,
-    )
-    .into_iter()
-    .collect();
+    let mut tensors: Vec<(String, crate::tensor::RawTensor)> =
+        crate::models::state_dict(model, opts.dtype)
+            .into_iter()
+            .collect();
     let linears = model.linears();
     let chosen: Vec<&crate::models::LinearRef> =
         linears.iter().filter(|l| !cfg.skips(&l.name)).collect();
@@ -1140,7 +1153,14 @@ pub fn quantized_state_dict(
         .filter(|l| cfg.skips(&l.name))
         .map(|l| l.name.clone())
         .collect();
-    let quantized: Vec<(String, Vec<(String, crate::tensor::RawTensor)>, usize, usize)> = chosen
+    // (layer, its tensors, bytes held, weights)
+    type Quantized = (
+        String,
+        Vec<(String, crate::tensor::RawTensor)>,
+        usize,
+        usize,
+    );
+    let quantized: Vec<Quantized> = chosen
         .par_iter()
         .map(|l| -> Result<_> {
             let (n, k) = (l.linear.out_features(), l.linear.in_features());
@@ -1151,9 +1171,8 @@ pub fn quantized_state_dict(
                 .into_iter()
                 .map(|v| round_to(opts.dtype, v))
                 .collect();
-            let err = |e: Error| {
-                Error::InvalidArgument(format!("quantizing `{}.weight`: {e}", l.name))
-            };
+            let err =
+                |e: Error| Error::InvalidArgument(format!("quantizing `{}.weight`: {e}", l.name));
             let (ts, bytes) = if cfg.load_in_8bit {
                 let q = quantize_int8(&w, n, k).map_err(err)?;
                 let bytes = q.codes.len() + 4 * q.scb.len();
@@ -1322,7 +1341,7 @@ mod tests {
     #[test]
     fn fp4_table_is_the_raw_values_over_12() {
         assert_eq!(FP4_CODE[1], 0.0625f32 / 12.0);
-        assert!(FP4_CODE[8] == 0.0 && FP4_CODE[8].is_sign_negative());
+        assert!(FP4_CODE[8] == 0.0 && FP4_CODE[8].is_sign_positive());
         assert_eq!(FP4_CODE[11], -1.0);
     }
 

@@ -165,10 +165,19 @@ impl Hessian {
             xs.extend(row.iter().map(|v| f * v));
         }
         syrk_lower_acc(&xs, rows, k, &mut self.h, keep);
-        // Mirror the lower triangle into the upper one.
-        for i in 0..k {
-            for j in i + 1..k {
-                self.h[i * k + j] = self.h[j * k + i];
+        mirror_lower(&mut self.h, k);
+    }
+}
+
+/// Copy the lower triangle of `h` (`[k, k]`) into the upper one, in cache-sized tiles.
+fn mirror_lower(h: &mut [f32], k: usize) {
+    const T: usize = 64;
+    for i0 in (0..k).step_by(T) {
+        for j0 in (i0..k).step_by(T) {
+            for i in i0..(i0 + T).min(k) {
+                for j in j0.max(i + 1)..(j0 + T).min(k) {
+                    h[i * k + j] = h[j * k + i];
+                }
             }
         }
     }
@@ -179,6 +188,12 @@ impl Hessian {
 struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Lower triangle (by tiles, diagonal tiles in full) of `h = keep·h + xᵀx`, `x` `[rows, k]`.
 /// Tiles of 256 columns run in parallel; skipping the upper tiles halves the work of the
@@ -191,7 +206,6 @@ fn syrk_lower_acc(x: &[f32], rows: usize, k: usize, h: &mut [f32], keep: f32) {
         .collect();
     let hp = SharedMut(h.as_mut_ptr());
     pairs.into_par_iter().for_each(|(bi, bj)| {
-        let hp = hp;
         let (i0, j0) = (bi * TILE, bj * TILE);
         let (m, n) = ((k - i0).min(TILE), (k - j0).min(TILE));
         // SAFETY: tile (bi, bj) of h is written by this task only; the strides keep every
@@ -201,7 +215,7 @@ fn syrk_lower_acc(x: &[f32], rows: usize, k: usize, h: &mut [f32], keep: f32) {
                 m,
                 n,
                 rows,
-                hp.0.add(i0 * k + j0),
+                hp.get().add(i0 * k + j0),
                 1,
                 k as isize,
                 keep != 0.0,
@@ -598,7 +612,7 @@ where
     let max_diag = (0..k).map(|i| a[i * k + i] as f64).fold(0.0, f64::max);
     for i in 0..k {
         let p: f64 = l[(i, i)].into();
-        if !(p * p > 1e-10 * max_diag) {
+        if p.is_nan() || p * p <= 1e-10 * max_diag {
             return Err(format!(
                 "pivot² {:.3e} at column {} is negligible against max diag {max_diag:.3e}",
                 p * p,

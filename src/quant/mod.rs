@@ -2,5 +2,6 @@
 //! (issues 3–5). Kernels for packed low-bit matmul live in `kernels`, formats in `formats`.
 
 pub mod bnb;
+pub mod calib;
 pub mod gptq;
 pub mod rtn;

@@ -1,0 +1,662 @@
+//! Matmul kernels for bitsandbytes-style weights, kept packed in memory.
+//!
+//! * [`FourBitMatrix`] (NF4/FP4): for decoding, a matrix-vector product that decodes codes by
+//!   table lookup on the fly — with AVX-512 the 16-entry code book, scaled by the block's absmax,
+//!   sits in one register and `vpermps` turns 16 codes into 16 weights (exactly
+//!   `quant_map[code] · absmax` in f32, as bitsandbytes dequantizes); for many rows, blocks of
+//!   rows are dequantized into a cache-sized buffer and multiplied with a GEMM.
+//!   `compute_dtype` f16/bf16 is emulated by rounding each dequantized weight, the activations
+//!   and each output to it; sums stay f32 (as GPU kernels accumulate). Like bitsandbytes'
+//!   `gemm_4bit`, weights are dequantized straight to the compute dtype, whatever dtype the
+//!   weight had before quantization.
+//! * [`Int8Matrix`] (LLM.int8): activations rounded to fp16; columns holding a value with
+//!   |x| ≥ threshold are multiplied in f32 against the dequantized weight columns; the rest is
+//!   quantized per row to int8 and multiplied int8 × int8 with exact integer sums, rescaled by
+//!   `SCA·SCB·6.200124e-05` — the arithmetic of bitsandbytes' `int8_vectorwise_quant`,
+//!   `int8_scaled_mm` and `int8_mixed_scaled_mm`. Or, in the "dequantized weights" mode, a
+//!   float matmul against `CB · (SCB · 1/127)` (`MatMul8bitFp`).
+
+use super::{gemm_serial, GEMV_MAX_ROWS};
+use crate::error::Result;
+use crate::nn::{LinearKernel, WeightDType};
+use crate::quant::bnb::{
+    int8_code, int8_scale, round_to, Absmax, FourBitWeight, Int8Compute, Int8Weight, INV_127,
+};
+use half::f16;
+use rayon::prelude::*;
+
+/// Weight rows per parallel task (same trade-off as the dense row blocks).
+const ROW_BLOCK: usize = 64;
+
+/// Run `block(r0, r1, local)` for row blocks of an `[m, n]` output in parallel (`local` is
+/// `[m, r1 − r0]`) and scatter the results into `out`.
+fn parallel_row_blocks(
+    n: usize,
+    m: usize,
+    out: &mut [f32],
+    block: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let r0 = b * ROW_BLOCK;
+            let r1 = (r0 + ROW_BLOCK).min(n);
+            let mut local = vec![0f32; m * (r1 - r0)];
+            block(r0, r1, &mut local);
+            (r0, local)
+        })
+        .collect();
+    for (r0, local) in parts {
+        let w = local.len() / m.max(1);
+        for r in 0..m {
+            out[r * n + r0..r * n + r0 + w].copy_from_slice(&local[r * w..(r + 1) * w]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4-bit
+
+/// A packed NF4/FP4 weight with its matmul.
+pub struct FourBitMatrix {
+    q: FourBitWeight,
+    compute: WeightDType,
+}
+
+impl FourBitMatrix {
+    /// Validate the packed weight (lengths, finite statistics) and wrap it.
+    pub fn new(q: FourBitWeight, compute: WeightDType) -> Result<Self> {
+        q.validate()?;
+        Ok(FourBitMatrix { q, compute })
+    }
+    /// The packed weight as stored (for saving).
+    pub fn weight(&self) -> &FourBitWeight {
+        &self.q
+    }
+    pub fn compute_dtype(&self) -> WeightDType {
+        self.compute
+    }
+    fn k(&self) -> usize {
+        self.q.shape[1]
+    }
+    /// No rounding anywhere: the table-lookup fast path applies.
+    fn exact_f32(&self) -> bool {
+        self.compute == WeightDType::F32
+    }
+    /// Rows start on block boundaries (so a row is whole blocks and whole bytes).
+    fn rows_aligned(&self) -> bool {
+        self.k().is_multiple_of(self.q.blocksize)
+    }
+    #[inline]
+    fn block_absmax(&self, b: usize) -> f32 {
+        match &self.q.absmax {
+            Absmax::Plain(v) => v[b],
+            Absmax::Nested(n) => n.get(b),
+        }
+    }
+    /// Dequantize rows `r0..r1` into `out` (`[r1 − r0, K]`), rounded as the compute emulation asks.
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let k = self.k();
+        let bs = self.q.blocksize;
+        let lut = &self.q.quant_map;
+        if self.rows_aligned() {
+            for (j, row) in (r0..r1).zip(out.chunks_exact_mut(k)) {
+                let bytes = &self.q.packed[j * k / 2..(j + 1) * k / 2];
+                for (bi, (ob, pb)) in row
+                    .chunks_exact_mut(bs)
+                    .zip(bytes.chunks_exact(bs / 2))
+                    .enumerate()
+                {
+                    let am = self.block_absmax(j * k / bs + bi);
+                    for (o, &p) in ob.chunks_exact_mut(2).zip(pb) {
+                        o[0] = lut[(p >> 4) as usize] * am;
+                        o[1] = lut[(p & 15) as usize] * am;
+                    }
+                }
+            }
+        } else {
+            for (j, row) in (r0..r1).zip(out.chunks_exact_mut(k)) {
+                for (c, o) in row.iter_mut().enumerate() {
+                    let i = j * k + c;
+                    *o = lut[self.q.code_at(i) as usize] * self.block_absmax(i / bs);
+                }
+            }
+        }
+        if !self.exact_f32() {
+            for v in out.iter_mut() {
+                *v = round_to(self.compute, *v);
+            }
+        }
+    }
+    fn round_input(&self, x: &[f32]) -> Option<Vec<f32>> {
+        (self.compute != WeightDType::F32)
+            .then(|| x.iter().map(|&v| round_to(self.compute, v)).collect())
+    }
+    fn round_output(&self, out: &mut [f32]) {
+        if self.compute != WeightDType::F32 {
+            for v in out.iter_mut() {
+                *v = round_to(self.compute, *v);
+            }
+        }
+    }
+    /// Rows `r0..r1` for `m` activation rows, `out` `[m, r1 − r0]`; `x` already rounded.
+    fn rows_kernel(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let k = self.k();
+        let rows = r1 - r0;
+        if self.exact_f32() && self.rows_aligned() {
+            self.gemv_lookup(x, m, r0, r1, out);
+        } else {
+            let mut w = vec![0f32; rows * k];
+            self.decode_rows(r0, r1, &mut w);
+            super::gemv_block(x, m, k, &w, out);
+        }
+    }
+    /// Table-lookup matrix-vector product (f32, rows aligned to blocks).
+    fn gemv_lookup(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let k = self.k();
+        let bs = self.q.blocksize;
+        let rows = r1 - r0;
+        let nb_row = k / bs;
+        let absmax: Vec<f32> = (r0 * nb_row..r1 * nb_row)
+            .map(|b| self.block_absmax(b))
+            .collect();
+        let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            // x with each 32-element chunk split into its 16 even then 16 odd elements, the
+            // order in which a 16-byte load yields high and low nibbles.
+            let mut xp = vec![0f32; m * k];
+            for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+                for i in 0..16 {
+                    dst[i] = src[2 * i];
+                    dst[16 + i] = src[2 * i + 1];
+                }
+            }
+            for g in (0..m).step_by(4) {
+                let mg = (m - g).min(4);
+                let mut tmp = vec![0f32; mg * rows];
+                // SAFETY: avx512f is enabled for this build (cfg above); slice lengths:
+                // xp rows are K long (K a multiple of 32), packed holds rows·K/2 bytes, absmax
+                // rows·K/bs entries, tmp mg·rows.
+                unsafe {
+                    lookup_avx512::gemv(
+                        &xp[g * k..(g + mg) * k],
+                        mg,
+                        k,
+                        bs,
+                        packed,
+                        &absmax,
+                        &self.q.quant_map,
+                        &mut tmp,
+                    )
+                };
+                for r in 0..mg {
+                    out[(g + r) * rows..(g + r + 1) * rows]
+                        .copy_from_slice(&tmp[r * rows..(r + 1) * rows]);
+                }
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            let lut = &self.q.quant_map;
+            for j in 0..rows {
+                let prow = &packed[j * k / 2..(j + 1) * k / 2];
+                for r in 0..m {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let mut acc = 0f32;
+                    for (b, (pb, xb)) in prow
+                        .chunks_exact(bs / 2)
+                        .zip(xr.chunks_exact(bs))
+                        .enumerate()
+                    {
+                        let am = absmax[j * nb_row + b];
+                        let mut s = 0f32;
+                        for (&p, xx) in pb.iter().zip(xb.chunks_exact(2)) {
+                            s += lut[(p >> 4) as usize] * am * xx[0]
+                                + lut[(p & 15) as usize] * am * xx[1];
+                        }
+                        acc += s;
+                    }
+                    out[r * rows + j] = acc;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod lookup_avx512 {
+    use std::arch::x86_64::*;
+
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows given in the even/odd
+    /// chunk order. Per block the code book is multiplied by the block's absmax once, so each
+    /// lookup yields `quant_map[code] · absmax` exactly.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemv(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        lut: &[f32; 16],
+        out: &mut [f32],
+    ) {
+        match m {
+            1 => gemv_m::<1>(xp, k, bs, packed, absmax, lut, out),
+            2 => gemv_m::<2>(xp, k, bs, packed, absmax, lut, out),
+            3 => gemv_m::<3>(xp, k, bs, packed, absmax, lut, out),
+            _ => gemv_m::<4>(xp, k, bs, packed, absmax, lut, out),
+        }
+    }
+
+    /// Decode 32 weights (16 packed bytes at `p`) with the scaled table: (even, odd) elements.
+    #[inline(always)]
+    unsafe fn decode32(p: *const u8, scaled: __m512) -> (__m512, __m512) {
+        let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        // vpermps uses the low 4 bits of each index: the low nibble (odd element) as is, the
+        // high nibble (even element) after a shift.
+        let odd = _mm512_permutexvar_ps(idx, scaled);
+        let even = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), scaled);
+        (even, odd)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemv_m<const M: usize>(
+        xp: &[f32],
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        lut: &[f32; 16],
+        out: &mut [f32],
+    ) {
+        debug_assert!(k.is_multiple_of(32) && bs.is_multiple_of(32) && xp.len() >= M * k);
+        let rows = packed.len() * 2 / k;
+        let nb_row = k / bs;
+        let chunks = bs / 32;
+        let lutv = _mm512_loadu_ps(lut.as_ptr());
+        let xptr = xp.as_ptr();
+        for j in 0..rows {
+            let prow = packed.as_ptr().add(j * k / 2);
+            // Two independent accumulator sets (alternate chunks) so consecutive FMAs do not
+            // wait on each other's latency.
+            let mut a0 = [_mm512_setzero_ps(); M];
+            let mut a1 = [_mm512_setzero_ps(); M];
+            for b in 0..nb_row {
+                let am = _mm512_set1_ps(*absmax.get_unchecked(j * nb_row + b));
+                let scaled = _mm512_mul_ps(lutv, am);
+                let base = b * bs;
+                let mut c = 0;
+                while c + 1 < chunks {
+                    let off0 = base + c * 32;
+                    let off1 = off0 + 32;
+                    let (e0, o0) = decode32(prow.add(off0 / 2), scaled);
+                    let (e1, o1) = decode32(prow.add(off1 / 2), scaled);
+                    for r in 0..M {
+                        let x = xptr.add(r * k);
+                        a0[r] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x.add(off0)), a0[r]);
+                        a1[r] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(x.add(off0 + 16)), a1[r]);
+                        a0[r] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(x.add(off1)), a0[r]);
+                        a1[r] = _mm512_fmadd_ps(o1, _mm512_loadu_ps(x.add(off1 + 16)), a1[r]);
+                    }
+                    c += 2;
+                }
+                if c < chunks {
+                    let off = base + c * 32;
+                    let (e, o) = decode32(prow.add(off / 2), scaled);
+                    for r in 0..M {
+                        let x = xptr.add(r * k);
+                        a0[r] = _mm512_fmadd_ps(e, _mm512_loadu_ps(x.add(off)), a0[r]);
+                        a1[r] = _mm512_fmadd_ps(o, _mm512_loadu_ps(x.add(off + 16)), a1[r]);
+                    }
+                }
+            }
+            for r in 0..M {
+                *out.get_unchecked_mut(r * rows + j) =
+                    _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            }
+        }
+    }
+}
+
+impl LinearKernel for FourBitMatrix {
+    fn in_features(&self) -> usize {
+        self.q.shape[1]
+    }
+    fn out_features(&self) -> usize {
+        self.q.shape[0]
+    }
+    fn forward_rows(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let xr = self.round_input(x);
+        self.rows_kernel(xr.as_deref().unwrap_or(x), m, rows.start, rows.end, out);
+        self.round_output(out);
+    }
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.out_features(), self.in_features());
+        let xr = self.round_input(x);
+        let x = xr.as_deref().unwrap_or(x);
+        if m <= GEMV_MAX_ROWS {
+            parallel_row_blocks(n, m, out, |r0, r1, local| {
+                self.rows_kernel(x, m, r0, r1, local)
+            });
+        } else {
+            parallel_row_blocks(n, m, out, |r0, r1, local| {
+                let rows = r1 - r0;
+                let mut w = vec![0f32; rows * k];
+                self.decode_rows(r0, r1, &mut w);
+                gemm_serial(m, rows, k, x, k, 1, &w, 1, k, local);
+            });
+        }
+        self.round_output(out);
+    }
+    fn storage_bytes(&self) -> usize {
+        self.q.storage_bytes()
+    }
+    fn storage_name(&self) -> String {
+        self.q.storage_name()
+    }
+    /// `quant_map[code] · absmax` in f32, as bitsandbytes' float32 dequantization (not rounded
+    /// to the original or compute dtype).
+    fn to_f32(&self) -> Vec<f32> {
+        self.q.dequantize()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit
+
+/// The reference's float32 `1/127²` (as written in bitsandbytes, `6.200124e-05`).
+const INT8_MM_SCALE: f32 = 6.200_124e-5;
+
+/// Largest K for which an int8 × int8 dot product (|terms| ≤ 127·128) summed in f32 is exact.
+const EXACT_F32_K: usize = 1024;
+
+/// An LLM.int8 weight with its matmul.
+pub struct Int8Matrix {
+    q: Int8Weight,
+    threshold: f32,
+    mode: Int8Compute,
+    /// `SCB · (1/127)` per row (the dequantized-weights mode's row scale).
+    row_scale: Vec<f32>,
+}
+
+/// Activations prepared for the int8 matmul.
+struct QuantizedActivations {
+    /// `[m, K]` int8 codes, outlier columns zeroed.
+    codes: Vec<i8>,
+    /// Per-row absmax of the fp16 activations without the outlier entries (`SCA`).
+    row_stats: Vec<f32>,
+    /// Columns holding at least one |x| ≥ threshold.
+    outlier_cols: Vec<usize>,
+    /// `[m, outlier_cols.len()]`: those columns of the original activations.
+    outliers: Vec<f32>,
+}
+
+impl Int8Matrix {
+    pub fn new(q: Int8Weight, threshold: f32, mode: Int8Compute) -> Result<Self> {
+        q.validate()?;
+        let row_scale = q.scb.iter().map(|s| s * INV_127).collect();
+        Ok(Int8Matrix {
+            q,
+            threshold,
+            mode,
+            row_scale,
+        })
+    }
+    pub fn weight(&self) -> &Int8Weight {
+        &self.q
+    }
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+    pub fn mode(&self) -> Int8Compute {
+        self.mode
+    }
+
+    fn quantize_activations(&self, x: &[f32], m: usize) -> QuantizedActivations {
+        quantize_activations(x, m, self.q.k, self.threshold)
+    }
+
+    /// `(CB · SCB) · (1/127)`: a weight entry as `int8_vectorwise_dequant` gives it.
+    #[inline]
+    fn deq_vectorwise(&self, j: usize, c: usize) -> f32 {
+        (self.q.codes[j * self.q.k + c] as f32 * self.q.scb[j]) * INV_127
+    }
+
+    /// Combine exact integer sums `acc` (`[m, rows]`) with the scales, and add the outlier
+    /// columns' float product against the dequantized weight columns.
+    fn finish(
+        &self,
+        qa: &QuantizedActivations,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        acc: &[f64],
+        out: &mut [f32],
+    ) {
+        let rows = r1 - r0;
+        for r in 0..m {
+            for (jj, j) in (r0..r1).enumerate() {
+                let s = qa.row_stats[r] * self.q.scb[j];
+                out[r * rows + jj] = (acc[r * rows + jj] as f32 * s) * INT8_MM_SCALE;
+            }
+        }
+        let nc = qa.outlier_cols.len();
+        if nc == 0 {
+            return;
+        }
+        let wo: Vec<f32> = (r0..r1)
+            .flat_map(|j| {
+                qa.outlier_cols
+                    .iter()
+                    .map(move |&c| self.deq_vectorwise(j, c))
+            })
+            .collect();
+        let mut part = vec![0f32; m * rows];
+        gemm_serial(m, rows, nc, &qa.outliers, nc, 1, &wo, 1, nc, &mut part);
+        for (o, p) in out.iter_mut().zip(&part) {
+            *o += p;
+        }
+    }
+
+    /// Integer dot products for a few activation rows.
+    fn int8_rows(
+        &self,
+        qa: &QuantizedActivations,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+    ) {
+        let k = self.q.k;
+        let rows = r1 - r0;
+        let mut acc = vec![0f64; m * rows];
+        for (jj, j) in (r0..r1).enumerate() {
+            let w = &self.q.codes[j * k..(j + 1) * k];
+            for r in 0..m {
+                acc[r * rows + jj] = dot_i8(&qa.codes[r * k..(r + 1) * k], w) as f64;
+            }
+        }
+        self.finish(qa, m, r0, r1, &acc, out);
+    }
+
+    /// The same sums for many rows with a float GEMM: each K-chunk of at most 1024 products of
+    /// integers below 2^14 sums exactly in f32, and the chunk sums add exactly in f64.
+    fn int8_gemm_block(
+        &self,
+        qa: &QuantizedActivations,
+        xq: &[f32],
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+    ) {
+        let k = self.q.k;
+        let rows = r1 - r0;
+        let wf: Vec<f32> = self.q.codes[r0 * k..r1 * k]
+            .iter()
+            .map(|&c| c as f32)
+            .collect();
+        let mut acc = vec![0f64; m * rows];
+        let mut part = vec![0f32; m * rows];
+        for k0 in (0..k).step_by(EXACT_F32_K) {
+            let kc = (k - k0).min(EXACT_F32_K);
+            gemm_serial(m, rows, kc, &xq[k0..], k, 1, &wf[k0..], 1, k, &mut part);
+            for (a, p) in acc.iter_mut().zip(&part) {
+                *a += *p as f64;
+            }
+        }
+        self.finish(qa, m, r0, r1, &acc, out);
+    }
+
+    /// `CB · (SCB · 1/127)` rows (the dequantized-weights mode).
+    fn decode_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let k = self.q.k;
+        for (j, row) in (r0..r1).zip(out.chunks_exact_mut(k)) {
+            let s = self.row_scale[j];
+            for (o, &c) in row.iter_mut().zip(&self.q.codes[j * k..(j + 1) * k]) {
+                *o = c as f32 * s;
+            }
+        }
+    }
+}
+
+/// `int8_vectorwise_quant(x.to(float16), threshold)` for `[m, k]` activations: returns the int8
+/// codes (outlier columns zeroed), the per-row statistics `SCA` and the outlier columns.
+pub fn int8_quantize_activations(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    threshold: f32,
+) -> (Vec<i8>, Vec<f32>, Vec<usize>) {
+    let qa = quantize_activations(x, m, k, threshold);
+    (qa.codes, qa.row_stats, qa.outlier_cols)
+}
+
+fn quantize_activations(x: &[f32], m: usize, k: usize, threshold: f32) -> QuantizedActivations {
+    let x16: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let thr = f16::from_f32(threshold).to_f32();
+    let is_outlier = |v: f32| threshold > 0.0 && v.abs() >= thr;
+    let mut col_has = vec![false; k];
+    if threshold > 0.0 {
+        for row in x16.chunks_exact(k) {
+            for (c, &v) in row.iter().enumerate() {
+                if is_outlier(v) {
+                    col_has[c] = true;
+                }
+            }
+        }
+    }
+    let outlier_cols: Vec<usize> = (0..k).filter(|&c| col_has[c]).collect();
+    let mut codes = vec![0i8; m * k];
+    let mut row_stats = vec![0f32; m];
+    for r in 0..m {
+        let row = &x16[r * k..(r + 1) * k];
+        // Outlier entries are zeroed before the row statistics, other entries of outlier
+        // columns still count.
+        let am = row
+            .iter()
+            .filter(|v| !is_outlier(**v))
+            .fold(0f32, |a, v| a.max(v.abs()));
+        row_stats[r] = am;
+        let scale = int8_scale(am);
+        for (c, (o, &v)) in codes[r * k..(r + 1) * k].iter_mut().zip(row).enumerate() {
+            *o = if col_has[c] { 0 } else { int8_code(v, scale) };
+        }
+    }
+    let mut outliers = Vec::with_capacity(m * outlier_cols.len());
+    for r in 0..m {
+        outliers.extend(outlier_cols.iter().map(|&c| x[r * k + c]));
+    }
+    QuantizedActivations {
+        codes,
+        row_stats,
+        outlier_cols,
+        outliers,
+    }
+}
+
+/// Σ a·b over int8 vectors with an exact i32 sum (written so LLVM emits `vpmaddwd`).
+#[inline]
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    const L: usize = 64;
+    let mut acc = [0i32; L];
+    let (ca, ta) = a.split_at(a.len() / L * L);
+    let (cb, tb) = b.split_at(ca.len());
+    for (xa, xb) in ca.chunks_exact(L).zip(cb.chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += xa[l] as i16 as i32 * xb[l] as i16 as i32;
+        }
+    }
+    let mut s: i32 = acc.iter().sum();
+    for (x, y) in ta.iter().zip(tb) {
+        s += *x as i32 * *y as i32;
+    }
+    s
+}
+
+impl LinearKernel for Int8Matrix {
+    fn in_features(&self) -> usize {
+        self.q.k
+    }
+    fn out_features(&self) -> usize {
+        self.q.n
+    }
+    fn forward_rows(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        match self.mode {
+            Int8Compute::DequantizedWeights => {
+                let k = self.q.k;
+                let mut w = vec![0f32; rows.len() * k];
+                self.decode_rows(rows.start, rows.end, &mut w);
+                super::gemv_block(x, m, k, &w, out);
+            }
+            Int8Compute::Int8Matmul => {
+                let qa = self.quantize_activations(x, m);
+                self.int8_rows(&qa, m, rows.start, rows.end, out);
+            }
+        }
+    }
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.q.n, self.q.k);
+        match self.mode {
+            Int8Compute::DequantizedWeights => {
+                parallel_row_blocks(n, m, out, |r0, r1, local| {
+                    let rows = r1 - r0;
+                    let mut w = vec![0f32; rows * k];
+                    self.decode_rows(r0, r1, &mut w);
+                    if m <= GEMV_MAX_ROWS {
+                        super::gemv_block(x, m, k, &w, local);
+                    } else {
+                        gemm_serial(m, rows, k, x, k, 1, &w, 1, k, local);
+                    }
+                });
+            }
+            Int8Compute::Int8Matmul => {
+                let qa = self.quantize_activations(x, m);
+                if m <= GEMV_MAX_ROWS {
+                    parallel_row_blocks(n, m, out, |r0, r1, local| {
+                        self.int8_rows(&qa, m, r0, r1, local)
+                    });
+                } else {
+                    let xq: Vec<f32> = qa.codes.iter().map(|&c| c as f32).collect();
+                    parallel_row_blocks(n, m, out, |r0, r1, local| {
+                        self.int8_gemm_block(&qa, &xq, m, r0, r1, local)
+                    });
+                }
+            }
+        }
+    }
+    fn storage_bytes(&self) -> usize {
+        self.q.codes.len() + 4 * self.q.scb.len()
+    }
+    fn storage_name(&self) -> String {
+        "bnb-int8".into()
+    }
+    /// `(CB · SCB) · (1/127)`, as `int8_vectorwise_dequant`.
+    fn to_f32(&self) -> Vec<f32> {
+        self.q.dequantize()
+    }
+}
