@@ -22,17 +22,12 @@ Prints one JSON object: quantization wall time and CPU seconds, perplexity, per-
 """
 
 import argparse
-import importlib
-import importlib.util
 import json
-import logging
 import math
 import os
 import random
-import re
 import sys
 import time
-import types
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -41,6 +36,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interop"))
+import autogptq_ref  # noqa: E402
 
 ASSETS = os.path.join(
     os.environ.get("AUTOQUANT_HOME", os.path.expanduser("~/.cache/autoquant")), "assets"
@@ -56,30 +54,6 @@ SEQUENTIAL = [
     ["mlp.up_proj", "mlp.gate_proj"],
     ["mlp.down_proj"],
 ]
-
-
-def load_reference():
-    spec = importlib.util.find_spec("auto_gptq")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("auto_gptq is not installed: pip install auto-gptq==0.7.1 --no-deps")
-    qdir = os.path.join(list(spec.submodule_search_locations)[0], "quantization")
-    pkg = types.ModuleType("agq_ref")
-    pkg.__path__ = [qdir]
-    sys.modules["agq_ref"] = pkg
-    return importlib.import_module("agq_ref.gptq"), importlib.import_module("agq_ref.quantizer")
-
-
-class LossCatcher(logging.Handler):
-    """fasterquant reports its loss only in a log line: `avg loss: {sum(Losses) / nsamples}`."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.avg = None
-
-    def emit(self, record):
-        m = re.match(r"avg loss: (.*)", record.getMessage())
-        if m:
-            self.avg = float(m.group(1))
 
 
 def sample_windows(ids, nsamples, seqlen, seed):
@@ -251,13 +225,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    gptq_mod, quantizer_mod = load_reference()
-    # fasterquant calls torch.cuda.synchronize() unconditionally; there is no GPU here.
-    torch.cuda.synchronize = lambda *a, **k: None
-    catcher = LossCatcher()
-    gptq_mod.logger.addHandler(catcher)
-    gptq_mod.logger.setLevel(logging.INFO)
-    gptq_mod.logger.propagate = False
+    gptq_mod, quantizer_mod, catcher = autogptq_ref.load_gptq_quantizer()
 
     folder, name = os.path.split(os.path.abspath(args.gguf))
     t0 = time.perf_counter()

@@ -11,14 +11,9 @@ The package's __init__ imports half of the Hugging Face stack and fails with cur
 transformers, so the two files are loaded on their own under a stand-in package name.
 """
 
-import importlib
-import importlib.util
 import json
-import logging
 import os
-import re
 import sys
-import types
 
 import numpy as np
 import torch
@@ -27,43 +22,13 @@ from safetensors.torch import save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "fixtures", "gptq_algo")
 
+sys.path.insert(0, os.path.join(ROOT, "scripts", "interop"))
+import autogptq_ref  # noqa: E402
 
-def load_reference():
-    spec = importlib.util.find_spec("auto_gptq")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("auto_gptq is not installed: pip install auto-gptq==0.7.1 --no-deps")
-    qdir = os.path.join(list(spec.submodule_search_locations)[0], "quantization")
-    pkg = types.ModuleType("agq_ref")
-    pkg.__path__ = [qdir]
-    sys.modules["agq_ref"] = pkg
-    gptq = importlib.import_module("agq_ref.gptq")
-    return gptq
-
-
-# fasterquant calls torch.cuda.synchronize() unconditionally; there is no GPU here.
-torch.cuda.synchronize = lambda *a, **k: None
-
-gptq_mod = load_reference()
+gptq_mod, _, catcher = autogptq_ref.load_gptq_quantizer()
 GPTQ = gptq_mod.GPTQ
 
 
-class LossCatcher(logging.Handler):
-    """fasterquant only logs its loss: `avg loss: {sum(Losses) / nsamples}`."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.avg = None
-
-    def emit(self, record):
-        m = re.match(r"avg loss: (.*)", record.getMessage())
-        if m:
-            self.avg = float(m.group(1))
-
-
-catcher = LossCatcher()
-gptq_mod.logger.addHandler(catcher)
-gptq_mod.logger.setLevel(logging.INFO)
-gptq_mod.logger.propagate = False
 
 torch.set_num_threads(1)  # deterministic reductions
 torch.manual_seed(1234)

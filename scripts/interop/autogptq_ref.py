@@ -10,14 +10,54 @@ Both compute `scales * (codes - zeros)` on the CPU and multiply; `pack` writes v
 Used by scripts/golden/make_gptq_golden.py (golden data) and check_gptq_with_autogptq.py (interop).
 """
 
+import importlib
 import importlib.util
 import json
+import logging
 import os
+import re
+import sys
+import types
 
 import torch
 from safetensors import safe_open
 
 _CLASSES = {}
+
+
+def load_gptq_quantizer():
+    """AutoGPTQ's reference GPTQ: its `quantization/gptq.py` and `quantizer.py` modules, loaded
+    under a stand-in package name, with a loss catcher attached and CUDA synchronization stubbed.
+    Returns (gptq module, quantizer module, LossCatcher)."""
+    spec = importlib.util.find_spec("auto_gptq")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("auto_gptq is not installed: pip install auto-gptq==0.7.1 --no-deps")
+    qdir = os.path.join(list(spec.submodule_search_locations)[0], "quantization")
+    pkg = types.ModuleType("agq_ref")
+    pkg.__path__ = [qdir]
+    sys.modules["agq_ref"] = pkg
+    gptq = importlib.import_module("agq_ref.gptq")
+    quantizer = importlib.import_module("agq_ref.quantizer")
+    # fasterquant calls torch.cuda.synchronize() unconditionally; there is no GPU here.
+    torch.cuda.synchronize = lambda *a, **k: None
+    catcher = LossCatcher()
+    gptq.logger.addHandler(catcher)
+    gptq.logger.setLevel(logging.INFO)
+    gptq.logger.propagate = False
+    return gptq, quantizer, catcher
+
+
+class LossCatcher(logging.Handler):
+    """fasterquant reports its loss only in a log line: `avg loss: {sum(Losses) / nsamples}`."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.avg = None
+
+    def emit(self, record):
+        m = re.match(r"avg loss: (.*)", record.getMessage())
+        if m:
+            self.avg = float(m.group(1))
 
 
 def quant_linear_class(kind):
