@@ -189,54 +189,14 @@ pub fn save_pretrained(
 ) -> Result<PathBuf> {
     use crate::formats::safetensors::{save_safetensors, TensorSpec};
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
-    let mut config = model.config().clone();
-    let dtype_key = if config.raw.contains_key("torch_dtype") {
-        "torch_dtype"
-    } else {
-        "dtype"
-    };
-    config
-        .raw
-        .insert(dtype_key.into(), opts.dtype.torch_name().into());
-    config
-        .raw
-        .insert("model_type".into(), config.model_type.clone().into());
-    crate::fsutil::write_atomic(
-        &out.path().join("config.json"),
-        config.to_json_string().as_bytes(),
+    write_model_files(
+        out.path(),
+        model.config(),
+        opts.dtype,
+        None,
+        tokenizer,
+        generation,
     )?;
-    if let Some(g) = generation {
-        let mut m = serde_json::Map::new();
-        if let Some(b) = config.token_id("bos_token_id").first() {
-            m.insert("bos_token_id".into(), (*b).into());
-        }
-        match g.eos_token_ids.as_slice() {
-            [] => {}
-            [one] => {
-                m.insert("eos_token_id".into(), (*one).into());
-            }
-            many => {
-                m.insert("eos_token_id".into(), many.to_vec().into());
-            }
-        }
-        if g.do_sample {
-            m.insert("do_sample".into(), true.into());
-            m.insert("temperature".into(), (g.temperature as f64).into());
-            m.insert("top_k".into(), g.top_k.into());
-            m.insert("top_p".into(), (g.top_p as f64).into());
-        }
-        if g.repetition_penalty != 1.0 {
-            m.insert(
-                "repetition_penalty".into(),
-                (g.repetition_penalty as f64).into(),
-            );
-        }
-        let text = serde_json::to_string_pretty(&m).expect("JSON map serializes") + "\n";
-        crate::fsutil::write_atomic(&out.path().join("generation_config.json"), text.as_bytes())?;
-    }
-    if let Some(t) = tokenizer {
-        t.save(out.path())?;
-    }
     let tensors = crate::models::state_dict(model, opts.dtype);
     let specs: Vec<TensorSpec> = tensors
         .iter()
@@ -256,6 +216,74 @@ pub fn save_pretrained(
         },
     )?;
     out.commit()
+}
+
+/// Everything of a model folder but its weights: `config.json` (original keys kept, the dtype
+/// of the stored float tensors, and `quantization_config` when given), `generation_config.json`
+/// and the tokenizer files. Shared by every writer of model folders.
+pub fn write_model_files(
+    dir: &Path,
+    config: &AutoConfig,
+    dtype: crate::nn::WeightDType,
+    quantization_config: Option<serde_json::Value>,
+    tokenizer: Option<&AutoTokenizer>,
+    generation: Option<&GenerationConfig>,
+) -> Result<()> {
+    let mut config = config.clone();
+    let dtype_key = if config.raw.contains_key("torch_dtype") {
+        "torch_dtype"
+    } else {
+        "dtype"
+    };
+    config
+        .raw
+        .insert(dtype_key.into(), dtype.torch_name().into());
+    config
+        .raw
+        .insert("model_type".into(), config.model_type.clone().into());
+    if let Some(q) = quantization_config {
+        config.raw.insert("quantization_config".into(), q);
+    }
+    crate::fsutil::write_atomic(&dir.join("config.json"), config.to_json_string().as_bytes())?;
+    if let Some(g) = generation {
+        write_generation_config(dir, &config, g)?;
+    }
+    if let Some(t) = tokenizer {
+        t.save(dir)?;
+    }
+    Ok(())
+}
+
+/// Write `generation_config.json` into `dir`: BOS/EOS ids and the sampling settings that differ
+/// from greedy decoding, as transformers reads them.
+fn write_generation_config(dir: &Path, config: &AutoConfig, g: &GenerationConfig) -> Result<()> {
+    let mut m = serde_json::Map::new();
+    if let Some(b) = config.token_id("bos_token_id").first() {
+        m.insert("bos_token_id".into(), (*b).into());
+    }
+    match g.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            m.insert("eos_token_id".into(), (*one).into());
+        }
+        many => {
+            m.insert("eos_token_id".into(), many.to_vec().into());
+        }
+    }
+    if g.do_sample {
+        m.insert("do_sample".into(), true.into());
+        m.insert("temperature".into(), (g.temperature as f64).into());
+        m.insert("top_k".into(), g.top_k.into());
+        m.insert("top_p".into(), (g.top_p as f64).into());
+    }
+    if g.repetition_penalty != 1.0 {
+        m.insert(
+            "repetition_penalty".into(),
+            (g.repetition_penalty as f64).into(),
+        );
+    }
+    let text = serde_json::to_string_pretty(&m).expect("JSON map serializes") + "\n";
+    crate::fsutil::write_atomic(&dir.join("generation_config.json"), text.as_bytes())
 }
 
 /// Parse sizes like "5GB", "500MB", "2GiB", "1000" (bytes).

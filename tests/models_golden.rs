@@ -27,7 +27,15 @@ fn load(name: &str, dtype: WeightDType) -> Box<dyn CausalLM> {
     let dir = fixture(name);
     let config = AutoConfig::from_pretrained(&dir).unwrap();
     let weights = autoquant::formats::open_weights(&dir).unwrap();
-    AutoModelForCausalLM::from_weights(config, weights.as_ref(), &LoadOptions { dtype, ..Default::default() }).unwrap()
+    AutoModelForCausalLM::from_weights(
+        config,
+        weights.as_ref(),
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn expected(name: &str) -> Value {

@@ -485,13 +485,7 @@ fn check_len(
 }
 
 fn read_required(src: &dyn WeightSource, name: &str) -> Result<RawTensor> {
-    if src.info(name).is_none() {
-        return Err(Error::tensor(
-            src.file_of(name),
-            name,
-            "missing from the checkpoint",
-        ));
-    }
+    super::require_tensor(src, name)?;
     src.read(name)
 }
 

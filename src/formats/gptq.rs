@@ -335,20 +335,7 @@ pub fn read_layer(
 }
 
 fn check_present(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<DType> {
-    let info = src
-        .info(name)
-        .ok_or_else(|| Error::tensor(src.file_of(name), name, "missing from the checkpoint"))?;
-    if info.shape != shape {
-        return Err(Error::tensor(
-            src.file_of(name),
-            name,
-            format!(
-                "shape mismatch: checkpoint has {:?}, the layer and GPTQ config imply {:?}",
-                info.shape, shape
-            ),
-        ));
-    }
-    Ok(info.dtype)
+    Ok(super::require_shape(src, name, shape, "the layer and GPTQ config imply")?.dtype)
 }
 
 fn read_i32(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<i32>> {

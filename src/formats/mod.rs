@@ -83,21 +83,37 @@ pub fn quantized_linear_factory(
     }
 }
 
-/// Read a float tensor as f32, checking it exists, has `shape`, and holds only finite values.
-pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let info = src
-        .info(name)
-        .ok_or_else(|| Error::tensor(src.file_of(name), name, "missing from the checkpoint"))?;
+/// Dtype and shape of a tensor the checkpoint must hold; the error names file and tensor.
+pub fn require_tensor(src: &dyn WeightSource, name: &str) -> Result<TensorInfo> {
+    src.info(name)
+        .ok_or_else(|| Error::tensor(src.file_of(name), name, "missing from the checkpoint"))
+}
+
+/// As [`require_tensor`], and the tensor must have `shape`; `implied_by` says what fixes that
+/// shape (e.g. "the config implies"), for the error message.
+pub fn require_shape(
+    src: &dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    implied_by: &str,
+) -> Result<TensorInfo> {
+    let info = require_tensor(src, name)?;
     if info.shape != shape {
         return Err(Error::tensor(
             src.file_of(name),
             name,
             format!(
-                "shape mismatch: checkpoint has {:?}, the config implies {:?}",
+                "shape mismatch: checkpoint has {:?}, {implied_by} {:?}",
                 info.shape, shape
             ),
         ));
     }
+    Ok(info)
+}
+
+/// Read a float tensor as f32, checking it exists, has `shape`, and holds only finite values.
+pub fn read_f32_checked(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    require_shape(src, name, shape, "the config implies")?;
     let raw = src.read(name)?;
     let values = raw.to_f32();
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {

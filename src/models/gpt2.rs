@@ -103,15 +103,6 @@ impl DecoderBlock for Gpt2Block {
     fn groups(&self) -> &'static [&'static [&'static str]] {
         GPT2_GROUPS
     }
-    fn linear(&self, name: &str) -> &Linear {
-        match name {
-            "attn.c_attn" => &self.c_attn,
-            "attn.c_proj" => &self.attn_c_proj,
-            "mlp.c_fc" => &self.c_fc,
-            "mlp.c_proj" => &self.mlp_c_proj,
-            other => panic!("gpt2 block has no linear `{other}`"),
-        }
-    }
     fn linear_mut(&mut self, name: &str) -> &mut Linear {
         match name {
             "attn.c_attn" => &mut self.c_attn,

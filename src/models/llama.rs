@@ -159,18 +159,6 @@ impl DecoderBlock for LlamaLayer {
     fn groups(&self) -> &'static [&'static [&'static str]] {
         LLAMA_GROUPS
     }
-    fn linear(&self, name: &str) -> &Linear {
-        match name {
-            "self_attn.q_proj" => &self.q_proj,
-            "self_attn.k_proj" => &self.k_proj,
-            "self_attn.v_proj" => &self.v_proj,
-            "self_attn.o_proj" => &self.o_proj,
-            "mlp.gate_proj" => &self.gate_proj,
-            "mlp.up_proj" => &self.up_proj,
-            "mlp.down_proj" => &self.down_proj,
-            other => panic!("llama block has no linear `{other}`"),
-        }
-    }
     fn linear_mut(&mut self, name: &str) -> &mut Linear {
         match name {
             "self_attn.q_proj" => &mut self.q_proj,

@@ -124,7 +124,7 @@ pub trait DecoderBlock: Send + Sync {
     /// Linear names relative to the block prefix, grouped by shared input, in forward order
     /// (within a group, in the reference's true-sequential order).
     fn groups(&self) -> &'static [&'static [&'static str]];
-    fn linear(&self, name: &str) -> &Linear;
+    /// The linear named in [`DecoderBlock::groups`] (to swap in its quantized weight).
     fn linear_mut(&mut self, name: &str) -> &mut Linear;
     /// Start from the block input `x` (`[rows, hidden]`): the state before group 0.
     fn begin(&self, x: Vec<f32>) -> BlockState;

@@ -136,17 +136,6 @@ impl DecoderBlock for OptLayer {
     fn groups(&self) -> &'static [&'static [&'static str]] {
         OPT_GROUPS
     }
-    fn linear(&self, name: &str) -> &Linear {
-        match name {
-            "self_attn.q_proj" => &self.q_proj,
-            "self_attn.k_proj" => &self.k_proj,
-            "self_attn.v_proj" => &self.v_proj,
-            "self_attn.out_proj" => &self.out_proj,
-            "fc1" => &self.fc1,
-            "fc2" => &self.fc2,
-            other => panic!("opt block has no linear `{other}`"),
-        }
-    }
     fn linear_mut(&mut self, name: &str) -> &mut Linear {
         match name {
             "self_attn.q_proj" => &mut self.q_proj,

@@ -1061,32 +1061,14 @@ pub fn quantize_checkpoint(
     opts.config.validate()?;
     let (tensors, report) = quantized_state_dict(model, opts)?;
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
-    let mut config = model.config().clone();
-    let dtype_key = if config.raw.contains_key("torch_dtype") {
-        "torch_dtype"
-    } else {
-        "dtype"
-    };
-    config
-        .raw
-        .insert(dtype_key.into(), opts.dtype.torch_name().into());
-    config
-        .raw
-        .insert("model_type".into(), config.model_type.clone().into());
-    config.raw.insert(
-        "quantization_config".into(),
-        opts.config.to_quantization_config(),
-    );
-    crate::fsutil::write_atomic(
-        &out.path().join("config.json"),
-        config.to_json_string().as_bytes(),
+    crate::auto::write_model_files(
+        out.path(),
+        model.config(),
+        opts.dtype,
+        Some(opts.config.to_quantization_config()),
+        tokenizer,
+        generation,
     )?;
-    if let Some(g) = generation {
-        write_generation_config(out.path(), &config, g)?;
-    }
-    if let Some(t) = tokenizer {
-        t.save(out.path())?;
-    }
     crate::formats::safetensors::save_safetensors_in_memory(
         out.path(),
         &tensors,
@@ -1095,41 +1077,6 @@ pub fn quantize_checkpoint(
     )?;
     let dir = out.commit()?;
     Ok(BnbSaveReport { dir, ..report })
-}
-
-/// `generation_config.json` as `auto::save_pretrained` writes it.
-fn write_generation_config(
-    dir: &std::path::Path,
-    config: &crate::config::AutoConfig,
-    g: &crate::generate::GenerationConfig,
-) -> Result<()> {
-    let mut m = serde_json::Map::new();
-    if let Some(b) = config.token_id("bos_token_id").first() {
-        m.insert("bos_token_id".into(), (*b).into());
-    }
-    match g.eos_token_ids.as_slice() {
-        [] => {}
-        [one] => {
-            m.insert("eos_token_id".into(), (*one).into());
-        }
-        many => {
-            m.insert("eos_token_id".into(), many.to_vec().into());
-        }
-    }
-    if g.do_sample {
-        m.insert("do_sample".into(), true.into());
-        m.insert("temperature".into(), (g.temperature as f64).into());
-        m.insert("top_k".into(), g.top_k.into());
-        m.insert("top_p".into(), (g.top_p as f64).into());
-    }
-    if g.repetition_penalty != 1.0 {
-        m.insert(
-            "repetition_penalty".into(),
-            (g.repetition_penalty as f64).into(),
-        );
-    }
-    let text = serde_json::to_string_pretty(&m).expect("JSON map serializes") + "\n";
-    crate::fsutil::write_atomic(&dir.join("generation_config.json"), text.as_bytes())
 }
 
 /// Every tensor of the quantized checkpoint (sorted by name) and the report, without writing.

@@ -286,40 +286,13 @@ pub fn gptq_quantize(
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
     let params = &opts.params;
-    rtn::check_bits(params.bits)?;
-    if n == 0 || k == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "cannot quantize an empty weight [N={n}, K={k}]"
-        )));
-    }
-    if w.len() != n * k {
-        return Err(Error::InvalidArgument(format!(
-            "weight has {} values but its shape [N={n}, K={k}] needs {}",
-            w.len(),
-            n * k
-        )));
-    }
+    let group = rtn::check_weight(w, n, k, params)?;
     if h.k() != k {
         return Err(Error::InvalidArgument(format!(
             "Hessian is for K={} inputs but the weight [N={n}, K={k}] has K={k}",
             h.k()
         )));
     }
-    let group = match params.group_size {
-        None => None,
-        Some(0) => {
-            return Err(Error::InvalidArgument(
-                "group size must be positive (or per-channel)".into(),
-            ))
-        }
-        Some(g) if !k.is_multiple_of(g) => {
-            return Err(Error::InvalidArgument(format!(
-                "group size {g} does not divide in_features K={k} (weight [N={n}, K={k}]); \
-                 GPTQ loaders need every group to be full"
-            )))
-        }
-        Some(g) => Some(g),
-    };
     if opts.block_size == 0 {
         return Err(Error::InvalidArgument(
             "GPTQ block size must be positive".into(),
@@ -329,14 +302,6 @@ pub fn gptq_quantize(
         return Err(Error::InvalidArgument(format!(
             "damping {} must be a finite fraction ≥ 0 (e.g. 0.01)",
             opts.damp_percent
-        )));
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "non-finite weight {} at row {}, column {} of [N={n}, K={k}]",
-            w[i],
-            i / k,
-            i % k
         )));
     }
     h.check()?;

@@ -110,16 +110,10 @@ pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u8 {
     q.clamp(0.0, maxq as f32) as u8
 }
 
-/// Quantize `w` (`[N, K]` row-major, the PyTorch layout) to the nearest grid point per group.
-///
-/// Errors on an unsupported bit width, a group size of 0 or not dividing K (loaders need it to
-/// divide `in_features`), a length that is not `n·k`, or a non-finite weight.
-pub fn quantize_rtn(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    params: &QuantParams,
-) -> Result<QuantizedLinear> {
+/// Check a weight before quantizing it (RTN and GPTQ alike): a supported bit width, `w` of
+/// length `n·k` with neither zero, a group size that is positive and divides K (loaders need it
+/// to divide `in_features`), and only finite values. Returns the group size (`None`: per-channel).
+pub fn check_weight(w: &[f32], n: usize, k: usize, params: &QuantParams) -> Result<Option<usize>> {
     check_bits(params.bits)?;
     if w.len() != n * k {
         return Err(Error::InvalidArgument(format!(
@@ -134,7 +128,7 @@ pub fn quantize_rtn(
         )));
     }
     let group = match params.group_size {
-        None => k,
+        None => None,
         Some(0) => {
             return Err(Error::InvalidArgument(
                 "group size must be positive (or per-channel)".into(),
@@ -146,7 +140,7 @@ pub fn quantize_rtn(
                  GPTQ loaders need every group to be full"
             )))
         }
-        Some(g) => g,
+        Some(g) => Some(g),
     };
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
         return Err(Error::InvalidArgument(format!(
@@ -156,6 +150,19 @@ pub fn quantize_rtn(
             i % k
         )));
     }
+    Ok(group)
+}
+
+/// Quantize `w` (`[N, K]` row-major, the PyTorch layout) to the nearest grid point per group.
+///
+/// Errors as [`check_weight`] does.
+pub fn quantize_rtn(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    params: &QuantParams,
+) -> Result<QuantizedLinear> {
+    let group = check_weight(w, n, k, params)?.unwrap_or(k);
 
     let groups = k / group;
     let maxq = maxq(params.bits);
