@@ -140,6 +140,11 @@ if ! "$VPY" -c 'import sys; from importlib.metadata import version; sys.exit(ver
   "$VPY" -m pip install --no-deps "auto-gptq==0.7.1" >&2
 fi
 
+# AutoAWQ's packers and dequantizer (scripts/golden/make_awq_golden.py); --no-deps for the same reason.
+if ! "$VPY" -c 'import sys; from importlib.metadata import version; sys.exit(version("autoawq") != "0.2.7.post3")' 2>/dev/null; then
+  "$VPY" -m pip install --no-deps "autoawq==0.2.7.post3" >&2
+fi
+
 # Smoke test: the imports the golden scripts need.
 "$VPY" -c 'import torch, transformers, safetensors, gguf, numpy' >&2
 

@@ -199,6 +199,28 @@ impl AutoConfig {
         }
     }
 
+    /// The same config with `n` decoder blocks (e.g. 0 for the embeddings and head alone,
+    /// which layer-by-layer quantization runs around the blocks it streams).
+    pub fn with_num_layers(&self, n: usize) -> AutoConfig {
+        let mut c = self.clone();
+        let key = match &mut c.arch {
+            Architecture::Llama(a) | Architecture::Qwen2(a) => {
+                a.num_hidden_layers = n;
+                "num_hidden_layers"
+            }
+            Architecture::Opt(a) => {
+                a.num_hidden_layers = n;
+                "num_hidden_layers"
+            }
+            Architecture::Gpt2(a) => {
+                a.n_layer = n;
+                "n_layer"
+            }
+        };
+        c.raw.insert(key.into(), n.into());
+        c
+    }
+
     pub fn hidden_size(&self) -> usize {
         match &self.arch {
             Architecture::Llama(c) | Architecture::Qwen2(c) => c.hidden_size,

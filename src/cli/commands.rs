@@ -434,3 +434,289 @@ pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
+    use autoquant::quant::calib::{CalibData, CalibOptions};
+    use autoquant::quant::rtn::QuantParams;
+    use autoquant::quant::stream::{self, Method, StreamOptions};
+    let hub = HubOptions {
+        revision: a.revision.clone(),
+        cache_dir: a.cache_dir.clone(),
+        offline: a.offline.then_some(true),
+        ..Default::default()
+    };
+    let max_shard_bytes = parse_size(&a.max_shard_size)?;
+    if max_shard_bytes == 0 {
+        return Err(Error::InvalidArgument(
+            "--max-shard-size must be positive".into(),
+        ));
+    }
+    let out_dtype = WeightDType::parse(&a.out_dtype)?;
+    if let Some(kind) = a.method.strip_prefix("bnb-") {
+        return quantize_bnb(ctx, &a, kind, &hub, out_dtype, max_shard_bytes);
+    }
+    let method = match a.method.as_str() {
+        "rtn" => Method::Rtn,
+        "gptq" => Method::Gptq,
+        "awq" | "awq-gptq" => {
+            return Err(Error::Unsupported(format!(
+                "--method {} is not available yet",
+                a.method
+            )))
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown --method `{other}` (rtn, gptq, bnb-nf4, bnb-fp4, bnb-int8)"
+            )))
+        }
+    };
+    if a.double_quant {
+        return Err(Error::InvalidArgument(
+            "--double-quant applies to --method bnb-nf4/bnb-fp4".into(),
+        ));
+    }
+    let group_size = match a.group_size {
+        -1 => None,
+        g if g > 0 => Some(g as usize),
+        g => {
+            return Err(Error::InvalidArgument(format!(
+                "--group-size must be positive or -1 (per-channel), got {g}"
+            )))
+        }
+    };
+    let params = QuantParams {
+        bits: a.bits,
+        group_size,
+        sym: !a.asym,
+    };
+    let mut opts = StreamOptions::new(method, params);
+    opts.damp_percent = a.damp;
+    opts.desc_act = a.desc_act;
+    opts.static_groups = a.static_groups;
+    opts.true_sequential = !a.no_true_sequential;
+    opts.sink_weight = a.sink_weight;
+    opts.dtype = out_dtype;
+    opts.max_shard_bytes = max_shard_bytes;
+    opts.overwrite = a.overwrite;
+    opts.progress = true;
+
+    let ckpt = Checkpoint::open(&a.model, &hub)?;
+    let calib_tokens = if method == Method::Gptq {
+        a.nsamples * a.seqlen
+    } else {
+        0
+    };
+    if a.dry_run {
+        let e = stream::estimate(&ckpt.config, ckpt.weights.as_ref(), &opts, calib_tokens)?;
+        if ctx.json {
+            print_json(&json!({
+                "method": method.name(),
+                "output_bytes": e.output_bytes,
+                "bits_per_weight": e.bits_per_weight,
+                "quantized_layers": e.quantized_layers,
+                "peak_bytes": e.peak_bytes,
+                "block_bytes": e.block_bytes,
+                "activation_bytes": e.activation_bytes,
+                "hessian_bytes": e.hessian_bytes,
+                "stem_bytes": e.stem_bytes,
+            }));
+        } else {
+            println!(
+                "{} layers to quantize with {}: output {:.1} MiB ({:.3} bits per quantized weight)",
+                e.quantized_layers,
+                method.name(),
+                mib(e.output_bytes),
+                e.bits_per_weight
+            );
+            println!(
+                "expected peak memory {:.1} MiB: one block {:.1} MiB, activations {:.1} MiB, \
+                 Hessian {:.1} MiB, embeddings {:.1} MiB",
+                mib(e.peak_bytes),
+                mib(e.block_bytes),
+                mib(e.activation_bytes),
+                mib(e.hessian_bytes),
+                mib(e.stem_bytes)
+            );
+        }
+        return Ok(());
+    }
+    let output = a
+        .output
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument("-o/--output is required".into()))?;
+    let tokenizer = ckpt.tokenizer()?;
+    let generation = autoquant::auto::generation_defaults(
+        &ckpt.files.dir,
+        &ckpt.config,
+        &tokenizer,
+        ckpt.files.gguf.is_none(),
+    )?;
+    let calib = match (method, &a.calib, &a.calib_windows) {
+        (Method::Rtn, None, None) => None,
+        (Method::Rtn, _, _) => {
+            eprintln!("note: RTN uses no calibration data; --calib is ignored");
+            None
+        }
+        (Method::Gptq, Some(path), None) => {
+            let opts = CalibOptions {
+                nsamples: a.nsamples,
+                seqlen: a.seqlen,
+                seed: a.seed,
+                mode: None,
+            };
+            Some(CalibData::from_file(path, &tokenizer, &opts)?)
+        }
+        (Method::Gptq, None, Some(path)) => Some(CalibData::from_windows_json(path)?),
+        (Method::Gptq, _, _) => {
+            return Err(Error::InvalidArgument(
+                "GPTQ needs calibration data: --calib FILE (or --calib-windows JSON)".into(),
+            ))
+        }
+    };
+    let calib = calib.map(|mut c| {
+        let widest = stream::plan(&ckpt.config, ckpt.weights.as_ref(), &opts)
+            .map(|p| p.quantized.values().map(|&(_, k)| k).max().unwrap_or(0))
+            .unwrap_or(0);
+        c.check_against(widest);
+        for w in &c.warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!(
+            "calibration: {} ({} tokens)",
+            c.description,
+            c.num_tokens()
+        );
+        c
+    });
+    let r = stream::quantize_to_gptq(
+        &ckpt.config,
+        ckpt.weights.as_ref(),
+        Some(&tokenizer),
+        Some(&generation),
+        calib.as_ref(),
+        &output,
+        &opts,
+    )?;
+    for w in r.warnings.iter().skip(calib.as_ref().map_or(0, |c| c.warnings.len())) {
+        eprintln!("warning: {w}");
+    }
+    if ctx.json {
+        let layers: Vec<serde_json::Value> = r
+            .layers
+            .iter()
+            .map(|l| {
+                json!({"name": l.name, "loss": l.loss, "damp": l.damp_used,
+                       "dead_columns": l.dead_columns, "seconds": l.seconds})
+            })
+            .collect();
+        print_json(&json!({
+            "output": r.dir.display().to_string(),
+            "method": method.name(),
+            "bits": a.bits,
+            "group_size": a.group_size,
+            "sym": !a.asym,
+            "checkpoint_format": r.format.as_str(),
+            "seconds": r.seconds,
+            "peak_rss_bytes": r.peak_rss_bytes,
+            "output_bytes": r.output_bytes,
+            "quantized_params": r.quantized_params,
+            "bits_per_weight": r.bits_per_weight,
+            "calibration": r.calibration,
+            "warnings": r.warnings,
+            "layers": layers,
+        }));
+    } else {
+        println!(
+            "wrote {} ({} {}-bit, group {}, {}, {}) in {:.1}s",
+            r.dir.display(),
+            method.name(),
+            a.bits,
+            a.group_size,
+            if a.asym { "asymmetric" } else { "symmetric" },
+            r.format.as_str(),
+            r.seconds
+        );
+        println!(
+            "output {:.1} MiB; {:.3} bits per quantized weight (scales, zeros, g_idx included); \
+             peak RSS {}",
+            mib(r.output_bytes),
+            r.bits_per_weight,
+            r.peak_rss_bytes
+                .map_or("unknown".into(), |b| format!("{:.1} MiB", mib(b)))
+        );
+    }
+    Ok(())
+}
+
+/// `quantize --method bnb-nf4|bnb-fp4|bnb-int8`: the bitsandbytes serialization.
+fn quantize_bnb(
+    ctx: &Context,
+    a: &QuantizeArgs,
+    kind: &str,
+    hub: &HubOptions,
+    out_dtype: WeightDType,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    use autoquant::quant::bnb::{quantize_checkpoint, BnbSaveOptions};
+    let config = match kind {
+        "nf4" | "fp4" => {
+            BitsAndBytesConfig::four_bit(FourBitType::parse(kind)?, a.double_quant)
+        }
+        "int8" if !a.double_quant => BitsAndBytesConfig::eight_bit(6.0),
+        "int8" => {
+            return Err(Error::InvalidArgument(
+                "--double-quant applies to 4-bit methods only".into(),
+            ))
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown --method bnb-{other} (bnb-nf4, bnb-fp4, bnb-int8)"
+            )))
+        }
+    };
+    let output = a
+        .output
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument("-o/--output is required".into()))?;
+    let t0 = std::time::Instant::now();
+    let p = Pretrained::load(&a.model, &LoadOptions::default(), hub)?;
+    let r = quantize_checkpoint(
+        p.model.as_ref(),
+        Some(&p.tokenizer),
+        Some(&p.generation),
+        &output,
+        &BnbSaveOptions {
+            config,
+            dtype: out_dtype,
+            max_shard_bytes,
+            overwrite: a.overwrite,
+        },
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if ctx.json {
+        print_json(&json!({
+            "output": r.dir.display().to_string(),
+            "method": a.method,
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss(),
+            "quantized_layers": r.quantized_layers,
+            "skipped_layers": r.skipped_layers,
+            "quantized_params": r.memory.quantized_params,
+            "bits_per_weight": r.memory.bits_per_param,
+            "bytes_before": r.memory.bytes_before,
+            "bytes_after": r.memory.bytes_after,
+            "memory": r.memory.explanation,
+        }));
+    } else {
+        println!(
+            "wrote {} ({}, {} layers quantized, {} kept: {}) in {seconds:.1}s",
+            r.dir.display(),
+            a.method,
+            r.quantized_layers,
+            r.skipped_layers.len(),
+            r.skipped_layers.join(", ")
+        );
+        println!("memory: {}", r.memory.explanation);
+    }
+    Ok(())
+}

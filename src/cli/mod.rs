@@ -79,6 +79,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Load a model and write it as a Hugging Face folder (safetensors), e.g. GGUF → HF.
     Convert(ConvertArgs),
+    /// Quantize a float model: RTN or GPTQ (streamed block by block, GPTQ checkpoint), or
+    /// bitsandbytes NF4/FP4/int8.
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +187,83 @@ pub struct ConvertArgs {
     pub max_shard_size: String,
 }
 
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// A float model: folder, .gguf file or hub id `org/name[@revision]`.
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Never use the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// Hugging Face cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// rtn, gptq, bnb-nf4, bnb-fp4 or bnb-int8.
+    #[arg(long, default_value = "gptq")]
+    pub method: String,
+    /// Bits per weight (rtn/gptq: 2, 3, 4 or 8).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u8,
+    /// Input channels per group; -1 for one group per output channel. Must divide every
+    /// layer's in_features.
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    pub group_size: i64,
+    /// Symmetric grid (the default; zero point fixed at the middle).
+    #[arg(long, conflicts_with = "asym")]
+    pub sym: bool,
+    /// Asymmetric grid (a zero point per group), saved as gptq_v2.
+    #[arg(long)]
+    pub asym: bool,
+    /// GPTQ act-order: quantize columns by decreasing Hessian diagonal.
+    #[arg(long)]
+    pub desc_act: bool,
+    /// GPTQ static groups: group parameters from the original weights (with --desc-act).
+    #[arg(long)]
+    pub static_groups: bool,
+    /// GPTQ damping, a fraction of the mean Hessian diagonal (retried ×10 if Cholesky fails).
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    /// Quantize each block's linear groups on float inputs instead of true-sequentially.
+    #[arg(long)]
+    pub no_true_sequential: bool,
+    /// Hessian weight of each calibration sample's first position (the attention sink) relative
+    /// to the other positions; 1 reproduces the reference GPTQ.
+    #[arg(long, default_value_t = autoquant::quant::stream::DEFAULT_SINK_WEIGHT)]
+    pub sink_weight: f32,
+    /// Calibration text: plain/WikiText text (random windows) or JSON lines (one sample each).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration token windows saved as JSON `[[ids...], ...]` (e.g. by the reference runner).
+    #[arg(long, conflicts_with = "calib")]
+    pub calib_windows: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub nsamples: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
+    #[arg(long, default_value = "f16")]
+    pub out_dtype: String,
+    /// bnb-nf4/bnb-fp4: also quantize the 4-bit absmax statistics (double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Output folder (written atomically).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Shard size limit, e.g. 5GB, 500MB.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Print the memory and output-size estimate, then stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 pub fn run(cli: Cli) -> autoquant::Result<()> {
     let ctx = commands::Context { json: cli.json };
     match cli.command {
@@ -193,5 +273,6 @@ pub fn run(cli: Cli) -> autoquant::Result<()> {
         Command::Ppl(a) => commands::ppl(&ctx, a),
         Command::Bench(a) => commands::bench(&ctx, a),
         Command::Convert(a) => commands::convert(&ctx, a),
+        Command::Quantize(a) => commands::quantize(&ctx, a),
     }
 }

@@ -92,7 +92,7 @@ impl Gpt2Block {
     }
 }
 
-const GPT2_GROUPS: &[&[&str]] = &[
+pub const GPT2_GROUPS: &[&[&str]] = &[
     &["attn.c_attn"],
     &["attn.c_proj"],
     &["mlp.c_fc"],

@@ -148,7 +148,7 @@ impl LlamaLayer {
     }
 }
 
-const LLAMA_GROUPS: &[&[&str]] = &[
+pub const LLAMA_GROUPS: &[&[&str]] = &[
     &["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
     &["self_attn.o_proj"],
     &["mlp.up_proj", "mlp.gate_proj"],

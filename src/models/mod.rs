@@ -289,6 +289,48 @@ impl AutoModelForCausalLM {
     }
 }
 
+/// Decoder block `i` of `config`, read through `ld` (for layer-by-layer work).
+pub fn load_block(config: &AutoConfig, ld: &Loader, i: usize) -> Result<Box<dyn DecoderBlock>> {
+    Ok(match &config.arch {
+        Architecture::Llama(c) | Architecture::Qwen2(c) => Box::new(llama::LlamaLayer::load(
+            c,
+            ld,
+            i,
+            llama::layer_inv_freq(c),
+        )?),
+        Architecture::Opt(c) => Box::new(opt::OptLayer::load(c, ld, i)?),
+        Architecture::Gpt2(c) => Box::new(gpt2::Gpt2Block::load(c, ld, i)?),
+    })
+}
+
+/// The linear layers of every decoder block of `config`, grouped by shared input in
+/// true-sequential order (what [`DecoderBlock::groups`] returns, known without loading).
+pub fn block_groups(config: &AutoConfig) -> &'static [&'static [&'static str]] {
+    match &config.arch {
+        Architecture::Llama(_) | Architecture::Qwen2(_) => llama::LLAMA_GROUPS,
+        Architecture::Opt(_) => opt::OPT_GROUPS,
+        Architecture::Gpt2(_) => gpt2::GPT2_GROUPS,
+    }
+}
+
+/// Checkpoint prefix of decoder block `i` (`model.layers.3`, `transformer.h.3`, ...).
+pub fn block_prefix(config: &AutoConfig, i: usize) -> String {
+    match &config.arch {
+        Architecture::Llama(_) | Architecture::Qwen2(_) => format!("model.layers.{i}"),
+        Architecture::Opt(_) => format!("model.decoder.layers.{i}"),
+        Architecture::Gpt2(_) => format!("transformer.h.{i}"),
+    }
+}
+
+/// The decoder block a checkpoint tensor belongs to, if any.
+pub fn block_of(config: &AutoConfig, name: &str) -> Option<usize> {
+    let stem = block_prefix(config, 0);
+    let stem = &stem[..stem.len() - 1];
+    let rest = name.strip_prefix(stem)?;
+    let (index, _) = rest.split_once('.')?;
+    index.parse().ok()
+}
+
 /// The tensors a checkpoint of `config` holds: names and shapes in Hugging Face convention.
 pub fn checkpoint_tensors(config: &AutoConfig) -> Vec<(String, Vec<usize>)> {
     match &config.arch {

@@ -125,7 +125,7 @@ impl OptLayer {
     }
 }
 
-const OPT_GROUPS: &[&[&str]] = &[
+pub const OPT_GROUPS: &[&[&str]] = &[
     &["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
     &["self_attn.out_proj"],
     &["fc1"],

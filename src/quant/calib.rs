@@ -153,14 +153,19 @@ impl CalibData {
         })
     }
 
-    /// Token windows saved as JSON (`[[ids...], ...]`), e.g. by the reference runner script,
+    /// Token windows saved as JSON (`[[ids...], ...]`, or `{"windows": [...]}` as the reference
+    /// runner script writes them),
     /// so both implementations calibrate on identical inputs.
     pub fn from_windows_json(path: &Path) -> Result<Self> {
-        let v = crate::error::read_json(path)?;
+        let mut v = crate::error::read_json(path)?;
+        // The reference runner wraps the windows with a note of how they were made.
+        if let Some(w) = v.get_mut("windows") {
+            v = w.take();
+        }
         let samples: Vec<Vec<u32>> = serde_json::from_value(v).map_err(|e| {
             Error::format(
                 path,
-                format!("expected a JSON array of token-id arrays: {e}"),
+                format!("expected a JSON array of token-id arrays (or {{\"windows\": [...]}}): {e}"),
             )
         })?;
         if samples.is_empty() || samples.iter().any(|s| s.len() < 2) {

@@ -1,0 +1,788 @@
+//! Layer-by-layer quantization of a checkpoint into a GPTQ checkpoint (issue 3).
+//!
+//! Only one decoder block's weights and the calibration activations are in memory at a time:
+//! the embeddings turn the calibration samples into the first block's input; each block is read
+//! (memory-mapped), its linear layers are quantized group by group (true-sequential: each group
+//! sees inputs that already went through the quantized groups before it), the quantized block
+//! computes the next block's input, its packed tensors are written, and it is dropped. Peak
+//! memory is one block plus the activations, whatever the depth of the model.
+//!
+//! Tensors are written in block order through [`save_safetensors`], which asks for them one at
+//! a time; the first request for a tensor of block `i` triggers the work on block `i`.
+
+use crate::auto::write_model_files;
+use crate::config::{Architecture, AutoConfig};
+use crate::error::{Error, Result};
+use crate::formats::gptq::{layer_tensors, GptqConfig};
+use crate::formats::gptq_pack::ZeroFormat;
+use crate::formats::gptq_pack::check_loader_shape;
+use crate::formats::safetensors::{save_safetensors, TensorSpec};
+use crate::formats::WeightSource;
+use crate::generate::GenerationConfig;
+use crate::models::attention::KvCache;
+use crate::models::{
+    block_groups, block_of, block_prefix, checkpoint_tensors, load_block, AutoModelForCausalLM,
+    BlockContext, BlockState, DecoderBlock, ForwardInput, LoadOptions,
+};
+use crate::nn::{DenseMatrix, Loader, WeightDType};
+use crate::quant::calib::CalibData;
+use crate::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
+use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
+use crate::tensor::{DType, RawTensor};
+use crate::tokenizer::AutoTokenizer;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Default Hessian weight of each calibration sample's first position (see
+/// [`StreamOptions::sink_weight`]); the reference GPTQ is 1.
+pub const DEFAULT_SINK_WEIGHT: f32 = 1.0;
+
+/// How each linear layer is rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Round to nearest on the GPTQ grid; needs no calibration data.
+    Rtn,
+    /// GPTQ with Hessians from calibration activations.
+    Gptq,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        }
+    }
+}
+
+/// Settings of a streamed quantization run.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    pub method: Method,
+    pub params: QuantParams,
+    /// GPTQ damping as a fraction of mean(diag H) (reference: 0.01).
+    pub damp_percent: f64,
+    /// GPTQ lazy-update block (reference: 128 columns).
+    pub block_size: usize,
+    pub desc_act: bool,
+    pub static_groups: bool,
+    /// Quantize the groups of a block one after the other, each on inputs that went through the
+    /// groups already quantized (reference default). Off: every group sees float inputs.
+    pub true_sequential: bool,
+    /// Weight, in the GPTQ Hessian, of the first position of every calibration sample relative
+    /// to the others. 1 is the reference. The first position is the attention sink every later
+    /// token reads, so its keys and values matter far more than one row in thousands.
+    pub sink_weight: f32,
+    /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
+    pub dtype: WeightDType,
+    pub max_shard_bytes: u64,
+    pub overwrite: bool,
+    /// Progress bars on stderr (per block and per layer, with ETA).
+    pub progress: bool,
+}
+
+impl StreamOptions {
+    /// Defaults for `method` and `params`: the reference's damp 0.01, blocks of 128 columns,
+    /// no act-order, true-sequential; our attention-sink weight; f16 float tensors, 5 GB shards.
+    pub fn new(method: Method, params: QuantParams) -> Self {
+        StreamOptions {
+            method,
+            params,
+            damp_percent: 0.01,
+            block_size: 128,
+            desc_act: false,
+            static_groups: false,
+            true_sequential: true,
+            sink_weight: DEFAULT_SINK_WEIGHT,
+            dtype: WeightDType::F16,
+            max_shard_bytes: 5_000_000_000,
+            overwrite: false,
+            progress: false,
+        }
+    }
+
+    fn gptq_options(&self) -> GptqOptions {
+        GptqOptions {
+            params: self.params,
+            damp_percent: self.damp_percent,
+            block_size: self.block_size,
+            desc_act: self.desc_act,
+            static_groups: self.static_groups,
+        }
+    }
+
+    /// The zero-point format of the checkpoint. Streaming cannot see every layer before the
+    /// first is written, so asymmetric checkpoints are `gptq_v2` (a zero point of 0 is likely
+    /// somewhere and v1 cannot store it), symmetric ones v1.
+    pub fn format(&self) -> ZeroFormat {
+        if self.params.sym {
+            ZeroFormat::V1
+        } else {
+            ZeroFormat::V2
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        check_bits(self.params.bits)?;
+        if self.params.group_size == Some(0) {
+            return Err(Error::InvalidArgument(
+                "group size must be positive, or -1 for per-channel".into(),
+            ));
+        }
+        if !(self.damp_percent.is_finite() && self.damp_percent > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "damp must be a positive number, got {}",
+                self.damp_percent
+            )));
+        }
+        if !(self.sink_weight.is_finite() && self.sink_weight >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "sink weight must be finite and ≥ 0, got {}",
+                self.sink_weight
+            )));
+        }
+        if self.static_groups && self.params.group_size.is_none() {
+            return Err(Error::InvalidArgument(
+                "--static-groups needs a group size (it has no effect per-channel)".into(),
+            ));
+        }
+        if self.method == Method::Rtn && self.desc_act {
+            return Err(Error::InvalidArgument(
+                "--desc-act orders GPTQ's columns; RTN has no column order".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What happened to one linear layer.
+#[derive(Clone, Debug)]
+pub struct LayerReport {
+    pub name: String,
+    /// GPTQ's loss Σ (w − q)² / (2·Hinv[i,i]²); `None` for RTN.
+    pub loss: Option<f64>,
+    /// Damping that made the Cholesky factorization succeed (GPTQ).
+    pub damp_used: Option<f64>,
+    /// Input channels never active in calibration.
+    pub dead_columns: usize,
+    pub seconds: f64,
+}
+
+/// Summary of a streamed quantization run.
+#[derive(Clone, Debug)]
+pub struct StreamReport {
+    pub dir: PathBuf,
+    pub method: Method,
+    pub format: ZeroFormat,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    /// Bytes of tensor data written.
+    pub output_bytes: u64,
+    /// Weights of the quantized linear layers.
+    pub quantized_params: u64,
+    /// Bytes their qweight, qzeros, scales and g_idx take.
+    pub quantized_bytes: u64,
+    /// `8 · quantized_bytes / quantized_params`: bits per weight including scales and zeros.
+    pub bits_per_weight: f64,
+    pub layers: Vec<LayerReport>,
+    pub warnings: Vec<String>,
+    pub calibration: Option<String>,
+}
+
+/// What will be written, known from the config and tensor headers alone.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub specs: Vec<TensorSpec>,
+    /// Quantized linear layers (checkpoint prefix) with `[out_features N, in_features K]`.
+    pub quantized: BTreeMap<String, (usize, usize)>,
+    pub output_bytes: u64,
+    pub quantized_params: u64,
+    pub quantized_bytes: u64,
+}
+
+impl Plan {
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.quantized_bytes as f64 / self.quantized_params.max(1) as f64
+    }
+}
+
+fn float_dtype(dtype: WeightDType) -> DType {
+    match dtype {
+        WeightDType::F32 => DType::F32,
+        WeightDType::F16 => DType::F16,
+        WeightDType::BF16 => DType::BF16,
+    }
+}
+
+/// The tensors of the quantized checkpoint, in the order they will be produced (everything
+/// outside the blocks, then block by block), after checking that every linear layer can be
+/// stored: the group size must divide its `in_features` and K/N must be packable.
+pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -> Result<Plan> {
+    opts.check()?;
+    if let Some(q) = config.raw.get("quantization_config") {
+        let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+        return Err(Error::InvalidArgument(format!(
+            "{} is already quantized ({method}); quantize the float checkpoint instead",
+            config
+                .source
+                .as_deref()
+                .unwrap_or(Path::new("config.json"))
+                .display()
+        )));
+    }
+    let conv1d = matches!(config.arch, Architecture::Gpt2(_));
+    let groups = block_groups(config);
+    let bits = opts.params.bits as usize;
+    let mut specs = vec![];
+    let mut quantized = BTreeMap::new();
+    let (mut quantized_params, mut quantized_bytes) = (0u64, 0u64);
+    for (name, shape) in checkpoint_tensors(config) {
+        crate::formats::require_shape(src, &name, &shape, "the config implies")?;
+        let block = block_of(config, &name);
+        let linear = block.and_then(|i| {
+            let prefix = block_prefix(config, i);
+            let rel = name.strip_prefix(&format!("{prefix}."))?.strip_suffix(".weight")?;
+            groups.iter().flat_map(|g| g.iter()).find(|&&l| l == rel)?;
+            Some(format!("{prefix}.{rel}"))
+        });
+        let Some(layer) = linear else {
+            specs.push((block, TensorSpec::new(name, float_dtype(opts.dtype), shape)));
+            continue;
+        };
+        let (n, k) = if conv1d {
+            (shape[1], shape[0])
+        } else {
+            (shape[0], shape[1])
+        };
+        let g = match opts.params.group_size {
+            None => 1,
+            Some(gs) if k.is_multiple_of(gs) => k / gs,
+            Some(gs) => {
+                let fits: Vec<String> = [32usize, 64, 128, 256]
+                    .into_iter()
+                    .filter(|d| k.is_multiple_of(*d))
+                    .map(|d| d.to_string())
+                    .collect();
+                return Err(Error::InvalidArgument(format!(
+                    "group size {gs} does not divide in_features {k} of `{layer}`; GPTQ loaders \
+                     (AutoGPTQ, vLLM, transformers) need every group to be full. Sizes that fit: {} \
+                     or -1 (per-channel)",
+                    if fits.is_empty() { "none of 32/64/128/256".into() } else { fits.join(", ") }
+                )));
+            }
+        };
+        check_loader_shape(n, k, opts.params.bits)
+            .map_err(|e| Error::InvalidArgument(format!("`{layer}` [N={n}, K={k}]: {e}")))?;
+        let layer_specs = [
+            TensorSpec::new(format!("{layer}.qweight"), DType::I32, vec![k * bits / 32, n]),
+            TensorSpec::new(format!("{layer}.qzeros"), DType::I32, vec![g, n * bits / 32]),
+            TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
+            TensorSpec::new(format!("{layer}.g_idx"), DType::I32, vec![k]),
+        ];
+        quantized_params += (n * k) as u64;
+        quantized_bytes += layer_specs.iter().map(TensorSpec::nbytes).sum::<u64>();
+        specs.extend(layer_specs.into_iter().map(|s| (block, s)));
+        quantized.insert(layer, (n, k));
+    }
+    // Stable: checkpoint order within a block; tensors outside the blocks first.
+    specs.sort_by_key(|(block, _)| block.map_or(0, |b| b + 1));
+    let specs: Vec<TensorSpec> = specs.into_iter().map(|(_, s)| s).collect();
+    Ok(Plan {
+        output_bytes: specs.iter().map(TensorSpec::nbytes).sum(),
+        specs,
+        quantized,
+        quantized_params,
+        quantized_bytes,
+    })
+}
+
+/// `--dry-run`: what a run would write and hold in memory, before any work.
+#[derive(Clone, Debug)]
+pub struct Estimate {
+    pub output_bytes: u64,
+    pub bits_per_weight: f64,
+    /// Largest decoder block held in f32 while it is quantized.
+    pub block_bytes: u64,
+    /// Calibration activations (block input/output plus the widest group input).
+    pub activation_bytes: u64,
+    /// The largest GPTQ Hessian and its f64 inverse-Cholesky work space.
+    pub hessian_bytes: u64,
+    /// Embeddings and head kept in memory to embed the calibration samples.
+    pub stem_bytes: u64,
+    /// Sum of the above: the expected peak beyond the program itself.
+    pub peak_bytes: u64,
+    pub quantized_layers: usize,
+}
+
+/// Estimate a run from the config, the tensor headers and the calibration size
+/// (`samples × seqlen` tokens; 0 for RTN).
+pub fn estimate(
+    config: &AutoConfig,
+    src: &dyn WeightSource,
+    opts: &StreamOptions,
+    calib_tokens: usize,
+) -> Result<Estimate> {
+    let plan = plan(config, src, opts)?;
+    let mut per_block: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut widest_k = 0usize;
+    for (layer, &(n, k)) in &plan.quantized {
+        if let Some(b) = block_of(config, layer) {
+            *per_block.entry(b).or_default() += 4 * (n * k) as u64;
+        }
+        widest_k = widest_k.max(k);
+    }
+    let block_bytes = per_block.values().copied().max().unwrap_or(0);
+    let h = config.hidden_size();
+    let calibrated = opts.method == Method::Gptq;
+    let tokens = if calibrated { calib_tokens as u64 } else { 0 };
+    let activation_bytes = 4 * tokens * (2 * h as u64 + widest_k as u64);
+    let hessian_bytes = if calibrated {
+        (4 + 8 + 8) * (widest_k * widest_k) as u64
+    } else {
+        0
+    };
+    let stem_bytes = if calibrated {
+        checkpoint_tensors(config)
+            .iter()
+            .filter(|(n, _)| block_of(config, n).is_none())
+            .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
+            .sum()
+    } else {
+        0
+    };
+    Ok(Estimate {
+        output_bytes: plan.output_bytes,
+        bits_per_weight: plan.bits_per_weight(),
+        block_bytes,
+        activation_bytes,
+        hessian_bytes,
+        stem_bytes,
+        peak_bytes: block_bytes + activation_bytes + hessian_bytes + stem_bytes,
+        quantized_layers: plan.quantized.len(),
+    })
+}
+
+/// One calibration sample on its way through the blocks.
+struct Activation {
+    /// Hidden states `[t, hidden]` entering the next block.
+    x: Vec<f32>,
+    positions: Vec<usize>,
+    t: usize,
+}
+
+/// Quantize the float checkpoint `src` (with `config`) into a GPTQ checkpoint folder `dir`,
+/// streaming block by block. `calib` is required for GPTQ and ignored by RTN. The tokenizer and
+/// generation config, when given, are written beside the weights. The folder appears only when
+/// everything has been written.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_to_gptq(
+    config: &AutoConfig,
+    src: &dyn WeightSource,
+    tokenizer: Option<&AutoTokenizer>,
+    generation: Option<&GenerationConfig>,
+    calib: Option<&CalibData>,
+    dir: &Path,
+    opts: &StreamOptions,
+) -> Result<StreamReport> {
+    let t0 = Instant::now();
+    let plan = plan(config, src, opts)?;
+    let calib = match opts.method {
+        Method::Rtn => None,
+        Method::Gptq => Some(check_calibration(calib)?),
+    };
+    let mut warnings = calib.map(|c| c.warnings.clone()).unwrap_or_default();
+    let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
+
+    let mut streamer = Streamer::new(config, src, opts, calib)?;
+    save_safetensors(
+        out.path(),
+        &plan.specs,
+        opts.max_shard_bytes,
+        &Default::default(),
+        |spec| streamer.tensor(spec),
+    )?;
+    streamer.finish();
+    warnings.append(&mut streamer.warnings);
+
+    let mut meta = serde_json::Map::new();
+    meta.insert("method".into(), opts.method.name().into());
+    if let Some(c) = calib {
+        meta.insert("calibration".into(), c.description.clone().into());
+        if let Some(sha) = &c.sha256 {
+            meta.insert("calibration_sha256".into(), sha.clone().into());
+        }
+        meta.insert("calibration_samples".into(), c.samples.len().into());
+        meta.insert("calibration_tokens".into(), c.num_tokens().into());
+        if opts.sink_weight != 1.0 {
+            meta.insert("sink_weight".into(), (opts.sink_weight as f64).into());
+        }
+    }
+    let qcfg = GptqConfig {
+        bits: opts.params.bits,
+        group_size: opts.params.group_size,
+        desc_act: opts.desc_act,
+        sym: opts.params.sym,
+        static_groups: opts.static_groups,
+        true_sequential: opts.true_sequential,
+        damp_percent: opts.damp_percent,
+        format: opts.format(),
+        meta: serde_json::Value::Object(meta),
+    };
+    write_model_files(
+        out.path(),
+        config,
+        opts.dtype,
+        Some(qcfg.to_quantization_config()),
+        tokenizer,
+        generation,
+    )?;
+    let text = serde_json::to_string_pretty(&qcfg.quantize_config_json())
+        .map_err(|e| Error::Other(e.to_string()))?;
+    crate::fsutil::write_atomic(&out.path().join("quantize_config.json"), text.as_bytes())?;
+    let dir = out.commit()?;
+    Ok(StreamReport {
+        dir,
+        method: opts.method,
+        format: opts.format(),
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: crate::eval::memory::peak_rss_bytes(),
+        output_bytes: plan.output_bytes,
+        quantized_params: plan.quantized_params,
+        quantized_bytes: plan.quantized_bytes,
+        bits_per_weight: plan.bits_per_weight(),
+        layers: streamer.layers,
+        warnings,
+        calibration: calib.map(|c| c.description.clone()),
+    })
+}
+
+fn check_calibration(calib: Option<&CalibData>) -> Result<&CalibData> {
+    let calib = calib.ok_or_else(|| {
+        Error::InvalidArgument("GPTQ needs calibration data (--calib FILE)".into())
+    })?;
+    if calib.samples.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "calibration data {} has no samples",
+            calib.description
+        )));
+    }
+    if let Some(i) = calib.samples.iter().position(Vec::is_empty) {
+        return Err(Error::InvalidArgument(format!(
+            "calibration sample {i} of {} is empty",
+            calib.description
+        )));
+    }
+    Ok(calib)
+}
+
+/// The work behind [`quantize_to_gptq`]: hands out output tensors in plan order, quantizing
+/// each block when its first tensor is asked for.
+struct Streamer<'a> {
+    config: &'a AutoConfig,
+    src: &'a dyn WeightSource,
+    opts: &'a StreamOptions,
+    /// Calibration activations entering block `next_block` (empty for RTN).
+    acts: Vec<Activation>,
+    next_block: usize,
+    /// Tensors of the block just processed, waiting to be written.
+    pending: HashMap<String, RawTensor>,
+    layers: Vec<LayerReport>,
+    warnings: Vec<String>,
+    bars: Bars,
+}
+
+struct Bars {
+    _multi: MultiProgress,
+    blocks: ProgressBar,
+    layers: ProgressBar,
+}
+
+impl Bars {
+    fn new(num_blocks: usize, layers_per_block: usize, show: bool) -> Self {
+        let multi = MultiProgress::with_draw_target(if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let style = |what: &str| {
+            ProgressStyle::with_template(&format!(
+                "{what:>7} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (elapsed {{elapsed}}, ETA {{eta}})"
+            ))
+            .expect("valid template")
+            .progress_chars("=> ")
+        };
+        let blocks = multi.add(ProgressBar::new(num_blocks as u64));
+        blocks.set_style(style("blocks"));
+        let layers = multi.add(ProgressBar::new(layers_per_block as u64));
+        layers.set_style(style("layers"));
+        Bars {
+            _multi: multi,
+            blocks,
+            layers,
+        }
+    }
+}
+
+impl<'a> Streamer<'a> {
+    fn new(
+        config: &'a AutoConfig,
+        src: &'a dyn WeightSource,
+        opts: &'a StreamOptions,
+        calib: Option<&CalibData>,
+    ) -> Result<Self> {
+        let acts = match calib {
+            Some(c) => embed_samples(config, src, c)?,
+            None => vec![],
+        };
+        let per_block = block_groups(config).iter().map(|g| g.len()).sum();
+        Ok(Streamer {
+            config,
+            src,
+            opts,
+            acts,
+            next_block: 0,
+            pending: HashMap::new(),
+            layers: vec![],
+            warnings: vec![],
+            bars: Bars::new(config.num_layers(), per_block, opts.progress),
+        })
+    }
+
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<RawTensor> {
+        if let Some(b) = block_of(self.config, &spec.name) {
+            while self.next_block <= b {
+                self.pending.clear();
+                self.process_block(self.next_block)?;
+                self.next_block += 1;
+            }
+            if let Some(t) = self.pending.remove(&spec.name) {
+                return Ok(t);
+            }
+        }
+        let values =
+            crate::formats::read_f32_checked(self.src, &spec.name, &spec.shape)?;
+        Ok(to_dtype(self.opts.dtype, spec.shape.clone(), &values))
+    }
+
+    fn finish(&self) {
+        self.bars.layers.finish_and_clear();
+        self.bars.blocks.finish();
+    }
+
+    /// Quantize block `i` and advance the calibration activations through it.
+    fn process_block(&mut self, i: usize) -> Result<()> {
+        let prefix = block_prefix(self.config, i);
+        self.bars.blocks.set_message(prefix.clone());
+        self.bars.layers.reset();
+        let ld = Loader::new(self.src, WeightDType::F32);
+        let mut block = load_block(self.config, &ld, i)?;
+        let groups = block.groups();
+        if self.acts.is_empty() {
+            for name in groups.iter().flat_map(|g| g.iter()) {
+                self.quantize_layer(block.as_mut(), &prefix, name, None)?;
+            }
+        } else if self.opts.true_sequential {
+            let mut states: Vec<BlockState> = self
+                .acts
+                .iter_mut()
+                .map(|a| block.begin(std::mem::take(&mut a.x)))
+                .collect();
+            for (g, names) in groups.iter().enumerate() {
+                let h = self.hessian(&states)?;
+                for name in names.iter() {
+                    self.quantize_layer(block.as_mut(), &prefix, name, Some(&h))?;
+                }
+                drop(h);
+                self.step_all(block.as_ref(), g, &mut states);
+            }
+            for (a, st) in self.acts.iter_mut().zip(states) {
+                a.x = st.residual;
+            }
+        } else {
+            // Every group's Hessian from the float block, then one pass through the quantized one.
+            let mut hessians = vec![];
+            let mut states: Vec<BlockState> =
+                self.acts.iter().map(|a| block.begin(a.x.clone())).collect();
+            for g in 0..groups.len() {
+                hessians.push(self.hessian(&states)?);
+                self.step_all(block.as_ref(), g, &mut states);
+            }
+            drop(states);
+            for (names, h) in groups.iter().zip(&hessians) {
+                for name in names.iter() {
+                    self.quantize_layer(block.as_mut(), &prefix, name, Some(h))?;
+                }
+            }
+            drop(hessians);
+            let mut states: Vec<BlockState> = self
+                .acts
+                .iter_mut()
+                .map(|a| block.begin(std::mem::take(&mut a.x)))
+                .collect();
+            for g in 0..groups.len() {
+                self.step_all(block.as_ref(), g, &mut states);
+            }
+            for (a, st) in self.acts.iter_mut().zip(states) {
+                a.x = st.residual;
+            }
+        }
+        for (s, a) in self.acts.iter().enumerate() {
+            if let Some(j) = a.x.iter().position(|v| !v.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "calibration sample {s} has a non-finite activation ({}) at position {} after \
+                     block `{prefix}` was quantized",
+                    a.x[j],
+                    j / self.config.hidden_size()
+                )));
+            }
+        }
+        self.bars.blocks.inc(1);
+        Ok(())
+    }
+
+    /// Run group `g` of `block` for every calibration sample.
+    fn step_all(&self, block: &dyn DecoderBlock, g: usize, states: &mut [BlockState]) {
+        for (st, a) in states.iter_mut().zip(&self.acts) {
+            let mut cache = KvCache::new(1, 1);
+            cache.push_positions(a.t, None);
+            let mut ctx = BlockContext {
+                t: a.t,
+                positions: &a.positions,
+                cache: &mut cache,
+                cache_layer: 0,
+            };
+            block.step(g, st, &mut ctx);
+        }
+    }
+
+    /// The GPTQ Hessian of the group inputs of every sample, with the first position
+    /// of each sample weighted by `sink_weight`.
+    fn hessian(&self, states: &[BlockState]) -> Result<Hessian> {
+        let k = states[0].input.len() / self.acts[0].t;
+        let mut h = Hessian::new(k);
+        for (st, a) in states.iter().zip(&self.acts) {
+            let (x, t) = (&st.input, a.t);
+            if self.opts.sink_weight == 1.0 {
+                h.add_sample(x, t);
+            } else {
+                let mut w = vec![1f32; t];
+                w[0] = self.opts.sink_weight;
+                h.add_sample_weighted(x, t, &w);
+            }
+        }
+        Ok(h)
+    }
+
+    /// Quantize one linear of `block`, keep its packed tensors for writing, and put the
+    /// dequantized weight in its place so later groups and blocks see what a loader will run.
+    fn quantize_layer(
+        &mut self,
+        block: &mut dyn DecoderBlock,
+        prefix: &str,
+        name: &str,
+        h: Option<&Hessian>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let full = format!("{prefix}.{name}");
+        self.bars.layers.set_message(name.to_string());
+        let linear = block.linear_mut(name);
+        let (n, k) = (linear.out_features(), linear.in_features());
+        let w = linear.weight.to_f32();
+        let in_layer = |e: Error| Error::InvalidArgument(format!("quantizing `{full}`: {e}"));
+        let (mut q, loss, damp_used, dead_columns) = match h {
+            None => (quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?, None, None, 0),
+            Some(h) => {
+                let r = gptq_quantize(&w, n, k, h, &self.opts.gptq_options()).map_err(in_layer)?;
+                if r.damp_used != self.opts.damp_percent {
+                    self.warnings.push(format!(
+                        "`{full}`: Cholesky needed damp {} (asked {})",
+                        r.damp_used, self.opts.damp_percent
+                    ));
+                }
+                (r.quantized, Some(r.loss), Some(r.damp_used), r.dead_columns)
+            }
+        };
+        drop(w);
+        round_scales_to_f16(&mut q);
+        for (tname, t) in layer_tensors(&full, &q, self.opts.format())? {
+            self.pending.insert(tname, t);
+        }
+        linear.weight = Arc::new(DenseMatrix::new(n, k, q.dequantize(), WeightDType::F32));
+        self.layers.push(LayerReport {
+            name: full,
+            loss,
+            damp_used,
+            dead_columns,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        self.bars.layers.inc(1);
+        Ok(())
+    }
+}
+
+/// Checkpoints store scales in f16; dequantize with exactly those values.
+fn round_scales_to_f16(q: &mut QuantizedLinear) {
+    for s in &mut q.scales {
+        *s = half::f16::from_f32(*s).to_f32();
+    }
+}
+
+fn to_dtype(dtype: WeightDType, shape: Vec<usize>, v: &[f32]) -> RawTensor {
+    match dtype {
+        WeightDType::F32 => RawTensor::from_f32(shape, v),
+        WeightDType::F16 => {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            RawTensor::from_f16(shape, &h)
+        }
+        WeightDType::BF16 => {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            RawTensor::from_bf16(shape, &h)
+        }
+    }
+}
+
+/// The first block's input for every calibration sample, from a model with no blocks (the
+/// embeddings only), held in the checkpoint's own dtype.
+fn embed_samples(
+    config: &AutoConfig,
+    src: &dyn WeightSource,
+    calib: &CalibData,
+) -> Result<Vec<Activation>> {
+    let embed_name = checkpoint_tensors(config)
+        .into_iter()
+        .map(|(n, _)| n)
+        .find(|n| n.ends_with("embed_tokens.weight") || n.ends_with("wte.weight"));
+    let dtype = match embed_name.and_then(|n| src.info(&n)).map(|i| i.dtype) {
+        Some(DType::F16) => WeightDType::F16,
+        Some(DType::BF16) => WeightDType::BF16,
+        _ => WeightDType::F32,
+    };
+    let stem = AutoModelForCausalLM::from_weights(
+        config.with_num_layers(0),
+        src,
+        &LoadOptions { dtype, bnb: None },
+    )?;
+    let vocab = config.vocab_size();
+    calib
+        .samples
+        .iter()
+        .enumerate()
+        .map(|(s, ids)| {
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::InvalidArgument(format!(
+                    "calibration sample {s} has token id {bad}, outside the vocabulary of {vocab}"
+                )));
+            }
+            let mut cache = stem.new_cache(1);
+            let (x, positions) = stem.embed(&ForwardInput::single(ids), &mut cache)?;
+            Ok(Activation {
+                x,
+                positions,
+                t: ids.len(),
+            })
+        })
+        .collect()
+}
