@@ -312,3 +312,46 @@ pub fn parse_size(s: &str) -> Result<u64> {
     };
     Ok((n * mult) as u64)
 }
+
+/// Write a model with seeded random weights (as [`AutoModelForCausalLM::from_config`] makes
+/// them) into `dir` as safetensors in `dtype`, one tensor in memory at a time: a synthetic
+/// checkpoint far larger than memory, for testing streaming. Config and generation config are
+/// written too; the folder appears only when complete.
+pub fn write_random_checkpoint(
+    config: &AutoConfig,
+    seed: u64,
+    dtype: crate::nn::WeightDType,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<crate::formats::safetensors::SavedSafetensors> {
+    use crate::formats::safetensors::{save_safetensors, TensorSpec};
+    let weights = crate::models::RandomWeights::new(config, seed);
+    let specs: Vec<TensorSpec> = crate::models::checkpoint_tensors(config)
+        .into_iter()
+        .map(|(name, shape)| TensorSpec::new(name, dtype.storage(), shape))
+        .collect();
+    let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
+    write_model_files(out.path(), config, dtype, None, None, None)?;
+    let saved = save_safetensors(
+        out.path(),
+        &specs,
+        opts.max_shard_bytes,
+        &Default::default(),
+        |spec| {
+            let values = weights.read(&spec.name)?.to_f32();
+            Ok(dtype.encode(spec.shape.clone(), &values))
+        },
+    )?;
+    let final_dir = out.commit()?;
+    Ok(crate::formats::safetensors::SavedSafetensors {
+        files: saved
+            .files
+            .iter()
+            .map(|f| final_dir.join(f.file_name().expect("shard files have names")))
+            .collect(),
+        index: saved
+            .index
+            .map(|_| final_dir.join("model.safetensors.index.json")),
+        total_size: saved.total_size,
+    })
+}

@@ -66,6 +66,29 @@ impl WeightDType {
             _ => 2,
         }
     }
+    /// The matching checkpoint dtype.
+    pub fn storage(self) -> crate::tensor::DType {
+        match self {
+            WeightDType::F32 => crate::tensor::DType::F32,
+            WeightDType::F16 => crate::tensor::DType::F16,
+            WeightDType::BF16 => crate::tensor::DType::BF16,
+        }
+    }
+    /// `values` as a checkpoint tensor of this dtype (rounded to nearest).
+    pub fn encode(self, shape: Vec<usize>, values: &[f32]) -> crate::tensor::RawTensor {
+        use crate::tensor::RawTensor;
+        match self {
+            WeightDType::F32 => RawTensor::from_f32(shape, values),
+            WeightDType::F16 => {
+                let h: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+                RawTensor::from_f16(shape, &h)
+            }
+            WeightDType::BF16 => {
+                let h: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+                RawTensor::from_bf16(shape, &h)
+            }
+        }
+    }
 }
 
 /// A dense `[rows, cols]` matrix held in f32, f16 or bf16.

@@ -720,3 +720,48 @@ fn quantize_bnb(
     }
     Ok(())
 }
+
+pub fn synth(ctx: &Context, a: SynthArgs) -> Result<()> {
+    let config = autoquant::config::AutoConfig::from_pretrained(&a.config)?;
+    let dtype = WeightDType::parse(&a.dtype)?;
+    let opts = SaveOptions {
+        dtype,
+        max_shard_bytes: parse_size(&a.max_shard_size)?,
+        overwrite: a.overwrite,
+    };
+    let params: u64 = autoquant::models::checkpoint_tensors(&config)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    eprintln!(
+        "writing {} ({} layers, {:.2}B parameters, {:.2} GiB in {})",
+        a.output.display(),
+        config.num_layers(),
+        params as f64 / 1e9,
+        (params * dtype.bytes() as u64) as f64 / (1u64 << 30) as f64,
+        dtype.name()
+    );
+    let t0 = std::time::Instant::now();
+    let saved =
+        autoquant::auto::write_random_checkpoint(&config, a.seed, dtype, &a.output, &opts)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if ctx.json {
+        print_json(&json!({
+            "output": a.output.display().to_string(),
+            "parameters": params,
+            "bytes": saved.total_size,
+            "files": saved.files.len(),
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss(),
+        }));
+    } else {
+        println!(
+            "wrote {} ({} files, {:.2} GiB) in {seconds:.1}s; peak RSS {:.1} MiB",
+            a.output.display(),
+            saved.files.len(),
+            saved.total_size as f64 / (1u64 << 30) as f64,
+            memory::peak_rss_bytes().map_or(0.0, mib)
+        );
+    }
+    Ok(())
+}

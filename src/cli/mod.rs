@@ -82,6 +82,9 @@ pub enum Command {
     /// Quantize a float model: RTN or GPTQ (streamed block by block, GPTQ checkpoint), or
     /// bitsandbytes NF4/FP4/int8.
     Quantize(QuantizeArgs),
+    /// Write a model with seeded random weights from a config.json, streamed tensor by tensor
+    /// (synthetic models larger than memory, for testing).
+    Synth(SynthArgs),
 }
 
 #[derive(Args, Debug)]
@@ -264,6 +267,23 @@ pub struct QuantizeArgs {
     pub dry_run: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// A config.json (any supported model_type).
+    pub config: PathBuf,
+    /// Output folder (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
 pub fn run(cli: Cli) -> autoquant::Result<()> {
     let ctx = commands::Context { json: cli.json };
     match cli.command {
@@ -274,5 +294,6 @@ pub fn run(cli: Cli) -> autoquant::Result<()> {
         Command::Bench(a) => commands::bench(&ctx, a),
         Command::Convert(a) => commands::convert(&ctx, a),
         Command::Quantize(a) => commands::quantize(&ctx, a),
+        Command::Synth(a) => commands::synth(&ctx, a),
     }
 }

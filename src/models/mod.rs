@@ -408,16 +408,23 @@ impl RandomWeights {
         for b in name.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(h);
-        (0..n)
-            .map(|_| {
+        // Chunks of 2^20 values, each with its own stream, generated in parallel (synthetic
+        // models can hold billions of weights); chunk 0 keeps the tensor's own seed.
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 20;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let seed = h ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            for v in chunk {
                 // Box-Muller normal sample.
                 let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
                 let u2: f64 = rng.gen();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
-                    as f32
-            })
-            .collect()
+                *v = ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
+                    as f32;
+            }
+        });
+        out
     }
 }
 
@@ -454,23 +461,7 @@ impl WeightSource for RandomWeights {
 
 /// All tensors of a loaded model under their checkpoint names, converted to `dtype`.
 pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawTensor)> {
-    let conv = |shape: Vec<usize>, v: &[f32]| -> RawTensor {
-        match dtype {
-            WeightDType::F32 => RawTensor::from_f32(shape, v),
-            WeightDType::F16 => RawTensor::from_f16(
-                shape,
-                &v.iter()
-                    .map(|&x| half::f16::from_f32(x))
-                    .collect::<Vec<_>>(),
-            ),
-            WeightDType::BF16 => RawTensor::from_bf16(
-                shape,
-                &v.iter()
-                    .map(|&x| half::bf16::from_f32(x))
-                    .collect::<Vec<_>>(),
-            ),
-        }
-    };
+    let conv = |shape: Vec<usize>, v: &[f32]| dtype.encode(shape, v);
     let mut out = vec![];
     for (name, values, shape) in model.other_tensors() {
         out.push((name, conv(shape, &values)));

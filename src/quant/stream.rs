@@ -209,14 +209,6 @@ impl Plan {
     }
 }
 
-fn float_dtype(dtype: WeightDType) -> DType {
-    match dtype {
-        WeightDType::F32 => DType::F32,
-        WeightDType::F16 => DType::F16,
-        WeightDType::BF16 => DType::BF16,
-    }
-}
-
 /// The tensors of the quantized checkpoint, in the order they will be produced (everything
 /// outside the blocks, then block by block), after checking that every linear layer can be
 /// stored: the group size must divide its `in_features` and K/N must be packable.
@@ -249,7 +241,7 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
             Some(format!("{prefix}.{rel}"))
         });
         let Some(layer) = linear else {
-            specs.push((block, TensorSpec::new(name, float_dtype(opts.dtype), shape)));
+            specs.push((block, TensorSpec::new(name, opts.dtype.storage(), shape)));
             continue;
         };
         let (n, k) = if conv1d {
@@ -564,7 +556,7 @@ impl<'a> Streamer<'a> {
         }
         let values =
             crate::formats::read_f32_checked(self.src, &spec.name, &spec.shape)?;
-        Ok(to_dtype(self.opts.dtype, spec.shape.clone(), &values))
+        Ok(self.opts.dtype.encode(spec.shape.clone(), &values))
     }
 
     fn finish(&self) {
@@ -727,20 +719,6 @@ impl<'a> Streamer<'a> {
 fn round_scales_to_f16(q: &mut QuantizedLinear) {
     for s in &mut q.scales {
         *s = half::f16::from_f32(*s).to_f32();
-    }
-}
-
-fn to_dtype(dtype: WeightDType, shape: Vec<usize>, v: &[f32]) -> RawTensor {
-    match dtype {
-        WeightDType::F32 => RawTensor::from_f32(shape, v),
-        WeightDType::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            RawTensor::from_f16(shape, &h)
-        }
-        WeightDType::BF16 => {
-            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            RawTensor::from_bf16(shape, &h)
-        }
     }
 }
 
