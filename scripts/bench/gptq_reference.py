@@ -47,13 +47,35 @@ GGUF = os.path.join(ASSETS, "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 CALIB = os.path.join(ASSETS, "text", "news.txt")
 EVAL = os.path.join(ASSETS, "text", "wiki.eval.txt")
 
-# true_sequential subsets for llama (reference llama.py / AutoGPTQ inside_layer_modules).
-SEQUENTIAL = [
-    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.up_proj", "mlp.gate_proj"],
-    ["mlp.down_proj"],
-]
+# true_sequential subsets per architecture (reference llama.py / opt.py, AutoGPTQ
+# inside_layer_modules). The driver below is shared with scripts/golden/make_gptq_stream_golden.py.
+SEQUENTIAL_BY_TYPE = {
+    "llama": [
+        ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.up_proj", "mlp.gate_proj"],
+        ["mlp.down_proj"],
+    ],
+    "opt": [
+        ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+        ["self_attn.out_proj"],
+        ["fc1"],
+        ["fc2"],
+    ],
+    "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+}
+SEQUENTIAL_BY_TYPE["qwen2"] = SEQUENTIAL_BY_TYPE["llama"]
+SEQUENTIAL = SEQUENTIAL_BY_TYPE["llama"]
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks of a llama/qwen2, opt or gpt2 model."""
+    model_type = model.config.model_type
+    if model_type == "opt":
+        return model.model.decoder.layers
+    if model_type == "gpt2":
+        return model.transformer.h
+    return model.model.layers
 
 
 def sample_windows(ids, nsamples, seqlen, seed):
@@ -70,46 +92,53 @@ def sample_windows(ids, nsamples, seqlen, seed):
 
 @torch.no_grad()
 def capture_first_block_inputs(model, windows):
-    layers = model.model.layers
+    layers = decoder_layers(model)
     n, seqlen, hidden = len(windows), len(windows[0]), model.config.hidden_size
     inps = torch.zeros((n, seqlen, hidden), dtype=torch.float32)
-    cache = {"i": 0, "kwargs": None}
+    cache = {"i": 0, "args": (), "kwargs": None}
 
     class Catcher(nn.Module):
         def __init__(self, module):
             super().__init__()
             self.module = module
 
-        def forward(self, hidden_states, **kwargs):
+        def forward(self, hidden_states, *args, **kwargs):
             inps[cache["i"]] = hidden_states[0]
             cache["i"] += 1
+            cache["args"] = args  # gpt2 passes cache, mask, ... positionally
             cache["kwargs"] = kwargs
             raise ValueError  # stop the forward here
 
     layers[0] = Catcher(layers[0])
     for w in windows:
         try:
-            model(input_ids=torch.tensor([w]))
+            model(input_ids=torch.tensor([w]), use_cache=False)
         except ValueError:
             pass
     layers[0] = layers[0].module
     kwargs = dict(cache["kwargs"])
     kwargs.pop("cache", None)
     kwargs["use_cache"] = False
+    kwargs["_args"] = cache["args"]
     return inps, kwargs
 
 
 def block_forward(layer, x, kwargs):
-    out = layer(x, **kwargs)
+    kwargs = dict(kwargs)
+    args = kwargs.pop("_args", ())
+    out = layer(x, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
-def quantize_gptq(model, windows, args, gptq_mod, catcher):
-    layers = model.model.layers
+def quantize_gptq(model, windows, args, gptq_mod, catcher, on_quantized=None):
+    """The reference sequential driver. `on_quantized(block, name, module, scale, zero, g_idx)`,
+    if given, sees every linear right after `fasterquant` (module weight = its quantized Q)."""
+    layers = decoder_layers(model)
     inps, kwargs = capture_first_block_inputs(model, windows)
     outs = torch.zeros_like(inps)
-    subsets = SEQUENTIAL if args.true_sequential else [sum(SEQUENTIAL, [])]
+    sequential = SEQUENTIAL_BY_TYPE[model.config.model_type]
+    subsets = sequential if args.true_sequential else [sum(sequential, [])]
     stats = []
     for li, layer in enumerate(layers):
         modules = dict(layer.named_modules())
@@ -136,13 +165,15 @@ def quantize_gptq(model, windows, args, gptq_mod, catcher):
             for name in names:
                 catcher.avg = None
                 t0 = time.perf_counter()
-                gptq[name].fasterquant(
+                scale, zero, g_idx = gptq[name].fasterquant(
                     blocksize=128,
                     percdamp=args.damp,
                     group_size=args.group_size,
                     actorder=args.desc_act,
                     static_groups=args.static_groups,
                 )
+                if on_quantized is not None:
+                    on_quantized(li, name, modules[name], scale, zero, g_idx)
                 layer_stats["sublayers"].append({
                     "name": name,
                     "loss": catcher.avg * len(windows) if catcher.avg is not None else None,

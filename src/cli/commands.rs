@@ -458,15 +458,11 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     let method = match a.method.as_str() {
         "rtn" => Method::Rtn,
         "gptq" => Method::Gptq,
-        "awq" | "awq-gptq" => {
-            return Err(Error::Unsupported(format!(
-                "--method {} is not available yet",
-                a.method
-            )))
-        }
+        "awq" => Method::Awq,
+        "awq-gptq" => Method::AwqGptq,
         other => {
             return Err(Error::InvalidArgument(format!(
-                "unknown --method `{other}` (rtn, gptq, bnb-nf4, bnb-fp4, bnb-int8)"
+                "unknown --method `{other}` (rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4, bnb-int8)"
             )))
         }
     };
@@ -484,25 +480,30 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             )))
         }
     };
+    // AWQ's own grid is asymmetric (zero point per group).
     let params = QuantParams {
         bits: a.bits,
         group_size,
-        sym: !a.asym,
+        sym: !(a.asym || method == Method::Awq),
     };
+    let awq_calib = method == Method::Awq || method == Method::AwqGptq;
+    let nsamples = a.nsamples.unwrap_or(128);
+    let seqlen = a.seqlen.unwrap_or(if awq_calib { 512 } else { 2048 });
     let mut opts = StreamOptions::new(method, params);
     opts.damp_percent = a.damp;
     opts.desc_act = a.desc_act;
     opts.static_groups = a.static_groups;
     opts.true_sequential = !a.no_true_sequential;
     opts.sink_weight = a.sink_weight;
+    opts.awq.duo_scaling = !a.awq_activation_only;
     opts.dtype = out_dtype;
     opts.max_shard_bytes = max_shard_bytes;
     opts.overwrite = a.overwrite;
     opts.progress = true;
 
     let ckpt = Checkpoint::open(&a.model, &hub)?;
-    let calib_tokens = if method == Method::Gptq {
-        a.nsamples * a.seqlen
+    let calib_tokens = if method.calibrated() {
+        nsamples * seqlen
     } else {
         0
     };
@@ -557,20 +558,21 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             eprintln!("note: RTN uses no calibration data; --calib is ignored");
             None
         }
-        (Method::Gptq, Some(path), None) => {
+        (_, Some(path), None) => {
             let opts = CalibOptions {
-                nsamples: a.nsamples,
-                seqlen: a.seqlen,
+                nsamples,
+                seqlen,
                 seed: a.seed,
-                mode: None,
+                mode: awq_calib.then_some(autoquant::quant::calib::CalibMode::Blocks),
             };
             Some(CalibData::from_file(path, &tokenizer, &opts)?)
         }
-        (Method::Gptq, None, Some(path)) => Some(CalibData::from_windows_json(path)?),
-        (Method::Gptq, _, _) => {
-            return Err(Error::InvalidArgument(
-                "GPTQ needs calibration data: --calib FILE (or --calib-windows JSON)".into(),
-            ))
+        (_, None, Some(path)) => Some(CalibData::from_windows_json(path)?),
+        (_, _, _) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} needs calibration data: --calib FILE (or --calib-windows JSON)",
+                method.name()
+            )))
         }
     };
     let calib = calib.map(|mut c| {
@@ -600,6 +602,11 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     for w in r.warnings.iter().skip(calib.as_ref().map_or(0, |c| c.warnings.len())) {
         eprintln!("warning: {w}");
     }
+    let checkpoint_format = if method == Method::Awq {
+        "awq-gemm"
+    } else {
+        r.format.as_str()
+    };
     if ctx.json {
         let layers: Vec<serde_json::Value> = r
             .layers
@@ -614,8 +621,8 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             "method": method.name(),
             "bits": a.bits,
             "group_size": a.group_size,
-            "sym": !a.asym,
-            "checkpoint_format": r.format.as_str(),
+            "sym": !(a.asym || method == Method::Awq),
+            "checkpoint_format": checkpoint_format,
             "seconds": r.seconds,
             "peak_rss_bytes": r.peak_rss_bytes,
             "output_bytes": r.output_bytes,
@@ -632,8 +639,8 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             method.name(),
             a.bits,
             a.group_size,
-            if a.asym { "asymmetric" } else { "symmetric" },
-            r.format.as_str(),
+            if a.asym || method == Method::Awq { "asymmetric" } else { "symmetric" },
+            checkpoint_format,
             r.seconds
         );
         println!(

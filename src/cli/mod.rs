@@ -203,7 +203,7 @@ pub struct QuantizeArgs {
     /// Hugging Face cache folder.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// rtn, gptq, bnb-nf4, bnb-fp4 or bnb-int8.
+    /// rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4 or bnb-int8.
     #[arg(long, default_value = "gptq")]
     pub method: String,
     /// Bits per weight (rtn/gptq: 2, 3, 4 or 8).
@@ -241,12 +241,17 @@ pub struct QuantizeArgs {
     /// Calibration token windows saved as JSON `[[ids...], ...]` (e.g. by the reference runner).
     #[arg(long, conflicts_with = "calib")]
     pub calib_windows: Option<PathBuf>,
-    #[arg(long, default_value_t = 128)]
-    pub nsamples: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub seqlen: usize,
+    /// Calibration samples: random windows (GPTQ, default 128) or documents (AWQ, default 128).
+    #[arg(long)]
+    pub nsamples: Option<usize>,
+    /// Tokens per sample (GPTQ default 2048; AWQ default 512, AutoAWQ's).
+    #[arg(long)]
+    pub seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// AWQ: the original activation-only scale formula instead of AutoAWQ's duo scaling.
+    #[arg(long)]
+    pub awq_activation_only: bool,
     /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
     #[arg(long, default_value = "f16")]
     pub out_dtype: String,

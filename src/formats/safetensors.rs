@@ -269,8 +269,21 @@ impl WeightSource for SafetensorsFile {
         let bytes = self
             .tensor_bytes(name)
             .ok_or_else(|| Error::tensor(&self.path, name, "bytes out of range"))?;
-        RawTensor::new(e.info.dtype, e.info.shape.clone(), bytes.to_vec())
-            .map_err(|err| Error::tensor(&self.path, name, err.to_string()))
+        let tensor = RawTensor::new(e.info.dtype, e.info.shape.clone(), bytes.to_vec())
+            .map_err(|err| Error::tensor(&self.path, name, err.to_string()));
+        // The caller now owns a copy: let the mapped pages go, so streaming through a
+        // checkpoint larger than memory does not keep every page it read in this process's
+        // resident set (they stay in the OS page cache).
+        // SAFETY: the mapping is read-only and private, so dropping its pages loses nothing;
+        // they are read back from the file if touched again.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + e.begin,
+                e.end - e.begin,
+            )
+        };
+        tensor
     }
     fn file_of(&self, _name: &str) -> PathBuf {
         self.path.clone()

@@ -2,7 +2,9 @@
 //! weights are stored `[in, out]`; they are transposed once at load into the Linear layout.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
+use super::{
+    AwqGroup, AwqPrev, BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef,
+};
 use crate::config::{AutoConfig, Gpt2Config};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
@@ -111,6 +113,41 @@ impl DecoderBlock for Gpt2Block {
             "mlp.c_proj" => &mut self.mlp_c_proj,
             other => panic!("gpt2 block has no linear `{other}`"),
         }
+    }
+    fn awq_groups(&self) -> Vec<AwqGroup> {
+        if self.ln_1.weight.is_none() || self.ln_2.weight.is_none() {
+            return Vec::new();
+        }
+        // No c_fc → c_proj group: GELU does not commute with scaling, and folding it needs an
+        // activation-scale tensor other loaders do not read.
+        vec![
+            AwqGroup {
+                prev: AwqPrev::Norm("ln_1"),
+                linears: &["attn.c_attn"],
+                stages: 0..2,
+            },
+            AwqGroup {
+                prev: AwqPrev::Linear("attn.c_attn"),
+                linears: &["attn.c_proj"],
+                stages: 1..2,
+            },
+            AwqGroup {
+                prev: AwqPrev::Norm("ln_2"),
+                linears: &["mlp.c_fc"],
+                stages: 2..4,
+            },
+        ]
+    }
+    fn norm_names(&self) -> &'static [&'static str] {
+        &["ln_1", "ln_2"]
+    }
+    fn norm_mut(&mut self, name: &str) -> (Option<&mut Vec<f32>>, Option<&mut Vec<f32>>) {
+        let n = match name {
+            "ln_1" => &mut self.ln_1,
+            "ln_2" => &mut self.ln_2,
+            _ => return (None, None),
+        };
+        (n.weight.as_mut(), n.bias.as_mut())
     }
     fn begin(&self, x: Vec<f32>) -> BlockState {
         BlockState {

@@ -3,7 +3,9 @@
 //! attention and a SwiGLU MLP.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
+use super::{
+    AwqGroup, AwqPrev, BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef,
+};
 use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::nn::{add_in_place, forward_many, DenseMatrix, Linear, Loader, RmsNorm};
@@ -169,6 +171,42 @@ impl DecoderBlock for LlamaLayer {
             "mlp.up_proj" => &mut self.up_proj,
             "mlp.down_proj" => &mut self.down_proj,
             other => panic!("llama block has no linear `{other}`"),
+        }
+    }
+    fn awq_groups(&self) -> Vec<AwqGroup> {
+        let mut g = vec![AwqGroup {
+            prev: AwqPrev::Norm("input_layernorm"),
+            linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            stages: 0..2,
+        }];
+        // v → o only when v's outputs are o's inputs one to one (not with grouped-query heads).
+        if self.v_proj.out_features() == self.o_proj.in_features() {
+            g.push(AwqGroup {
+                prev: AwqPrev::Linear("self_attn.v_proj"),
+                linears: &["self_attn.o_proj"],
+                stages: 1..2,
+            });
+        }
+        g.push(AwqGroup {
+            prev: AwqPrev::Norm("post_attention_layernorm"),
+            linears: &["mlp.gate_proj", "mlp.up_proj"],
+            stages: 2..4,
+        });
+        g.push(AwqGroup {
+            prev: AwqPrev::Linear("mlp.up_proj"),
+            linears: &["mlp.down_proj"],
+            stages: 3..4,
+        });
+        g
+    }
+    fn norm_names(&self) -> &'static [&'static str] {
+        &["input_layernorm", "post_attention_layernorm"]
+    }
+    fn norm_mut(&mut self, name: &str) -> (Option<&mut Vec<f32>>, Option<&mut Vec<f32>>) {
+        match name {
+            "input_layernorm" => (Some(&mut self.input_layernorm.weight), None),
+            "post_attention_layernorm" => (Some(&mut self.post_attention_layernorm.weight), None),
+            _ => (None, None),
         }
     }
     fn begin(&self, x: Vec<f32>) -> BlockState {

@@ -130,6 +130,19 @@ pub trait DecoderBlock: Send + Sync {
     fn begin(&self, x: Vec<f32>) -> BlockState;
     /// Apply group `g` to `state.input` and run on to the next group's input (or the output).
     fn step(&self, g: usize, state: &mut BlockState, ctx: &mut BlockContext);
+    /// AWQ scaling groups, in AutoAWQ's order; empty when the architecture cannot fold scales.
+    fn awq_groups(&self) -> Vec<AwqGroup> {
+        Vec::new()
+    }
+    /// Norms of the block (names relative to the block prefix, without `.weight`).
+    fn norm_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Weight and bias of a norm in [`DecoderBlock::norm_names`] (`None` when absent, e.g. a
+    /// LayerNorm without affine parameters).
+    fn norm_mut(&mut self, _name: &str) -> (Option<&mut Vec<f32>>, Option<&mut Vec<f32>>) {
+        (None, None)
+    }
     /// The whole block.
     fn forward(&self, x: Vec<f32>, ctx: &mut BlockContext) -> Vec<f32> {
         let mut state = self.begin(x);
@@ -138,6 +151,28 @@ pub trait DecoderBlock: Send + Sync {
         }
         state.residual
     }
+}
+
+/// What precedes the linears of an AWQ scaling group: the op whose output their input is, so
+/// dividing it by the scales (and multiplying the linears' input columns) changes nothing in
+/// float.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwqPrev {
+    /// A norm (weight and bias divided).
+    Norm(&'static str),
+    /// A linear layer (its last `k` output rows and bias entries divided; the last third of a
+    /// fused q/k/v projection is v).
+    Linear(&'static str),
+}
+
+/// One AWQ scaling group: linears sharing an input, the op before them, and the stages of
+/// [`DecoderBlock::step`] whose output AWQ compares (run from a zero residual, so the
+/// result is the sub-layer's own output, as AutoAWQ's `module2inspect`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwqGroup {
+    pub prev: AwqPrev,
+    pub linears: &'static [&'static str],
+    pub stages: std::ops::Range<usize>,
 }
 
 /// A named linear layer of a model, for quantization and saving.

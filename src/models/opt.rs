@@ -3,7 +3,9 @@
 //! word embeddings are narrower than the hidden size.
 
 use super::attention::{attend, AttentionShape, KvCache};
-use super::{BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef};
+use super::{
+    AwqGroup, AwqPrev, BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef,
+};
 use crate::config::{AutoConfig, OptConfig};
 use crate::error::Result;
 use crate::nn::{activate, add_in_place, forward_many, DenseMatrix, LayerNorm, Linear, Loader};
@@ -146,6 +148,46 @@ impl DecoderBlock for OptLayer {
             "fc2" => &mut self.fc2,
             other => panic!("opt block has no linear `{other}`"),
         }
+    }
+    fn awq_groups(&self) -> Vec<AwqGroup> {
+        // Post-norm blocks (opt-350m) normalize after the residual add: no op to fold into.
+        if !self.pre_norm || self.self_attn_layer_norm.weight.is_none() {
+            return Vec::new();
+        }
+        vec![
+            AwqGroup {
+                prev: AwqPrev::Norm("self_attn_layer_norm"),
+                linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                stages: 0..2,
+            },
+            AwqGroup {
+                prev: AwqPrev::Linear("self_attn.v_proj"),
+                linears: &["self_attn.out_proj"],
+                stages: 1..2,
+            },
+            AwqGroup {
+                prev: AwqPrev::Norm("final_layer_norm"),
+                linears: &["fc1"],
+                stages: 2..4,
+            },
+            // ReLU(x/s) = ReLU(x)/s for s > 0, so fc1's rows can carry fc2's scales.
+            AwqGroup {
+                prev: AwqPrev::Linear("fc1"),
+                linears: &["fc2"],
+                stages: 3..4,
+            },
+        ]
+    }
+    fn norm_names(&self) -> &'static [&'static str] {
+        &["self_attn_layer_norm", "final_layer_norm"]
+    }
+    fn norm_mut(&mut self, name: &str) -> (Option<&mut Vec<f32>>, Option<&mut Vec<f32>>) {
+        let n = match name {
+            "self_attn_layer_norm" => &mut self.self_attn_layer_norm,
+            "final_layer_norm" => &mut self.final_layer_norm,
+            _ => return (None, None),
+        };
+        (n.weight.as_mut(), n.bias.as_mut())
     }
     fn begin(&self, x: Vec<f32>) -> BlockState {
         let input = if self.pre_norm {

@@ -13,6 +13,9 @@ pub enum CalibMode {
     Windows,
     /// One sample per document (JSON-lines record), truncated to `seqlen`.
     Records,
+    /// AutoAWQ's default: up to `nsamples` documents of at most `seqlen` tokens (longer ones
+    /// are skipped), concatenated and cut into blocks of `seqlen`.
+    Blocks,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +67,16 @@ impl CalibData {
         } else {
             CalibMode::Windows
         });
+        // Blocks count documents; in plain text each non-empty line is one.
+        let docs: Vec<String> = if mode == CalibMode::Blocks && !is_jsonl {
+            docs.iter()
+                .flat_map(|d| d.lines())
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect()
+        } else {
+            docs
+        };
         let bytes = crate::error::read_file(path)?;
         let mut data = Self::from_texts(&docs, tokenizer, opts, mode)
             .map_err(|e| Error::InvalidArgument(format!("calibration {}: {e}", path.display())))?;
@@ -142,6 +155,45 @@ impl CalibData {
                 (
                     samples,
                     format!("{n} records of at most {} tokens", opts.seqlen),
+                )
+            }
+            CalibMode::Blocks => {
+                let mut all = vec![];
+                let mut used = 0;
+                for d in docs.iter().map(|d| d.trim()).filter(|d| !d.is_empty()) {
+                    if used == opts.nsamples {
+                        break;
+                    }
+                    let ids = tokenizer.encode(d, true)?;
+                    if ids.len() <= opts.seqlen {
+                        all.extend(ids);
+                        used += 1;
+                    }
+                }
+                let samples: Vec<Vec<u32>> =
+                    all.chunks_exact(opts.seqlen).map(<[u32]>::to_vec).collect();
+                if samples.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{used} documents of at most {} tokens give {} tokens, less than one \
+                         block of {}",
+                        opts.seqlen,
+                        all.len(),
+                        opts.seqlen
+                    )));
+                }
+                if used < opts.nsamples {
+                    warnings.push(format!(
+                        "only {used} documents of at most {} tokens for the {} asked",
+                        opts.seqlen, opts.nsamples
+                    ));
+                }
+                let n = samples.len();
+                (
+                    samples,
+                    format!(
+                        "{used} documents of at most {} tokens in {n} blocks of {}",
+                        opts.seqlen, opts.seqlen
+                    ),
                 )
             }
         };

@@ -25,6 +25,9 @@ use crate::models::{
     BlockContext, BlockState, DecoderBlock, ForwardInput, LoadOptions,
 };
 use crate::nn::{DenseMatrix, Loader, WeightDType};
+use crate::formats::awq::AwqConfig;
+use crate::models::{AwqPrev, BlockState as State};
+use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
@@ -47,6 +50,11 @@ pub enum Method {
     Rtn,
     /// GPTQ with Hessians from calibration activations.
     Gptq,
+    /// AWQ (AutoAWQ's search: activation-aware scales folded into the previous op, clipping,
+    /// asymmetric grid), saved in the AutoAWQ GEMM layout.
+    Awq,
+    /// AWQ's scales and clipping, then GPTQ rounding; saved as a GPTQ checkpoint.
+    AwqGptq,
 }
 
 impl Method {
@@ -54,7 +62,16 @@ impl Method {
         match self {
             Method::Rtn => "rtn",
             Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::AwqGptq => "awq-gptq",
         }
+    }
+    /// Whether the method runs calibration data through the model.
+    pub fn calibrated(self) -> bool {
+        self != Method::Rtn
+    }
+    fn uses_awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
     }
 }
 
@@ -76,6 +93,9 @@ pub struct StreamOptions {
     /// to the others. 1 is the reference. The first position is the attention sink every later
     /// token reads, so its keys and values matter far more than one row in thousands.
     pub sink_weight: f32,
+    /// AWQ search settings (grid points, duo scaling, clipping); bits and group size come from
+    /// `params`.
+    pub awq: AwqOptions,
     /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
     pub dtype: WeightDType,
     pub max_shard_bytes: u64,
@@ -97,10 +117,20 @@ impl StreamOptions {
             static_groups: false,
             true_sequential: true,
             sink_weight: DEFAULT_SINK_WEIGHT,
+            awq: AwqOptions::default(),
             dtype: WeightDType::F16,
             max_shard_bytes: 5_000_000_000,
             overwrite: false,
             progress: false,
+        }
+    }
+
+    /// The AWQ search settings with this run's bits and group size.
+    pub fn awq_options(&self) -> AwqOptions {
+        AwqOptions {
+            bits: self.params.bits,
+            group_size: self.params.group_size.unwrap_or(0),
+            ..self.awq
         }
     }
 
@@ -149,10 +179,26 @@ impl StreamOptions {
                 "--static-groups needs a group size (it has no effect per-channel)".into(),
             ));
         }
-        if self.method == Method::Rtn && self.desc_act {
-            return Err(Error::InvalidArgument(
-                "--desc-act orders GPTQ's columns; RTN has no column order".into(),
-            ));
+        if matches!(self.method, Method::Rtn | Method::Awq) && self.desc_act {
+            return Err(Error::InvalidArgument(format!(
+                "--desc-act orders GPTQ's columns; {} has no column order",
+                self.method.name()
+            )));
+        }
+        if self.method.uses_awq() {
+            if self.params.group_size.is_none() {
+                return Err(Error::InvalidArgument(
+                    "AWQ needs a group size (its checkpoints have no per-channel layout)".into(),
+                ));
+            }
+            self.awq_options().validate()?;
+        }
+        if self.method == Method::Awq && self.params.bits != 4 {
+            return Err(Error::InvalidArgument(format!(
+                "AWQ GEMM checkpoints hold 4-bit weights only, not {}-bit (use --method awq-gptq \
+                 for other widths)",
+                self.params.bits
+            )));
         }
         Ok(())
     }
@@ -266,14 +312,28 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
                 )));
             }
         };
-        check_loader_shape(n, k, opts.params.bits)
-            .map_err(|e| Error::InvalidArgument(format!("`{layer}` [N={n}, K={k}]: {e}")))?;
-        let layer_specs = [
-            TensorSpec::new(format!("{layer}.qweight"), DType::I32, vec![k * bits / 32, n]),
-            TensorSpec::new(format!("{layer}.qzeros"), DType::I32, vec![g, n * bits / 32]),
-            TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
-            TensorSpec::new(format!("{layer}.g_idx"), DType::I32, vec![k]),
-        ];
+        let layer_specs = if opts.method == Method::Awq {
+            if !n.is_multiple_of(8) {
+                return Err(Error::InvalidArgument(format!(
+                    "`{layer}` has out_features {n}, not a multiple of 8, which the AWQ GEMM \
+                     layout packs"
+                )));
+            }
+            vec![
+                TensorSpec::new(format!("{layer}.qweight"), DType::I32, vec![k, n / 8]),
+                TensorSpec::new(format!("{layer}.qzeros"), DType::I32, vec![g, n / 8]),
+                TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
+            ]
+        } else {
+            check_loader_shape(n, k, opts.params.bits)
+                .map_err(|e| Error::InvalidArgument(format!("`{layer}` [N={n}, K={k}]: {e}")))?;
+            vec![
+                TensorSpec::new(format!("{layer}.qweight"), DType::I32, vec![k * bits / 32, n]),
+                TensorSpec::new(format!("{layer}.qzeros"), DType::I32, vec![g, n * bits / 32]),
+                TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
+                TensorSpec::new(format!("{layer}.g_idx"), DType::I32, vec![k]),
+            ]
+        };
         quantized_params += (n * k) as u64;
         quantized_bytes += layer_specs.iter().map(TensorSpec::nbytes).sum::<u64>();
         specs.extend(layer_specs.into_iter().map(|s| (block, s)));
@@ -328,7 +388,7 @@ pub fn estimate(
     }
     let block_bytes = per_block.values().copied().max().unwrap_or(0);
     let h = config.hidden_size();
-    let calibrated = opts.method == Method::Gptq;
+    let calibrated = opts.method.calibrated();
     let tokens = if calibrated { calib_tokens as u64 } else { 0 };
     let activation_bytes = 4 * tokens * (2 * h as u64 + widest_k as u64);
     let hessian_bytes = if calibrated {
@@ -383,7 +443,7 @@ pub fn quantize_to_gptq(
     let plan = plan(config, src, opts)?;
     let calib = match opts.method {
         Method::Rtn => None,
-        Method::Gptq => Some(check_calibration(calib)?),
+        _ => Some(check_calibration(calib, opts.method)?),
     };
     let mut warnings = calib.map(|c| c.warnings.clone()).unwrap_or_default();
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
@@ -412,28 +472,19 @@ pub fn quantize_to_gptq(
             meta.insert("sink_weight".into(), (opts.sink_weight as f64).into());
         }
     }
-    let qcfg = GptqConfig {
-        bits: opts.params.bits,
-        group_size: opts.params.group_size,
-        desc_act: opts.desc_act,
-        sym: opts.params.sym,
-        static_groups: opts.static_groups,
-        true_sequential: opts.true_sequential,
-        damp_percent: opts.damp_percent,
-        format: opts.format(),
-        meta: serde_json::Value::Object(meta),
-    };
-    write_model_files(
-        out.path(),
-        config,
-        opts.dtype,
-        Some(qcfg.to_quantization_config()),
-        tokenizer,
-        generation,
-    )?;
-    let text = serde_json::to_string_pretty(&qcfg.quantize_config_json())
-        .map_err(|e| Error::Other(e.to_string()))?;
-    crate::fsutil::write_atomic(&out.path().join("quantize_config.json"), text.as_bytes())?;
+    if opts.method == Method::Awq {
+        let awq = AwqConfig::new(opts.params.group_size.unwrap_or(0));
+        write_model_files(
+            out.path(),
+            config,
+            opts.dtype,
+            Some(awq.to_quantization_config()),
+            tokenizer,
+            generation,
+        )?;
+    } else {
+        write_gptq_configs(out.path(), config, opts, meta, tokenizer, generation)?;
+    }
     let dir = out.commit()?;
     Ok(StreamReport {
         dir,
@@ -451,9 +502,46 @@ pub fn quantize_to_gptq(
     })
 }
 
-fn check_calibration(calib: Option<&CalibData>) -> Result<&CalibData> {
+/// `config.json` with the GPTQ `quantization_config`, `quantize_config.json`, generation
+/// config and tokenizer.
+fn write_gptq_configs(
+    dir: &Path,
+    config: &AutoConfig,
+    opts: &StreamOptions,
+    meta: serde_json::Map<String, serde_json::Value>,
+    tokenizer: Option<&AutoTokenizer>,
+    generation: Option<&GenerationConfig>,
+) -> Result<()> {
+    let qcfg = GptqConfig {
+        bits: opts.params.bits,
+        group_size: opts.params.group_size,
+        desc_act: opts.desc_act,
+        sym: opts.params.sym,
+        static_groups: opts.static_groups,
+        true_sequential: opts.true_sequential,
+        damp_percent: opts.damp_percent,
+        format: opts.format(),
+        meta: serde_json::Value::Object(meta),
+    };
+    write_model_files(
+        dir,
+        config,
+        opts.dtype,
+        Some(qcfg.to_quantization_config()),
+        tokenizer,
+        generation,
+    )?;
+    let text = serde_json::to_string_pretty(&qcfg.quantize_config_json())
+        .map_err(|e| Error::Other(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join("quantize_config.json"), text.as_bytes())
+}
+
+fn check_calibration(calib: Option<&CalibData>, method: Method) -> Result<&CalibData> {
     let calib = calib.ok_or_else(|| {
-        Error::InvalidArgument("GPTQ needs calibration data (--calib FILE)".into())
+        Error::InvalidArgument(format!(
+            "{} needs calibration data (--calib FILE)",
+            method.name()
+        ))
     })?;
     if calib.samples.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -572,7 +660,9 @@ impl<'a> Streamer<'a> {
         let ld = Loader::new(self.src, WeightDType::F32);
         let mut block = load_block(self.config, &ld, i)?;
         let groups = block.groups();
-        if self.acts.is_empty() {
+        if self.opts.method.uses_awq() {
+            self.awq_block(block.as_mut(), &prefix)?;
+        } else if self.acts.is_empty() {
             for name in groups.iter().flat_map(|g| g.iter()) {
                 self.quantize_layer(block.as_mut(), &prefix, name, None)?;
             }
@@ -638,15 +728,7 @@ impl<'a> Streamer<'a> {
     /// Run group `g` of `block` for every calibration sample.
     fn step_all(&self, block: &dyn DecoderBlock, g: usize, states: &mut [BlockState]) {
         for (st, a) in states.iter_mut().zip(&self.acts) {
-            let mut cache = KvCache::new(1, 1);
-            cache.push_positions(a.t, None);
-            let mut ctx = BlockContext {
-                t: a.t,
-                positions: &a.positions,
-                cache: &mut cache,
-                cache_layer: 0,
-            };
-            block.step(g, st, &mut ctx);
+            run_stage(block, g, st, a);
         }
     }
 
@@ -685,6 +767,13 @@ impl<'a> Streamer<'a> {
         let w = linear.weight.to_f32();
         let in_layer = |e: Error| Error::InvalidArgument(format!("quantizing `{full}`: {e}"));
         let (mut q, loss, damp_used, dead_columns) = match h {
+            None if self.opts.method == Method::Awq => {
+                // AutoAWQ rounds the scaled weights to f16 before its final pseudo-quantization.
+                let w16: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+                let q = awq_search::pseudo_quantize(&w16, n, k, &self.opts.awq_options())
+                    .map_err(in_layer)?;
+                (q, None, None, 0)
+            }
             None => (quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?, None, None, 0),
             Some(h) => {
                 let r = gptq_quantize(&w, n, k, h, &self.opts.gptq_options()).map_err(in_layer)?;
@@ -699,7 +788,12 @@ impl<'a> Streamer<'a> {
         };
         drop(w);
         round_scales_to_f16(&mut q);
-        for (tname, t) in layer_tensors(&full, &q, self.opts.format())? {
+        let tensors = if self.opts.method == Method::Awq {
+            crate::formats::awq::layer_tensors(&full, &q)?
+        } else {
+            layer_tensors(&full, &q, self.opts.format())?
+        };
+        for (tname, t) in tensors {
             self.pending.insert(tname, t);
         }
         linear.weight = Arc::new(DenseMatrix::new(n, k, q.dequantize(), WeightDType::F32));
@@ -713,6 +807,197 @@ impl<'a> Streamer<'a> {
         self.bars.layers.inc(1);
         Ok(())
     }
+}
+
+impl Streamer<'_> {
+    /// AWQ on one block (AutoAWQ's order): capture every stage's input on the float block,
+    /// search each scaling group's scales against its sub-layer output, fold all scales in,
+    /// search clipping on the scaled inputs, then round (AWQ grid, or GPTQ with `awq-gptq`).
+    /// The float block's outputs feed the next block, as in AutoAWQ.
+    fn awq_block(&mut self, block: &mut dyn DecoderBlock, prefix: &str) -> Result<()> {
+        let awq_groups = block.awq_groups();
+        if awq_groups.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "`{prefix}`: this block has no op to fold AWQ scales into (post-norm or \
+                 non-affine norms)"
+            )));
+        }
+        let num_stages = block.groups().len();
+        let rows: usize = self.acts.iter().map(|a| a.t).sum();
+        // Inputs of every stage, all samples concatenated; the float outputs for the next block.
+        let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); num_stages];
+        for a in self.acts.iter_mut() {
+            let mut st = block.begin(std::mem::take(&mut a.x));
+            for (g, input) in inputs.iter_mut().enumerate() {
+                input.extend_from_slice(&st.input);
+                run_stage(block, g, &mut st, a);
+            }
+            a.x = st.residual;
+        }
+        let widths: Vec<usize> = inputs.iter().map(|x| x.len() / rows.max(1)).collect();
+        let width = |g: usize| widths[g];
+        let opts = self.opts.awq_options();
+        let h = self.config.hidden_size();
+
+        // 1. Scale search on the unmodified block, every group before any scale is applied.
+        let mut found = Vec::with_capacity(awq_groups.len());
+        for group in &awq_groups {
+            self.bars.layers.set_message(format!("scales {}", group.linears.join(",")));
+            let stage = group.stages.start;
+            let k = width(stage);
+            let originals: Vec<(std::sync::Arc<dyn crate::nn::LinearKernel>, Vec<f32>, usize)> =
+                group
+                    .linears
+                    .iter()
+                    .map(|name| {
+                        let l = block.linear_mut(name);
+                        (l.weight.clone(), l.weight.to_f32(), l.out_features())
+                    })
+                    .collect();
+            let weights: Vec<(&[f32], usize)> =
+                originals.iter().map(|(_, w, n)| (w.as_slice(), *n)).collect();
+            let x = &inputs[stage];
+            let acts = &self.acts;
+            let mut inspect = |ws: &[Vec<f32>]| -> Vec<f32> {
+                for ((name, w), (_, _, n)) in group.linears.iter().zip(ws).zip(&originals) {
+                    block.linear_mut(name).weight =
+                        Arc::new(DenseMatrix::new(*n, k, w.clone(), WeightDType::F32));
+                }
+                let mut out = Vec::with_capacity(rows * h);
+                let mut row0 = 0;
+                for a in acts {
+                    let mut st = State {
+                        residual: vec![0.0; a.t * h],
+                        input: x[row0 * k..(row0 + a.t) * k].to_vec(),
+                    };
+                    for g in group.stages.clone() {
+                        run_stage(block, g, &mut st, a);
+                    }
+                    out.extend_from_slice(&st.residual);
+                    row0 += a.t;
+                }
+                out
+            };
+            let search = awq_search::search_scales(x, rows, k, &weights, &mut inspect, &opts)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "AWQ scales for `{prefix}` {}: {e}",
+                        group.linears.join(", ")
+                    ))
+                })?;
+            for (name, (orig, _, _)) in group.linears.iter().zip(&originals) {
+                block.linear_mut(name).weight = orig.clone();
+            }
+            found.push(search.scales);
+        }
+
+        // 2. Fold the scales: previous op ÷ s, the group's input columns × s (and the captured
+        // inputs ÷ s, for the clipping search).
+        for (group, s) in awq_groups.iter().zip(&found) {
+            match group.prev {
+                AwqPrev::Norm(name) => {
+                    let (w, b) = block.norm_mut(name);
+                    let w = w.ok_or_else(|| {
+                        Error::Unsupported(format!("`{prefix}.{name}` has no weight to scale"))
+                    })?;
+                    awq_search::divide_vector(w, s)?;
+                    if let Some(b) = b {
+                        awq_search::divide_vector(b, s)?;
+                    }
+                }
+                AwqPrev::Linear(name) => {
+                    let l = block.linear_mut(name);
+                    let (n, k) = (l.out_features(), l.in_features());
+                    let mut w = l.weight.to_f32();
+                    awq_search::divide_rows(&mut w, n, k, s)?;
+                    l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
+                    if let Some(b) = l.bias.as_mut() {
+                        let at = b.len() - s.len();
+                        awq_search::divide_vector(&mut b[at..], s)?;
+                    }
+                }
+            }
+            for name in group.linears {
+                let l = block.linear_mut(name);
+                let (n, k) = (l.out_features(), l.in_features());
+                let mut w = l.weight.to_f32();
+                awq_search::scale_columns(&mut w, n, k, s)?;
+                l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
+            }
+            let stage = group.stages.start;
+            let k = width(stage);
+            awq_search::divide_columns(&mut inputs[stage], rows, k, s)?;
+        }
+
+        // 3. Clipping (not for q/k, whose errors the softmax amplifies) and rounding.
+        let groups = block.groups();
+        for (stage, names) in groups.iter().enumerate() {
+            let x = &inputs[stage];
+            let k = width(stage);
+            let hessian = if self.opts.method == Method::AwqGptq {
+                let mut hs = Hessian::new(k);
+                let mut row0 = 0;
+                for a in &self.acts {
+                    hs.add_sample(&x[row0 * k..(row0 + a.t) * k], a.t);
+                    row0 += a.t;
+                }
+                Some(hs)
+            } else {
+                None
+            };
+            for name in names.iter() {
+                let l = block.linear_mut(name);
+                let n = l.out_features();
+                let mut w = l.weight.to_f32();
+                if !is_query_or_key(name) {
+                    self.bars.layers.set_message(format!("clip {name}"));
+                    let max_val = awq_search::search_clip(x, rows, k, &w, n, &opts)?;
+                    awq_search::apply_clip(&mut w, n, k, opts.group_size, &max_val)?;
+                }
+                l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
+                self.quantize_layer(block, prefix, name, hessian.as_ref())?;
+            }
+        }
+
+        // 4. The float tensors the scales changed (norms, biases), from the block.
+        for name in block.norm_names() {
+            let (w, b) = block.norm_mut(name);
+            for (suffix, v) in [("weight", w), ("bias", b)] {
+                if let Some(v) = v {
+                    let t = self.opts.dtype.encode(vec![v.len()], v);
+                    self.pending.insert(format!("{prefix}.{name}.{suffix}"), t);
+                }
+            }
+        }
+        for name in groups.iter().flat_map(|g| g.iter()) {
+            if let Some(b) = &block.linear_mut(name).bias {
+                let t = self.opts.dtype.encode(vec![b.len()], b);
+                self.pending.insert(format!("{prefix}.{name}.bias"), t);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// q/k projections (also GPT-2's fused c_attn), which AutoAWQ never clips: its test is a
+/// substring match on the layer name.
+fn is_query_or_key(name: &str) -> bool {
+    ["q_", "k_", "query", "key", "Wqkv", "c_attn"]
+        .iter()
+        .any(|p| name.contains(p))
+}
+
+/// Run stage `g` of `block` on one calibration sample's state.
+fn run_stage(block: &dyn DecoderBlock, g: usize, st: &mut State, a: &Activation) {
+    let mut cache = KvCache::new(1, 1);
+    cache.push_positions(a.t, None);
+    let mut ctx = BlockContext {
+        t: a.t,
+        positions: &a.positions,
+        cache: &mut cache,
+        cache_layer: 0,
+    };
+    block.step(g, st, &mut ctx);
 }
 
 /// Checkpoints store scales in f16; dequantize with exactly those values.
