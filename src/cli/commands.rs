@@ -496,6 +496,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     opts.true_sequential = !a.no_true_sequential;
     opts.sink_weight = a.sink_weight;
     opts.awq.duo_scaling = !a.awq_activation_only;
+    opts.awq_search_tokens = (a.awq_search_tokens > 0).then_some(a.awq_search_tokens);
     opts.dtype = out_dtype;
     opts.max_shard_bytes = max_shard_bytes;
     opts.overwrite = a.overwrite;
@@ -545,13 +546,24 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         .output
         .clone()
         .ok_or_else(|| Error::InvalidArgument("-o/--output is required".into()))?;
-    let tokenizer = ckpt.tokenizer()?;
-    let generation = autoquant::auto::generation_defaults(
-        &ckpt.files.dir,
-        &ckpt.config,
-        &tokenizer,
-        ckpt.files.gguf.is_none(),
-    )?;
+    // Only text calibration needs the tokenizer; without one the output has none either.
+    let tokenizer = match ckpt.tokenizer() {
+        Ok(t) => Some(t),
+        Err(e) if a.calib.is_none() => {
+            eprintln!("note: no tokenizer ({e}); the output will have none");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let generation = match &tokenizer {
+        Some(t) => Some(autoquant::auto::generation_defaults(
+            &ckpt.files.dir,
+            &ckpt.config,
+            t,
+            ckpt.files.gguf.is_none(),
+        )?),
+        None => None,
+    };
     let calib = match (method, &a.calib, &a.calib_windows) {
         (Method::Rtn, None, None) => None,
         (Method::Rtn, _, _) => {
@@ -565,7 +577,8 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
                 seed: a.seed,
                 mode: awq_calib.then_some(autoquant::quant::calib::CalibMode::Blocks),
             };
-            Some(CalibData::from_file(path, &tokenizer, &opts)?)
+            let tokenizer = tokenizer.as_ref().expect("text calibration has a tokenizer");
+            Some(CalibData::from_file(path, tokenizer, &opts)?)
         }
         (_, None, Some(path)) => Some(CalibData::from_windows_json(path)?),
         (_, _, _) => {
@@ -593,8 +606,8 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     let r = stream::quantize_to_gptq(
         &ckpt.config,
         ckpt.weights.as_ref(),
-        Some(&tokenizer),
-        Some(&generation),
+        tokenizer.as_ref(),
+        generation.as_ref(),
         calib.as_ref(),
         &output,
         &opts,

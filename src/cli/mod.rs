@@ -249,6 +249,10 @@ pub struct QuantizeArgs {
     pub seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// AWQ: calibration tokens the scale search's forward passes run on (whole samples; 0 = all,
+    /// as AutoAWQ). Activation statistics always use every token.
+    #[arg(long, default_value_t = autoquant::quant::stream::DEFAULT_AWQ_SEARCH_TOKENS)]
+    pub awq_search_tokens: usize,
     /// AWQ: the original activation-only scale formula instead of AutoAWQ's duo scaling.
     #[arg(long)]
     pub awq_activation_only: bool,

@@ -43,6 +43,9 @@ use std::time::Instant;
 /// [`StreamOptions::sink_weight`]); the reference GPTQ is 1.
 pub const DEFAULT_SINK_WEIGHT: f32 = 1.0;
 
+/// Default of [`StreamOptions::awq_search_tokens`].
+pub const DEFAULT_AWQ_SEARCH_TOKENS: usize = 8192;
+
 /// How each linear layer is rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -96,6 +99,10 @@ pub struct StreamOptions {
     /// AWQ search settings (grid points, duo scaling, clipping); bits and group size come from
     /// `params`.
     pub awq: AwqOptions,
+    /// Calibration tokens (whole samples, from the first) that AWQ's scale search runs its
+    /// 21 forward passes per group on; activation statistics use every token. `None`: all,
+    /// as AutoAWQ on a GPU. On a CPU the search costs ~21 block forwards per token.
+    pub awq_search_tokens: Option<usize>,
     /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
     pub dtype: WeightDType,
     pub max_shard_bytes: u64,
@@ -118,6 +125,7 @@ impl StreamOptions {
             true_sequential: true,
             sink_weight: DEFAULT_SINK_WEIGHT,
             awq: AwqOptions::default(),
+            awq_search_tokens: Some(DEFAULT_AWQ_SEARCH_TOKENS),
             dtype: WeightDType::F16,
             max_shard_bytes: 5_000_000_000,
             overwrite: false,
@@ -835,6 +843,17 @@ impl Streamer<'_> {
             a.x = st.residual;
         }
         let widths: Vec<usize> = inputs.iter().map(|x| x.len() / rows.max(1)).collect();
+        // The samples the scale search's forward passes use (at least one).
+        let limit = self.opts.awq_search_tokens.unwrap_or(usize::MAX);
+        let mut search_samples = 0;
+        let mut search_rows = 0;
+        for a in &self.acts {
+            if search_samples > 0 && search_rows + a.t > limit {
+                break;
+            }
+            search_samples += 1;
+            search_rows += a.t;
+        }
         let width = |g: usize| widths[g];
         let opts = self.opts.awq_options();
         let h = self.config.hidden_size();
@@ -857,13 +876,13 @@ impl Streamer<'_> {
             let weights: Vec<(&[f32], usize)> =
                 originals.iter().map(|(_, w, n)| (w.as_slice(), *n)).collect();
             let x = &inputs[stage];
-            let acts = &self.acts;
+            let acts = &self.acts[..search_samples];
             let mut inspect = |ws: &[Vec<f32>]| -> Vec<f32> {
                 for ((name, w), (_, _, n)) in group.linears.iter().zip(ws).zip(&originals) {
                     block.linear_mut(name).weight =
                         Arc::new(DenseMatrix::new(*n, k, w.clone(), WeightDType::F32));
                 }
-                let mut out = Vec::with_capacity(rows * h);
+                let mut out = Vec::with_capacity(search_rows * h);
                 let mut row0 = 0;
                 for a in acts {
                     let mut st = State {
