@@ -326,6 +326,10 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 
 pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
     let p = a.model.load()?;
+    let calibrated_on_data = calibration_overlap(&p.config, &a.data)?;
+    if let Some(note) = &calibrated_on_data {
+        eprintln!("warning: {note}");
+    }
     let text = perplexity::load_text(&a.data)?;
     let ids = p.tokenizer.encode(&text, a.add_special_tokens)?;
     let protocol = if a.llama_cpp {
@@ -364,6 +368,7 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
     if ctx.json {
         let mut v = json!(r);
         v["data"] = json!(a.data.display().to_string());
+        v["warning"] = json!(calibrated_on_data);
         v["model"] = json!(a.model.model);
         v["dtype"] = json!(a.model.dtype);
         v["peak_rss_bytes"] = peak_rss();
@@ -577,7 +582,9 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
                 seed: a.seed,
                 mode: awq_calib.then_some(autoquant::quant::calib::CalibMode::Blocks),
             };
-            let tokenizer = tokenizer.as_ref().expect("text calibration has a tokenizer");
+            let tokenizer = tokenizer
+                .as_ref()
+                .expect("text calibration has a tokenizer");
             Some(CalibData::from_file(path, tokenizer, &opts)?)
         }
         (_, None, Some(path)) => Some(CalibData::from_windows_json(path)?),
@@ -596,11 +603,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         for w in &c.warnings {
             eprintln!("warning: {w}");
         }
-        eprintln!(
-            "calibration: {} ({} tokens)",
-            c.description,
-            c.num_tokens()
-        );
+        eprintln!("calibration: {} ({} tokens)", c.description, c.num_tokens());
         c
     });
     let r = stream::quantize_to_gptq(
@@ -612,7 +615,11 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         &output,
         &opts,
     )?;
-    for w in r.warnings.iter().skip(calib.as_ref().map_or(0, |c| c.warnings.len())) {
+    for w in r
+        .warnings
+        .iter()
+        .skip(calib.as_ref().map_or(0, |c| c.warnings.len()))
+    {
         eprintln!("warning: {w}");
     }
     let checkpoint_format = if method == Method::Awq {
@@ -652,7 +659,11 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             method.name(),
             a.bits,
             a.group_size,
-            if a.asym || method == Method::Awq { "asymmetric" } else { "symmetric" },
+            if a.asym || method == Method::Awq {
+                "asymmetric"
+            } else {
+                "symmetric"
+            },
             checkpoint_format,
             r.seconds
         );
@@ -679,9 +690,7 @@ fn quantize_bnb(
 ) -> Result<()> {
     use autoquant::quant::bnb::{quantize_checkpoint, BnbSaveOptions};
     let config = match kind {
-        "nf4" | "fp4" => {
-            BitsAndBytesConfig::four_bit(FourBitType::parse(kind)?, a.double_quant)
-        }
+        "nf4" | "fp4" => BitsAndBytesConfig::four_bit(FourBitType::parse(kind)?, a.double_quant),
         "int8" if !a.double_quant => BitsAndBytesConfig::eight_bit(6.0),
         "int8" => {
             return Err(Error::InvalidArgument(
@@ -762,8 +771,7 @@ pub fn synth(ctx: &Context, a: SynthArgs) -> Result<()> {
         dtype.name()
     );
     let t0 = std::time::Instant::now();
-    let saved =
-        autoquant::auto::write_random_checkpoint(&config, a.seed, dtype, &a.output, &opts)?;
+    let saved = autoquant::auto::write_random_checkpoint(&config, a.seed, dtype, &a.output, &opts)?;
     let seconds = t0.elapsed().as_secs_f64();
     if ctx.json {
         print_json(&json!({
@@ -784,4 +792,29 @@ pub fn synth(ctx: &Context, a: SynthArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A note when `data` is the very file the model was calibrated on (its sha256 is recorded in
+/// the GPTQ `quantization_config.meta`): perplexity there flatters the quantization.
+fn calibration_overlap(
+    config: &autoquant::config::AutoConfig,
+    data: &std::path::Path,
+) -> Result<Option<String>> {
+    let Some(recorded) = config
+        .raw
+        .get("quantization_config")
+        .and_then(|q| q.get("meta"))
+        .and_then(|m| m.get("calibration_sha256"))
+        .and_then(|v| v.as_str())
+    else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(data).map_err(|e| Error::io(data, e))?;
+    Ok((autoquant::fsutil::sha256_hex(&bytes) == recorded).then(|| {
+        format!(
+            "{} is the file this model was calibrated on; its perplexity is optimistic \
+             (evaluate on held-out text)",
+            data.display()
+        )
+    }))
 }

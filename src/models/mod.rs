@@ -327,12 +327,9 @@ impl AutoModelForCausalLM {
 /// Decoder block `i` of `config`, read through `ld` (for layer-by-layer work).
 pub fn load_block(config: &AutoConfig, ld: &Loader, i: usize) -> Result<Box<dyn DecoderBlock>> {
     Ok(match &config.arch {
-        Architecture::Llama(c) | Architecture::Qwen2(c) => Box::new(llama::LlamaLayer::load(
-            c,
-            ld,
-            i,
-            llama::layer_inv_freq(c),
-        )?),
+        Architecture::Llama(c) | Architecture::Qwen2(c) => {
+            Box::new(llama::LlamaLayer::load(c, ld, i, llama::layer_inv_freq(c))?)
+        }
         Architecture::Opt(c) => Box::new(opt::OptLayer::load(c, ld, i)?),
         Architecture::Gpt2(c) => Box::new(gpt2::Gpt2Block::load(c, ld, i)?),
     })
@@ -448,17 +445,20 @@ impl RandomWeights {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 20;
         let mut out = vec![0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let seed = h ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            for v in chunk {
-                // Box-Muller normal sample.
-                let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
-                let u2: f64 = rng.gen();
-                *v = ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * self.std)
-                    as f32;
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let seed = h ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                for v in chunk {
+                    // Box-Muller normal sample.
+                    let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+                    let u2: f64 = rng.gen();
+                    *v = ((-2.0 * u1.ln()).sqrt()
+                        * (2.0 * std::f64::consts::PI * u2).cos()
+                        * self.std) as f32;
+                }
+            });
         out
     }
 }

@@ -217,7 +217,9 @@ impl CalibData {
         let samples: Vec<Vec<u32>> = serde_json::from_value(v).map_err(|e| {
             Error::format(
                 path,
-                format!("expected a JSON array of token-id arrays (or {{\"windows\": [...]}}): {e}"),
+                format!(
+                    "expected a JSON array of token-id arrays (or {{\"windows\": [...]}}): {e}"
+                ),
             )
         })?;
         if samples.is_empty() || samples.iter().any(|s| s.len() < 2) {

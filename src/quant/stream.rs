@@ -13,9 +13,10 @@
 use crate::auto::write_model_files;
 use crate::config::{Architecture, AutoConfig};
 use crate::error::{Error, Result};
+use crate::formats::awq::AwqConfig;
 use crate::formats::gptq::{layer_tensors, GptqConfig};
-use crate::formats::gptq_pack::ZeroFormat;
 use crate::formats::gptq_pack::check_loader_shape;
+use crate::formats::gptq_pack::ZeroFormat;
 use crate::formats::safetensors::{save_safetensors, TensorSpec};
 use crate::formats::WeightSource;
 use crate::generate::GenerationConfig;
@@ -24,9 +25,8 @@ use crate::models::{
     block_groups, block_of, block_prefix, checkpoint_tensors, load_block, AutoModelForCausalLM,
     BlockContext, BlockState, DecoderBlock, ForwardInput, LoadOptions,
 };
-use crate::nn::{DenseMatrix, Loader, WeightDType};
-use crate::formats::awq::AwqConfig;
 use crate::models::{AwqPrev, BlockState as State};
+use crate::nn::{DenseMatrix, Loader, WeightDType};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
@@ -269,7 +269,10 @@ impl Plan {
 pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -> Result<Plan> {
     opts.check()?;
     if let Some(q) = config.raw.get("quantization_config") {
-        let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+        let method = q
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("?");
         return Err(Error::InvalidArgument(format!(
             "{} is already quantized ({method}); quantize the float checkpoint instead",
             config
@@ -290,7 +293,9 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
         let block = block_of(config, &name);
         let linear = block.and_then(|i| {
             let prefix = block_prefix(config, i);
-            let rel = name.strip_prefix(&format!("{prefix}."))?.strip_suffix(".weight")?;
+            let rel = name
+                .strip_prefix(&format!("{prefix}."))?
+                .strip_suffix(".weight")?;
             groups.iter().flat_map(|g| g.iter()).find(|&&l| l == rel)?;
             Some(format!("{prefix}.{rel}"))
         });
@@ -336,8 +341,16 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
             check_loader_shape(n, k, opts.params.bits)
                 .map_err(|e| Error::InvalidArgument(format!("`{layer}` [N={n}, K={k}]: {e}")))?;
             vec![
-                TensorSpec::new(format!("{layer}.qweight"), DType::I32, vec![k * bits / 32, n]),
-                TensorSpec::new(format!("{layer}.qzeros"), DType::I32, vec![g, n * bits / 32]),
+                TensorSpec::new(
+                    format!("{layer}.qweight"),
+                    DType::I32,
+                    vec![k * bits / 32, n],
+                ),
+                TensorSpec::new(
+                    format!("{layer}.qzeros"),
+                    DType::I32,
+                    vec![g, n * bits / 32],
+                ),
                 TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
                 TensorSpec::new(format!("{layer}.g_idx"), DType::I32, vec![k]),
             ]
@@ -650,8 +663,7 @@ impl<'a> Streamer<'a> {
                 return Ok(t);
             }
         }
-        let values =
-            crate::formats::read_f32_checked(self.src, &spec.name, &spec.shape)?;
+        let values = crate::formats::read_f32_checked(self.src, &spec.name, &spec.shape)?;
         Ok(self.opts.dtype.encode(spec.shape.clone(), &values))
     }
 
@@ -782,7 +794,12 @@ impl<'a> Streamer<'a> {
                     .map_err(in_layer)?;
                 (q, None, None, 0)
             }
-            None => (quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?, None, None, 0),
+            None => (
+                quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?,
+                None,
+                None,
+                0,
+            ),
             Some(h) => {
                 let r = gptq_quantize(&w, n, k, h, &self.opts.gptq_options()).map_err(in_layer)?;
                 if r.damp_used != self.opts.damp_percent {
@@ -861,7 +878,9 @@ impl Streamer<'_> {
         // 1. Scale search on the unmodified block, every group before any scale is applied.
         let mut found = Vec::with_capacity(awq_groups.len());
         for group in &awq_groups {
-            self.bars.layers.set_message(format!("scales {}", group.linears.join(",")));
+            self.bars
+                .layers
+                .set_message(format!("scales {}", group.linears.join(",")));
             let stage = group.stages.start;
             let k = width(stage);
             let originals: Vec<(std::sync::Arc<dyn crate::nn::LinearKernel>, Vec<f32>, usize)> =
@@ -873,8 +892,10 @@ impl Streamer<'_> {
                         (l.weight.clone(), l.weight.to_f32(), l.out_features())
                     })
                     .collect();
-            let weights: Vec<(&[f32], usize)> =
-                originals.iter().map(|(_, w, n)| (w.as_slice(), *n)).collect();
+            let weights: Vec<(&[f32], usize)> = originals
+                .iter()
+                .map(|(_, w, n)| (w.as_slice(), *n))
+                .collect();
             let x = &inputs[stage];
             let acts = &self.acts[..search_samples];
             let mut inspect = |ws: &[Vec<f32>]| -> Vec<f32> {
