@@ -324,20 +324,7 @@ pub fn layer_tensors(prefix: &str, q: &QuantizedLinear) -> Result<Vec<(String, R
         )));
     }
     let groups = k / g;
-    if q.codes.len() != n * k || q.g_idx.len() != k {
-        return Err(bad(format!(
-            "{} codes and {} g_idx entries do not match [N={n}, K={k}]",
-            q.codes.len(),
-            q.g_idx.len()
-        )));
-    }
-    if q.scales.len() != groups * n || q.zeros.len() != groups * n {
-        return Err(bad(format!(
-            "{} scales and {} zeros do not match [G={groups}, N={n}]",
-            q.scales.len(),
-            q.zeros.len()
-        )));
-    }
+    q.check_parts(groups).map_err(bad)?;
     if let Some(c) = q
         .g_idx
         .iter()

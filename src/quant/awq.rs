@@ -684,36 +684,35 @@ fn check_scales(s: &[f32], len: usize, what: &str) -> Result<()> {
 /// `w[:, c] *= s[c]` for a `[n, k]` weight: fold the scales into the group's linears
 /// (AutoAWQ `fc.weight.mul_(scales.view(1, -1))`).
 pub fn scale_columns(w: &mut [f32], n: usize, k: usize, s: &[f32]) -> Result<()> {
-    check_scales(s, k, "input channels")?;
-    if w.len() != n * k {
-        return Err(Error::InvalidArgument(format!(
-            "AWQ: weight has {} values, [N={n}, K={k}] needs {}",
-            w.len(),
-            n * k
-        )));
-    }
-    w.par_chunks_mut(k.max(1)).for_each(|row| {
-        for (v, &sc) in row.iter_mut().zip(s) {
-            *v *= sc;
-        }
-    });
-    Ok(())
+    map_columns(w, n, k, s, "weight", |v, sc| v * sc)
 }
 
 /// `x[:, c] /= s[c]` for `[rows, k]` activations: what the captured inputs of the scaled
 /// linears become (AutoAWQ `inp.div_(scales.view(1, -1))`), e.g. before the clip search.
 pub fn divide_columns(x: &mut [f32], rows: usize, k: usize, s: &[f32]) -> Result<()> {
+    map_columns(x, rows, k, s, "activations", |v, sc| v / sc)
+}
+
+/// `m[r, c] = f(m[r, c], s[c])` for a `[rows, k]` matrix, rows in parallel.
+fn map_columns(
+    m: &mut [f32],
+    rows: usize,
+    k: usize,
+    s: &[f32],
+    what: &str,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<()> {
     check_scales(s, k, "input channels")?;
-    if x.len() != rows * k {
+    if m.len() != rows * k {
         return Err(Error::InvalidArgument(format!(
-            "AWQ: activations have {} values, [{rows}, {k}] needs {}",
-            x.len(),
+            "AWQ: {what} has {} values, [{rows}, {k}] needs {}",
+            m.len(),
             rows * k
         )));
     }
-    x.par_chunks_mut(k.max(1)).for_each(|row| {
+    m.par_chunks_mut(k.max(1)).for_each(|row| {
         for (v, &sc) in row.iter_mut().zip(s) {
-            *v /= sc;
+            *v = f(*v, sc);
         }
     });
     Ok(())

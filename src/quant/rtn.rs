@@ -44,6 +44,27 @@ impl QuantizedLinear {
         self.scales.len().checked_div(self.n).unwrap_or(0)
     }
 
+    /// Check that codes and g_idx fit `[N, K]` and scales and zeros `[groups, N]` (for
+    /// writers, whose layouts would silently misplace values otherwise).
+    pub fn check_parts(&self, groups: usize) -> std::result::Result<(), String> {
+        let (n, k) = (self.n, self.k);
+        if self.codes.len() != n * k || self.g_idx.len() != k {
+            return Err(format!(
+                "{} codes and {} g_idx entries do not match [N={n}, K={k}]",
+                self.codes.len(),
+                self.g_idx.len()
+            ));
+        }
+        if self.scales.len() != groups * n || self.zeros.len() != groups * n {
+            return Err(format!(
+                "{} scales and {} zeros do not match [G={groups}, N={n}]",
+                self.scales.len(),
+                self.zeros.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// `W[n, k] = scales[g_idx[k], n] · (q[n, k] − Z[g_idx[k], n])`, as `[N, K]` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = Vec::with_capacity(self.n * self.k);

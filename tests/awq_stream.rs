@@ -1,0 +1,801 @@
+//! Streamed AWQ (`quant::stream` with `Method::Awq` / `Method::AwqGptq`) on tiny llama (GQA and
+//! MHA), pre-norm OPT and GPT-2 models whose block norms have a few planted outlier channels,
+//! so activation-aware scaling matters:
+//!
+//! * the scales are folded without changing the float function: every written norm, bias and
+//!   dequantized weight equals the original one times the scales of its AutoAWQ scaling group
+//!   (AutoAWQ's `get_layers_for_scaling`, restated here), up to rounding;
+//! * AWQ's logits are closer to the float model's than RTN's (asymmetric, same group);
+//! * the checkpoint is an AutoAWQ GEMM one that loads packed and runs; AWQ+GPTQ writes a GPTQ
+//!   checkpoint;
+//! * bad input is refused and leaves nothing behind.
+//!
+//! The float models are built here from a seeded generator whose values are exact in f32.
+
+mod common;
+
+use autoquant::config::AutoConfig;
+use autoquant::formats::safetensors::save_safetensors_in_memory;
+use autoquant::formats::{open_weights, WeightSource};
+use autoquant::models::{
+    checkpoint_tensors, load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode,
+};
+use autoquant::quant::calib::CalibData;
+use autoquant::quant::rtn::QuantParams;
+use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
+use autoquant::tensor::RawTensor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+// ---------------------------------------------------------------------------------------------
+// Tiny float models
+
+/// Channels of every block norm whose weight is multiplied by [`OUTLIER_GAIN`]: the inputs of
+/// the norm-fed linears then have a few large channels, as in real LLMs.
+const OUTLIERS: [usize; 3] = [3, 19, 40];
+const OUTLIER_GAIN: f32 = 16.0;
+
+fn config_value(arch: &str) -> Value {
+    match arch {
+        "llama_gqa" | "llama_mha" => json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 320,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": if arch == "llama_gqa" { 2 } else { 4 },
+            "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": true, "bos_token_id": 1,
+            "eos_token_id": 2, "hidden_act": "silu"
+        }),
+        "opt" | "opt_post_norm" => json!({
+            "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": 320,
+            "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 64, "word_embed_proj_dim": 64,
+            "do_layer_norm_before": arch == "opt", "activation_function": "relu",
+            "enable_bias": true, "layer_norm_elementwise_affine": true,
+            "_remove_final_layer_norm": false, "tie_word_embeddings": true,
+            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1
+        }),
+        "gpt2" => json!({
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 320,
+            "n_embd": 64, "n_head": 4, "n_inner": 128, "n_layer": 2, "n_positions": 64,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": true, "bos_token_id": 319, "eos_token_id": 319
+        }),
+        other => panic!("no tiny model {other}"),
+    }
+}
+
+/// splitmix64 of `fnv1a64(name) + i·γ`: a triangular integer in [−2^20, 2^20), times 2^exp.
+fn seeded(name: &str, n: usize, exp: i32) -> Vec<f32> {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
+    }
+    (1..=n as u64)
+        .map(|i| {
+            let mut z = h.wrapping_add(i.wrapping_mul(GAMMA));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let t = (z >> 44) as i64 + ((z >> 24) & 0xF_FFFF) as i64 - (1 << 20);
+            (t as f64 * 2f64.powi(exp)) as f32
+        })
+        .collect()
+}
+
+/// A float checkpoint folder (config.json + model.safetensors, f32).
+struct FloatModel {
+    _tmp: tempfile::TempDir,
+    arch: &'static str,
+    dir: PathBuf,
+    config: AutoConfig,
+    weights: Box<dyn WeightSource>,
+}
+
+impl FloatModel {
+    fn new(arch: &'static str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(arch);
+        std::fs::create_dir(&dir).unwrap();
+        let value = config_value(arch);
+        std::fs::write(dir.join("config.json"), value.to_string()).unwrap();
+        let config = AutoConfig::from_pretrained(&dir).unwrap();
+        let mut tensors = vec![];
+        for (name, shape) in checkpoint_tensors(&config) {
+            let n: usize = shape.iter().product();
+            let in_block = name.contains(".layers.") || name.contains(".h.");
+            let v = if name.ends_with(".bias") {
+                seeded(&name, n, -23) // ±1/8
+            } else if shape.len() == 1 {
+                // Norm weight: 1 ± 1/8, with planted outliers in the blocks.
+                let mut v: Vec<f32> = seeded(&name, n, -23).iter().map(|x| 1.0 + x).collect();
+                if in_block {
+                    for &c in &OUTLIERS {
+                        v[c] *= OUTLIER_GAIN;
+                    }
+                }
+                v
+            } else if name.contains("embed") || name.contains(".wte.") || name.contains(".wpe.") {
+                seeded(&name, n, -21) // ±1/2
+            } else {
+                seeded(&name, n, -22) // ±1/4
+            };
+            tensors.push((name, RawTensor::from_f32(shape, &v)));
+        }
+        save_safetensors_in_memory(&dir, &tensors, u64::MAX, &BTreeMap::new()).unwrap();
+        let weights = open_weights(&dir).unwrap();
+        FloatModel {
+            _tmp: tmp,
+            arch,
+            dir,
+            config,
+            weights,
+        }
+    }
+
+    fn quantize(
+        &self,
+        calib: Option<&CalibData>,
+        out: &Path,
+        opts: &StreamOptions,
+    ) -> autoquant::Result<StreamReport> {
+        quantize_to_gptq(
+            &self.config,
+            self.weights.as_ref(),
+            None,
+            None,
+            calib,
+            out,
+            opts,
+        )
+    }
+
+    fn prefix(&self, block: usize) -> String {
+        match self.arch {
+            "gpt2" => format!("transformer.h.{block}"),
+            "opt" | "opt_post_norm" => format!("model.decoder.layers.{block}"),
+            _ => format!("model.layers.{block}"),
+        }
+    }
+
+    fn is_mha(&self) -> bool {
+        self.arch != "llama_gqa"
+    }
+}
+
+/// Token windows from an LCG (vocabulary 320), `n` of `len` tokens.
+fn windows(seed: u64, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((s >> 33) % 320) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn calibration() -> CalibData {
+    CalibData {
+        samples: windows(7, 8, 32),
+        description: "lcg windows (8 × 32)".into(),
+        sha256: None,
+        warnings: vec![],
+    }
+}
+
+fn options(method: Method, bits: u8, group_size: Option<usize>) -> StreamOptions {
+    StreamOptions::new(
+        method,
+        QuantParams {
+            bits,
+            group_size,
+            sym: false,
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logits
+
+fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1);
+    model
+        .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
+        .unwrap()
+}
+
+/// Logit error of a quantized model against the float one over held-out windows from the
+/// calibration distribution: `(‖Δ‖₂ / ‖float‖₂, max |Δ|)`.
+fn logit_error(quantized: &dyn CausalLM, float: &dyn CausalLM) -> (f64, f64) {
+    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
+    for ids in windows(1234, 4, 32) {
+        let (q, f) = (logits(quantized, &ids), logits(float, &ids));
+        assert!(
+            q.iter().all(|v| v.is_finite()),
+            "non-finite logits from the quantized model"
+        );
+        for (a, b) in q.iter().zip(&f) {
+            let d = (a - b) as f64;
+            num += d * d;
+            den += (*b as f64) * (*b as f64);
+            max = max.max(d.abs());
+        }
+    }
+    ((num / den).sqrt(), max)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AutoAWQ's scaling groups, restated
+
+/// The op whose output feeds a scaling group.
+#[derive(Clone, Copy)]
+enum Prev {
+    Norm(&'static str),
+    /// A linear whose last rows (all of them, or the v third of GPT-2's c_attn) are divided.
+    Linear(&'static str),
+}
+
+/// AutoAWQ's `get_layers_for_scaling` for each architecture (GPT-2 has no c_fc → c_proj group:
+/// GELU does not commute with scaling; llama's v → o only without grouped-query heads).
+fn scaling_groups(m: &FloatModel) -> Vec<(Prev, Vec<&'static str>)> {
+    match m.arch {
+        "llama_gqa" | "llama_mha" => {
+            let mut g = vec![(
+                Prev::Norm("input_layernorm"),
+                vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            )];
+            if m.is_mha() {
+                g.push((Prev::Linear("self_attn.v_proj"), vec!["self_attn.o_proj"]));
+            }
+            g.push((
+                Prev::Norm("post_attention_layernorm"),
+                vec!["mlp.gate_proj", "mlp.up_proj"],
+            ));
+            g.push((Prev::Linear("mlp.up_proj"), vec!["mlp.down_proj"]));
+            g
+        }
+        "opt" => vec![
+            (
+                Prev::Norm("self_attn_layer_norm"),
+                vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ),
+            (Prev::Linear("self_attn.v_proj"), vec!["self_attn.out_proj"]),
+            (Prev::Norm("final_layer_norm"), vec!["fc1"]),
+            (Prev::Linear("fc1"), vec!["fc2"]),
+        ],
+        "gpt2" => vec![
+            (Prev::Norm("ln_1"), vec!["attn.c_attn"]),
+            (Prev::Linear("attn.c_attn"), vec!["attn.c_proj"]),
+            (Prev::Norm("ln_2"), vec!["mlp.c_fc"]),
+        ],
+        other => panic!("{other}"),
+    }
+}
+
+/// A linear of a loaded model: weight `[n, k]` (dequantized when packed) and bias.
+struct Lin {
+    n: usize,
+    k: usize,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+fn linears_of(model: &dyn CausalLM) -> BTreeMap<String, Lin> {
+    model
+        .linears()
+        .into_iter()
+        .map(|l| {
+            (
+                l.name.clone(),
+                Lin {
+                    n: l.linear.out_features(),
+                    k: l.linear.in_features(),
+                    w: l.linear.weight.to_f32(),
+                    bias: l.linear.bias.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in got.iter().zip(want) {
+        num += ((a - b) as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// How well the written checkpoint is the float model with AWQ's scales folded in.
+#[derive(Debug, Default)]
+struct Fold {
+    /// Largest relative L2 error of a dequantized weight against `W·diag(c)` with rows divided
+    /// by the next group's scales (what was rounded, if the fold preserved the function).
+    worst_weight: (String, f64),
+    /// The same weights against the unscaled `W` (large when scaling did something).
+    worst_unscaled: f64,
+    /// Largest relative error of a written bias against the original divided by the scales.
+    worst_bias: (String, f64),
+    /// Largest and smallest norm-group scale seen.
+    scale_range: (f32, f32),
+    /// Ratio of the mean scale on the planted outlier channels to the mean elsewhere.
+    outlier_scale_ratio: f64,
+}
+
+/// Recover each scaling group's scales from the written checkpoint (norm groups: exactly, from
+/// the norm weights; linear groups: least squares from the scaled input columns of the
+/// group's linears) and check every weight and bias against the original with those scales.
+fn check_fold(m: &FloatModel, out: &Path, float: &dyn CausalLM, quant: &dyn CausalLM) -> Fold {
+    let (fl, ql) = (linears_of(float), linears_of(quant));
+    let written = open_weights(out).unwrap();
+    let read = |src: &dyn WeightSource, name: &str| src.read(name).unwrap().to_f32();
+    let mut fold = Fold {
+        scale_range: (f32::INFINITY, 0.0),
+        ..Default::default()
+    };
+    let (mut out_sum, mut out_n, mut in_sum, mut in_n) = (0f64, 0, 0f64, 0);
+    for b in 0..m.config.num_layers() {
+        let p = m.prefix(b);
+        // Input-column scales c per linear and row divisors d per prev linear.
+        let mut cols: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut rows: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for (prev, linears) in scaling_groups(m) {
+            let s: Vec<f32> = match prev {
+                Prev::Norm(norm) => {
+                    let orig = read(m.weights.as_ref(), &format!("{p}.{norm}.weight"));
+                    let now = read(written.as_ref(), &format!("{p}.{norm}.weight"));
+                    let s: Vec<f32> = orig.iter().zip(&now).map(|(o, w)| o / w).collect();
+                    for (c, &v) in s.iter().enumerate() {
+                        fold.scale_range.0 = fold.scale_range.0.min(v);
+                        fold.scale_range.1 = fold.scale_range.1.max(v);
+                        if OUTLIERS.contains(&c) {
+                            (out_sum, out_n) = (out_sum + v as f64, out_n + 1);
+                        } else {
+                            (in_sum, in_n) = (in_sum + v as f64, in_n + 1);
+                        }
+                    }
+                    // A norm bias is divided by the same scales.
+                    let bias = format!("{p}.{norm}.bias");
+                    if m.weights.info(&bias).is_some() {
+                        let want: Vec<f32> = read(m.weights.as_ref(), &bias)
+                            .iter()
+                            .zip(&s)
+                            .map(|(v, s)| v / s)
+                            .collect();
+                        let e = rel_l2(&read(written.as_ref(), &bias), &want);
+                        if e > fold.worst_bias.1 {
+                            fold.worst_bias = (bias, e);
+                        }
+                    }
+                    s
+                }
+                Prev::Linear(prev) => {
+                    // Σ_r Wq[r,j]·W[r,j] / Σ_r W[r,j]² over the group's linears.
+                    let k = fl[&format!("{p}.{}", linears[0])].k;
+                    let (mut num, mut den) = (vec![0f64; k], vec![0f64; k]);
+                    for l in &linears {
+                        let (f, q) = (&fl[&format!("{p}.{l}")], &ql[&format!("{p}.{l}")]);
+                        for r in 0..f.n {
+                            for j in 0..k {
+                                let (w, wq) = (f.w[r * k + j] as f64, q.w[r * k + j] as f64);
+                                num[j] += w * wq;
+                                den[j] += w * w;
+                            }
+                        }
+                    }
+                    let s: Vec<f32> = num.iter().zip(&den).map(|(a, b)| (a / b) as f32).collect();
+                    rows.insert(prev.to_string(), s.clone());
+                    s
+                }
+            };
+            for l in linears {
+                cols.insert(l.to_string(), s.clone());
+            }
+        }
+        for (name, c) in &cols {
+            let full = format!("{p}.{name}");
+            let (f, q) = (&fl[&full], &ql[&full]);
+            let d = rows.get(name.as_str());
+            let row_div = |r: usize| -> f32 {
+                match d {
+                    Some(d) if r >= f.n - d.len() => d[r - (f.n - d.len())],
+                    _ => 1.0,
+                }
+            };
+            let mut want = f.w.clone();
+            for r in 0..f.n {
+                for j in 0..f.k {
+                    want[r * f.k + j] *= c[j] / row_div(r);
+                }
+            }
+            let e = rel_l2(&q.w, &want);
+            if e > fold.worst_weight.1 {
+                fold.worst_weight = (full.clone(), e);
+            }
+            fold.worst_unscaled = fold.worst_unscaled.max(rel_l2(&q.w, &f.w));
+            if let (Some(fb), Some(qb)) = (&f.bias, &q.bias) {
+                let want: Vec<f32> = fb.iter().enumerate().map(|(r, v)| v / row_div(r)).collect();
+                let e = rel_l2(qb, &want);
+                if e > fold.worst_bias.1 {
+                    fold.worst_bias = (format!("{full}.bias"), e);
+                }
+            }
+        }
+    }
+    fold.outlier_scale_ratio = (out_sum / out_n as f64) / (in_sum / in_n as f64);
+    fold
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Function preservation and AWQ vs RTN
+
+const ARCHS: [&str; 4] = ["llama_gqa", "llama_mha", "opt", "gpt2"];
+
+/// For every architecture: the AWQ checkpoint is the float model with the scales folded in
+/// (each weight and bias, up to 4-bit rounding), the planted outlier channels get the largest
+/// scales, and its logits are closer to the float model's than RTN's.
+#[test]
+fn awq_folds_scales_without_changing_the_function_and_beats_rtn() {
+    let calib = calibration();
+    let mut failures = vec![];
+    for arch in ARCHS {
+        let m = FloatModel::new(arch);
+        let tmp = tempfile::tempdir().unwrap();
+        let (awq_dir, rtn_dir) = (tmp.path().join("awq"), tmp.path().join("rtn"));
+        m.quantize(Some(&calib), &awq_dir, &options(Method::Awq, 4, Some(32)))
+            .unwrap();
+        m.quantize(None, &rtn_dir, &options(Method::Rtn, 4, Some(32)))
+            .unwrap();
+        let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+        let awq = load_dir(&awq_dir, &LoadOptions::default()).unwrap();
+        let rtn = load_dir(&rtn_dir, &LoadOptions::default()).unwrap();
+
+        let fold = check_fold(&m, &awq_dir, float.as_ref(), awq.as_ref());
+        let (awq_rel, awq_max) = logit_error(awq.as_ref(), float.as_ref());
+        let (rtn_rel, rtn_max) = logit_error(rtn.as_ref(), float.as_ref());
+        eprintln!(
+            "{arch}: fold: worst weight {} rel {:.4} (vs unscaled W: {:.3}), worst bias {} rel \
+             {:.2e}, norm-group scales in [{:.3}, {:.3}], outlier/other mean scale {:.2}",
+            fold.worst_weight.0,
+            fold.worst_weight.1,
+            fold.worst_unscaled,
+            fold.worst_bias.0,
+            fold.worst_bias.1,
+            fold.scale_range.0,
+            fold.scale_range.1,
+            fold.outlier_scale_ratio
+        );
+        eprintln!(
+            "{arch}: logits vs float: AWQ rel L2 {awq_rel:.4} (max {awq_max:.3}), RTN rel L2 \
+             {rtn_rel:.4} (max {rtn_max:.3}), AWQ/RTN {:.3}",
+            awq_rel / rtn_rel
+        );
+        // 4-bit g32 rounding of a ±1/4 weight leaves ~5-10% relative error; a fold on the
+        // wrong channels or rows would leave errors of the order of the scales' spread.
+        if fold.worst_weight.1 > 0.15 {
+            failures.push(format!("{arch}: {:?} not W·s", fold.worst_weight));
+        }
+        if fold.worst_unscaled < 2.0 * fold.worst_weight.1 {
+            failures.push(format!(
+                "{arch}: scales barely matter (unscaled {:.3})",
+                fold.worst_unscaled
+            ));
+        }
+        if fold.worst_bias.1 > 0.05 {
+            failures.push(format!("{arch}: {:?} not b/s", fold.worst_bias));
+        }
+        if fold.outlier_scale_ratio < 2.0 {
+            failures.push(format!(
+                "{arch}: outlier channels not scaled up ({:.2})",
+                fold.outlier_scale_ratio
+            ));
+        }
+        if !(awq_rel <= rtn_rel) {
+            failures.push(format!("{arch}: AWQ {awq_rel:.4} > RTN {rtn_rel:.4}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The AWQ checkpoint
+
+/// config.json says AutoAWQ GEMM (bits 4, zero point, the group size); every block linear is
+/// qweight/qzeros/scales (no g_idx, no dense weight); the block norms differ from the source
+/// (scales folded) while the embeddings do not; it loads with the linears held packed and runs.
+#[test]
+fn awq_checkpoint_is_autoawq_gemm_and_loads_packed() {
+    let calib = calibration();
+    for arch in ["llama_mha", "gpt2"] {
+        let m = FloatModel::new(arch);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("awq");
+        let report = m
+            .quantize(Some(&calib), &out, &options(Method::Awq, 4, Some(32)))
+            .unwrap();
+        assert_eq!(report.method, Method::Awq);
+        let cfg = common::read_json(&out.join("config.json"));
+        let q = &cfg["quantization_config"];
+        assert_eq!(q["quant_method"], "awq", "{arch}: {q}");
+        assert_eq!(q["version"], "gemm", "{arch}: {q}");
+        assert_eq!(q["zero_point"], true, "{arch}: {q}");
+        assert_eq!(q["bits"], 4, "{arch}: {q}");
+        assert_eq!(q["group_size"], 32, "{arch}: {q}");
+        assert!(
+            !out.join("quantize_config.json").exists(),
+            "{arch}: a GPTQ quantize_config.json beside an AWQ checkpoint"
+        );
+
+        let written = open_weights(&out).unwrap();
+        let names = written.names();
+        let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+        let block_linears: Vec<String> = float
+            .linears()
+            .iter()
+            .map(|l| l.name.clone())
+            .filter(|n| n.contains(".layers.") || n.contains(".h."))
+            .collect();
+        assert_eq!(block_linears.len(), 2 * if arch == "gpt2" { 4 } else { 7 });
+        assert_eq!(report.layers.len(), block_linears.len(), "{arch}");
+        for l in &block_linears {
+            let (n, k) = {
+                let f = float.linears();
+                let f = f.iter().find(|x| &x.name == l).unwrap();
+                (f.linear.out_features(), f.linear.in_features())
+            };
+            let shape = |s: &str| written.info(&format!("{l}.{s}")).map(|i| i.shape);
+            assert_eq!(shape("qweight"), Some(vec![k, n / 8]), "{arch} {l}");
+            assert_eq!(shape("qzeros"), Some(vec![k / 32, n / 8]), "{arch} {l}");
+            assert_eq!(shape("scales"), Some(vec![k / 32, n]), "{arch} {l}");
+            assert_eq!(shape("g_idx"), None, "{arch} {l}");
+            assert_eq!(shape("weight"), None, "{arch} {l}");
+        }
+        assert!(!names.iter().any(|n| n.ends_with(".g_idx")), "{arch}");
+
+        // Norms: every block norm changed by more than f16 rounding; embeddings did not.
+        let read = |src: &dyn WeightSource, name: &str| src.read(name).unwrap().to_f32();
+        let mut norms = 0;
+        for (name, shape) in checkpoint_tensors(&m.config) {
+            if written.info(&name).is_none() {
+                continue; // a quantized linear's weight
+            }
+            let (a, b) = (
+                read(m.weights.as_ref(), &name),
+                read(written.as_ref(), &name),
+            );
+            let in_block = name.contains(".layers.") || name.contains(".h.");
+            let max_rel = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| ((x - y) / x.abs().max(1e-3)).abs())
+                .fold(0f32, f32::max);
+            if shape.len() == 1 && in_block && !name.ends_with(".bias") {
+                assert!(
+                    max_rel > 0.1,
+                    "{arch}: {name} unchanged (max rel {max_rel})"
+                );
+                norms += 1;
+            } else if !in_block {
+                assert!(max_rel < 1e-3, "{arch}: {name} changed by {max_rel}");
+            }
+        }
+        assert_eq!(norms, 4, "{arch}");
+
+        let model = load_dir(&out, &LoadOptions::default()).unwrap();
+        let mut packed = 0;
+        for l in model.linears() {
+            if block_linears.contains(&l.name) {
+                assert_eq!(
+                    l.linear.weight.storage_name(),
+                    "awq-4bit-g32-gemm",
+                    "{}",
+                    l.name
+                );
+                let dense_f16 = 2 * l.linear.in_features() * l.linear.out_features();
+                assert!(
+                    l.linear.weight.storage_bytes() < dense_f16 / 3,
+                    "{}",
+                    l.name
+                );
+                packed += 1;
+            }
+        }
+        assert_eq!(packed, block_linears.len());
+        let dense_f16 = 2 * model.num_parameters();
+        eprintln!(
+            "{arch}: AWQ footprint {} bytes vs {dense_f16} dense f16, {:.2} bits/weight in the \
+             linears",
+            model.footprint_bytes(),
+            report.bits_per_weight
+        );
+        assert!(model.footprint_bytes() < dense_f16, "{arch}");
+        let (rel, _) = logit_error(model.as_ref(), float.as_ref());
+        assert!(rel.is_finite() && rel > 1e-3 && rel < 1.0, "{arch}: {rel}");
+    }
+}
+
+/// The scale search's forwards use whole samples up to `awq_search_tokens` (at least one): a
+/// budget above the calibration size is the same as no budget, byte for byte; a budget of one
+/// sample gives other scales.
+#[test]
+fn search_token_budget_limits_the_search_samples() {
+    let calib = calibration();
+    let m = FloatModel::new("llama_mha");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, budget: Option<usize>| {
+        let mut o = options(Method::Awq, 4, Some(32));
+        o.awq_search_tokens = budget;
+        let out = tmp.path().join(name);
+        m.quantize(Some(&calib), &out, &o).unwrap();
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let all = run("all", None);
+    assert_eq!(all, run("big", Some(100_000)), "budget above the data");
+    assert_eq!(all, run("exact", Some(256)), "budget equal to the data");
+    let one = run("one", Some(1));
+    assert_ne!(all, one, "one sample searches like eight");
+    assert_eq!(one.len(), all.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. AWQ scales with GPTQ rounding
+
+#[test]
+fn awq_gptq_writes_a_gptq_checkpoint_close_to_awq() {
+    let calib = calibration();
+    let mut failures = vec![];
+    for arch in ARCHS {
+        let m = FloatModel::new(arch);
+        let tmp = tempfile::tempdir().unwrap();
+        let (ag, aw, rt) = (
+            tmp.path().join("awq-gptq"),
+            tmp.path().join("awq"),
+            tmp.path().join("rtn"),
+        );
+        let report = m
+            .quantize(Some(&calib), &ag, &options(Method::AwqGptq, 4, Some(32)))
+            .unwrap();
+        assert_eq!(report.method, Method::AwqGptq);
+        assert!(report.layers.iter().all(|l| l.loss.is_some()), "{arch}");
+        m.quantize(Some(&calib), &aw, &options(Method::Awq, 4, Some(32)))
+            .unwrap();
+        m.quantize(None, &rt, &options(Method::Rtn, 4, Some(32)))
+            .unwrap();
+        let cfg = common::read_json(&ag.join("config.json"));
+        let q = &cfg["quantization_config"];
+        assert_eq!(q["quant_method"], "gptq", "{arch}: {q}");
+        assert_eq!(q["bits"], 4, "{arch}");
+        assert_eq!(q["group_size"], 32, "{arch}");
+        assert_eq!(q["sym"], false, "{arch}");
+        assert_eq!(q["meta"]["method"], "awq-gptq", "{arch}: {q}");
+        assert!(ag.join("quantize_config.json").exists(), "{arch}");
+
+        let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+        let model = load_dir(&ag, &LoadOptions::default()).unwrap();
+        let awq = load_dir(&aw, &LoadOptions::default()).unwrap();
+        let rtn = load_dir(&rt, &LoadOptions::default()).unwrap();
+        for l in model.linears() {
+            if l.name.contains(".layers.") || l.name.contains(".h.") {
+                let s = l.linear.weight.storage_name();
+                assert!(s.starts_with("gptq-4bit"), "{arch} {}: {s}", l.name);
+            }
+        }
+        // The scales were folded here too.
+        let fold = check_fold(&m, &ag, float.as_ref(), model.as_ref());
+        let (e_ag, _) = logit_error(model.as_ref(), float.as_ref());
+        let (e_aw, _) = logit_error(awq.as_ref(), float.as_ref());
+        let (e_rt, _) = logit_error(rtn.as_ref(), float.as_ref());
+        eprintln!(
+            "{arch}: logits rel L2 vs float: AWQ+GPTQ {e_ag:.4}, AWQ {e_aw:.4}, RTN {e_rt:.4}; \
+             AWQ+GPTQ fold: worst weight {} {:.4}, outlier/other scale {:.2}",
+            fold.worst_weight.0, fold.worst_weight.1, fold.outlier_scale_ratio
+        );
+        if !(e_ag.is_finite() && e_ag < 1.5 * e_aw) {
+            failures.push(format!("{arch}: AWQ+GPTQ {e_ag:.4} vs AWQ {e_aw:.4}"));
+        }
+        if !(e_ag < e_rt) {
+            failures.push(format!("{arch}: AWQ+GPTQ {e_ag:.4} vs RTN {e_rt:.4}"));
+        }
+        if fold.worst_weight.1 > 0.2 || fold.outlier_scale_ratio < 2.0 {
+            failures.push(format!("{arch}: AWQ+GPTQ fold {fold:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Bad input: an error, and nothing left in the output's parent folder
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn fails(m: &FloatModel, calib: Option<&CalibData>, opts: &StreamOptions) -> String {
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("out");
+    let err = m
+        .quantize(calib, &out, opts)
+        .expect_err("quantization should fail");
+    assert!(
+        listing(parent.path()).is_empty(),
+        "left behind after `{err}`: {:?}",
+        listing(parent.path())
+    );
+    err.to_string()
+}
+
+#[test]
+fn bad_awq_settings_are_refused_and_leave_nothing() {
+    let calib = calibration();
+    let m = FloatModel::new("llama_gqa");
+    for method in [Method::Awq, Method::AwqGptq] {
+        let e = fails(&m, Some(&calib), &options(method, 4, None));
+        assert!(e.contains("group size"), "{method:?}: {e}");
+        let empty = CalibData {
+            samples: vec![],
+            description: "empty.json".into(),
+            sha256: None,
+            warnings: vec![],
+        };
+        let e = fails(&m, Some(&empty), &options(method, 4, Some(32)));
+        assert!(e.contains("no samples") && e.contains("empty.json"), "{e}");
+        let e = fails(&m, None, &options(method, 4, Some(32)));
+        assert!(e.contains("calibration"), "{e}");
+        let e = fails(&m, Some(&calib), &options(method, 4, Some(48)));
+        assert!(e.contains("48") && e.contains("q_proj"), "{method:?}: {e}");
+    }
+    let e = fails(&m, Some(&calib), &options(Method::Awq, 3, Some(32)));
+    assert!(e.contains("4-bit") && e.contains("3"), "{e}");
+
+    // AWQ+GPTQ stores 3 bits in a GPTQ checkpoint.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q3");
+    m.quantize(Some(&calib), &out, &options(Method::AwqGptq, 3, Some(32)))
+        .unwrap();
+    let cfg = common::read_json(&out.join("config.json"));
+    assert_eq!(cfg["quantization_config"]["bits"], 3);
+    assert_eq!(cfg["quantization_config"]["quant_method"], "gptq");
+    let model = load_dir(&out, &LoadOptions::default()).unwrap();
+    let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+    let (rel, _) = logit_error(model.as_ref(), float.as_ref());
+    eprintln!("llama_gqa AWQ+GPTQ 3-bit g32: logits rel L2 vs float {rel:.4}");
+    assert!(rel.is_finite() && rel < 1.0, "{rel}");
+}
+
+/// Post-norm OPT (opt-350m style) normalizes after the residual add: there is no op before
+/// the linears to fold scales into, so AWQ refuses, naming the block.
+#[test]
+fn post_norm_opt_is_refused_naming_the_block() {
+    let calib = calibration();
+    let m = FloatModel::new("opt_post_norm");
+    for method in [Method::Awq, Method::AwqGptq] {
+        let e = fails(&m, Some(&calib), &options(method, 4, Some(32)));
+        assert!(
+            e.contains("model.decoder.layers.0") && e.contains("post-norm"),
+            "{method:?}: {e}"
+        );
+    }
+    // RTN and GPTQ have nothing to fold and still work on it.
+    let tmp = tempfile::tempdir().unwrap();
+    m.quantize(
+        Some(&calib),
+        &tmp.path().join("gptq"),
+        &options(Method::Gptq, 4, Some(32)),
+    )
+    .unwrap();
+}
