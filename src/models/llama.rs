@@ -179,8 +179,10 @@ impl DecoderBlock for LlamaLayer {
             linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
             stages: 0..2,
         }];
-        // v → o only when v's outputs are o's inputs one to one (not with grouped-query heads).
-        if self.v_proj.out_features() == self.o_proj.in_features() {
+        // v → o only when the two weights have the same shape, AutoAWQ's test (not with
+        // grouped-query heads, nor when heads × head_dim differs from the hidden size).
+        let (v, o) = (&self.v_proj, &self.o_proj);
+        if (v.out_features(), v.in_features()) == (o.out_features(), o.in_features()) {
             g.push(AwqGroup {
                 prev: AwqPrev::Linear("self_attn.v_proj"),
                 linears: &["self_attn.o_proj"],

@@ -282,6 +282,17 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
                 .display()
         )));
     }
+    if let Architecture::Opt(c) = &config.arch {
+        if opts.method.uses_awq() && !c.do_layer_norm_before {
+            return Err(Error::Unsupported(
+                format!(
+                    "AWQ needs pre-norm blocks to fold its scales into; this OPT model is post-norm \
+                     (do_layer_norm_before=false), from `{}` on. Use --method gptq or rtn",
+                    block_prefix(config, 0)
+                ),
+            ));
+        }
+    }
     let conv1d = matches!(config.arch, Architecture::Gpt2(_));
     let groups = block_groups(config);
     let bits = opts.params.bits as usize;
@@ -411,7 +422,18 @@ pub fn estimate(
     let h = config.hidden_size();
     let calibrated = opts.method.calibrated();
     let tokens = if calibrated { calib_tokens as u64 } else { 0 };
-    let activation_bytes = 4 * tokens * (2 * h as u64 + widest_k as u64);
+    // GPTQ holds each sample's residual and one group input; AWQ every stage's input at once.
+    let activation_bytes = if opts.method.uses_awq() {
+        let first_block = block_prefix(config, 0);
+        let stage_widths: u64 = block_groups(config)
+            .iter()
+            .filter_map(|g| plan.quantized.get(&format!("{first_block}.{}", g[0])))
+            .map(|&(_, k)| k as u64)
+            .sum();
+        4 * tokens * (h as u64 + stage_widths)
+    } else {
+        4 * tokens * (2 * h as u64 + widest_k as u64)
+    };
     let hessian_bytes = if calibrated {
         (4 + 8 + 8) * (widest_k * widest_k) as u64
     } else {
