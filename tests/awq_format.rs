@@ -13,12 +13,12 @@ use autoquant::formats::awq::{
     zeros_width, AwqConfig, AwqMatrix, AwqVersion,
 };
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
+use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
 use autoquant::models::{self, CausalLM, ForwardInput, LoadOptions, LogitsMode};
 use autoquant::nn::LinearKernel;
 use autoquant::quant::rtn::QuantizedLinear;
-use autoquant::tensor::{DType, RawTensor, TensorInfo};
-use autoquant::Error;
+use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,39 +29,6 @@ fn awq_fixture(name: &str) -> PathBuf {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Tensors held in memory, as a checkpoint would hold them.
-struct MemSource(BTreeMap<String, RawTensor>);
-
-impl MemSource {
-    fn new(tensors: Vec<(String, RawTensor)>) -> Self {
-        MemSource(tensors.into_iter().collect())
-    }
-}
-
-impl WeightSource for MemSource {
-    fn names(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-    fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.0.get(name).map(|t| TensorInfo {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-    }
-    fn read(&self, name: &str) -> autoquant::Result<RawTensor> {
-        self.0
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::tensor("mem.safetensors", name, "missing"))
-    }
-    fn file_of(&self, _name: &str) -> PathBuf {
-        PathBuf::from("mem.safetensors")
-    }
-    fn files(&self) -> Vec<PathBuf> {
-        vec![PathBuf::from("mem.safetensors")]
-    }
-}
 
 fn config(version: AwqVersion, group_size: usize) -> AwqConfig {
     AwqConfig {
@@ -179,7 +146,7 @@ fn pack_unpack_identity_over_shapes_and_groups() {
                         ("l.scales", vec![groups, n]),
                     ]
                 );
-                let src = MemSource::new(t);
+                let src = MemoryWeights::new("mem.safetensors", t);
                 let back = read_layer(&src, "l", k, n, &config(AwqVersion::Gemm, g))
                     .unwrap()
                     .unwrap();
@@ -288,8 +255,9 @@ fn layer_tensors_match_autoawq_gemm_byte_for_byte() {
 }
 
 /// AutoAWQ's buffers of layout `layout` for case `c`, named as a checkpoint names them.
-fn autoawq_layer(src: &SafetensorsFile, c: &PackCase, layout: &str) -> MemSource {
-    MemSource::new(
+fn autoawq_layer(src: &SafetensorsFile, c: &PackCase, layout: &str) -> MemoryWeights {
+    MemoryWeights::new(
+        "mem.safetensors",
         ["qweight", "qzeros", "scales"]
             .iter()
             .map(|s| {
@@ -298,7 +266,7 @@ fn autoawq_layer(src: &SafetensorsFile, c: &PackCase, layout: &str) -> MemSource
                     src.read(&format!("{}.{layout}.{s}", c.name)).unwrap(),
                 )
             })
-            .collect(),
+            .collect::<Vec<_>>(),
     )
 }
 
@@ -622,7 +590,13 @@ fn replace(t: &mut [(String, RawTensor)], name: &str, new: RawTensor) {
 fn bad_tensors_are_named() {
     let cfg = config(AwqVersion::Gemm, 32);
     let read = |t: Vec<(String, RawTensor)>| {
-        err_text(read_layer(&MemSource::new(t), "layer", 64, 32, &cfg))
+        err_text(read_layer(
+            &MemoryWeights::new("mem.safetensors", t),
+            "layer",
+            64,
+            32,
+            &cfg,
+        ))
     };
 
     // qweight in GPTQ's [K/8, N] shape instead of AWQ's [K, N/8].
@@ -682,7 +656,7 @@ fn bad_tensors_are_named() {
     // Group size not dividing K.
     let (_, t) = good_layer();
     let msg = err_text(read_layer(
-        &MemSource::new(t),
+        &MemoryWeights::new("mem.safetensors", t),
         "layer",
         64,
         32,
@@ -695,7 +669,13 @@ fn bad_tensors_are_named() {
 
     // N not a multiple of 8.
     let (_, t) = good_layer();
-    let msg = err_text(read_layer(&MemSource::new(t), "layer", 64, 36, &cfg));
+    let msg = err_text(read_layer(
+        &MemoryWeights::new("mem.safetensors", t),
+        "layer",
+        64,
+        36,
+        &cfg,
+    ));
     assert!(
         msg.contains("layer.qweight") && msg.contains("N=36"),
         "{msg}"
@@ -719,7 +699,7 @@ fn bad_tensors_are_named() {
     let shape = t[1].1.shape.clone();
     t[1].1 = RawTensor::from_f16(shape, &zh);
     let msg = err_text(read_layer(
-        &MemSource::new(t),
+        &MemoryWeights::new("mem.safetensors", t),
         "layer",
         c.k,
         c.n,

@@ -13,15 +13,14 @@ use autoquant::formats::gptq::{
 };
 use autoquant::formats::gptq_pack::ZeroFormat;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
+use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
 use autoquant::models::{
     self, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions, LogitsMode,
 };
 use autoquant::quant::rtn::{quantize_rtn, QuantParams, QuantizedLinear};
-use autoquant::tensor::{DType, RawTensor, TensorInfo};
-use autoquant::Error;
+use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn gptq_fixture(name: &str) -> PathBuf {
@@ -30,39 +29,6 @@ fn gptq_fixture(name: &str) -> PathBuf {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Tensors held in memory, as a checkpoint would hold them.
-struct MemSource(BTreeMap<String, RawTensor>);
-
-impl MemSource {
-    fn new(tensors: Vec<(String, RawTensor)>) -> Self {
-        MemSource(tensors.into_iter().collect())
-    }
-}
-
-impl WeightSource for MemSource {
-    fn names(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-    fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.0.get(name).map(|t| TensorInfo {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-    }
-    fn read(&self, name: &str) -> autoquant::Result<RawTensor> {
-        self.0
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::tensor("mem.safetensors", name, "missing"))
-    }
-    fn file_of(&self, _name: &str) -> PathBuf {
-        PathBuf::from("mem.safetensors")
-    }
-    fn files(&self) -> Vec<PathBuf> {
-        vec![PathBuf::from("mem.safetensors")]
-    }
-}
 
 fn i32s(t: &RawTensor) -> Vec<i32> {
     assert_eq!(t.dtype, DType::I32);
@@ -461,7 +427,7 @@ fn round_trip_every_width_and_layout() {
                 continue;
             }
             let tensors = layer_tensors("m.layers.0.proj", &q, format).unwrap();
-            let src = MemSource::new(tensors);
+            let src = MemoryWeights::new("mem.safetensors", tensors);
             let mut p = params(q.bits, q.group_size, format);
             let back = read_layer(&src, "m.layers.0.proj", k, n, &p)
                 .unwrap()
@@ -625,8 +591,15 @@ fn replace(t: &mut [(String, RawTensor)], name: &str, new: RawTensor) {
 #[test]
 fn bad_tensors_are_named() {
     let p = params(4, Some(32), ZeroFormat::V1);
-    let read =
-        |t: Vec<(String, RawTensor)>| err_text(read_layer(&MemSource::new(t), "layer", 64, 32, &p));
+    let read = |t: Vec<(String, RawTensor)>| {
+        err_text(read_layer(
+            &MemoryWeights::new("mem.safetensors", t),
+            "layer",
+            64,
+            32,
+            &p,
+        ))
+    };
 
     let (_, mut t) = good_layer();
     replace(
@@ -685,7 +658,13 @@ fn bad_tensors_are_named() {
     // Group size not dividing K: named with the tensor and the config file.
     let (_, t) = good_layer();
     let p48 = params(4, Some(48), ZeroFormat::V1);
-    let msg = err_text(read_layer(&MemSource::new(t), "layer", 64, 32, &p48));
+    let msg = err_text(read_layer(
+        &MemoryWeights::new("mem.safetensors", t),
+        "layer",
+        64,
+        32,
+        &p48,
+    ));
     assert!(
         msg.contains("layer.qweight")
             && msg.contains("group_size 48")
@@ -695,7 +674,13 @@ fn bad_tensors_are_named() {
 
     // Shapes that cannot be packed.
     let (_, t) = good_layer();
-    let msg = err_text(read_layer(&MemSource::new(t), "layer", 64, 36, &p));
+    let msg = err_text(read_layer(
+        &MemoryWeights::new("mem.safetensors", t),
+        "layer",
+        64,
+        36,
+        &p,
+    ));
     assert!(msg.contains("out_features N=36"), "{msg}");
 }
 

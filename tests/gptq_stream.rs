@@ -15,6 +15,7 @@ use autoquant::auto::{save_pretrained, SaveOptions};
 use autoquant::config::AutoConfig;
 use autoquant::formats::gptq::{read_layer, GptqParams};
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
+use autoquant::formats::MemoryWeights;
 use autoquant::formats::{open_weights, WeightSource};
 use autoquant::models::{
     checkpoint_tensors, load_dir, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions,
@@ -24,8 +25,7 @@ use autoquant::nn::WeightDType;
 use autoquant::quant::calib::CalibData;
 use autoquant::quant::rtn::{quantize_rtn, QuantParams, QuantizedLinear};
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
-use autoquant::tensor::{RawTensor, TensorInfo};
-use autoquant::Error;
+use autoquant::tensor::RawTensor;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -506,33 +506,6 @@ fn not_true_sequential_gives_other_codes() {
 // ---------------------------------------------------------------------------------------------
 // The written checkpoint
 
-/// Tensors in memory, as a checkpoint would hold them.
-struct MemSource(BTreeMap<String, RawTensor>);
-
-impl WeightSource for MemSource {
-    fn names(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-    fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.0.get(name).map(|t| TensorInfo {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-    }
-    fn read(&self, name: &str) -> autoquant::Result<RawTensor> {
-        self.0
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::tensor("dense.safetensors", name, "missing"))
-    }
-    fn file_of(&self, _name: &str) -> PathBuf {
-        PathBuf::from("dense.safetensors")
-    }
-    fn files(&self) -> Vec<PathBuf> {
-        vec![]
-    }
-}
-
 fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(1);
     model
@@ -599,7 +572,7 @@ fn written_checkpoint_equals_its_dequantized_dense_model() {
         }
         let dense = AutoModelForCausalLM::from_weights(
             m.config.clone(),
-            &MemSource(dense),
+            &MemoryWeights::new("dense.safetensors", dense),
             &Default::default(),
         )
         .unwrap();

@@ -28,6 +28,49 @@ pub trait WeightSource: Send + Sync {
     fn files(&self) -> Vec<PathBuf>;
 }
 
+/// Tensors held in memory under a file-like label (used in errors): tests, and conversions
+/// that build a checkpoint before writing it.
+pub struct MemoryWeights {
+    label: PathBuf,
+    tensors: std::collections::BTreeMap<String, RawTensor>,
+}
+
+impl MemoryWeights {
+    pub fn new(
+        label: impl Into<PathBuf>,
+        tensors: impl IntoIterator<Item = (String, RawTensor)>,
+    ) -> Self {
+        MemoryWeights {
+            label: label.into(),
+            tensors: tensors.into_iter().collect(),
+        }
+    }
+}
+
+impl WeightSource for MemoryWeights {
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.tensors.get(name).map(|t| TensorInfo {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+    }
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::tensor(&self.label, name, "missing"))
+    }
+    fn file_of(&self, _name: &str) -> PathBuf {
+        self.label.clone()
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.label.clone()]
+    }
+}
+
 /// The builder of packed linear layers for a quantized checkpoint (its config's
 /// `quantization_config.quant_method`), or for quantization at load time (`opts.bnb`);
 /// `None` for a plain float checkpoint. Old AutoGPTQ checkpoints (≤ 0.6) have no

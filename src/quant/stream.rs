@@ -284,13 +284,11 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
     }
     if let Architecture::Opt(c) = &config.arch {
         if opts.method.uses_awq() && !c.do_layer_norm_before {
-            return Err(Error::Unsupported(
-                format!(
-                    "AWQ needs pre-norm blocks to fold its scales into; this OPT model is post-norm \
+            return Err(Error::Unsupported(format!(
+                "AWQ needs pre-norm blocks to fold its scales into; this OPT model is post-norm \
                      (do_layer_norm_before=false), from `{}` on. Use --method gptq or rtn",
-                    block_prefix(config, 0)
-                ),
-            ));
+                block_prefix(config, 0)
+            )));
         }
     }
     let conv1d = matches!(config.arch, Architecture::Gpt2(_));
