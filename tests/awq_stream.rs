@@ -706,7 +706,9 @@ fn awq_gptq_writes_a_gptq_checkpoint_close_to_awq() {
         if !(e_ag < e_rt) {
             failures.push(format!("{arch}: AWQ+GPTQ {e_ag:.4} vs RTN {e_rt:.4}"));
         }
-        if fold.worst_weight.1 > 0.2 || fold.outlier_scale_ratio < 2.0 {
+        // GPTQ (act-order, error feedback) moves weights further than rounding does, so the
+        // fold is judged against the unscaled explanation rather than an absolute bound.
+        if fold.worst_weight.1 > 0.65 * fold.worst_unscaled || fold.outlier_scale_ratio < 2.0 {
             failures.push(format!("{arch}: AWQ+GPTQ fold {fold:?}"));
         }
     }

@@ -494,12 +494,20 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     let awq_calib = method == Method::Awq || method == Method::AwqGptq;
     let nsamples = a.nsamples.unwrap_or(128);
     let seqlen = a.seqlen.unwrap_or(if awq_calib { 512 } else { 2048 });
-    let mut opts = StreamOptions::new(method, params);
+    let mut opts = if a.reference {
+        StreamOptions::reference(method, params)
+    } else {
+        StreamOptions::new(method, params)
+    };
     opts.damp_percent = a.damp;
-    opts.desc_act = a.desc_act;
+    if a.desc_act || a.no_desc_act {
+        opts.desc_act = a.desc_act;
+    }
     opts.static_groups = a.static_groups;
     opts.true_sequential = !a.no_true_sequential;
-    opts.sink_weight = a.sink_weight;
+    if let Some(w) = a.sink_weight {
+        opts.sink_weight = w;
+    }
     opts.awq.duo_scaling = !a.awq_activation_only;
     opts.awq_search_tokens = (a.awq_search_tokens > 0).then_some(a.awq_search_tokens);
     opts.dtype = out_dtype;

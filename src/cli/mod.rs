@@ -219,9 +219,17 @@ pub struct QuantizeArgs {
     /// Asymmetric grid (a zero point per group), saved as gptq_v2.
     #[arg(long)]
     pub asym: bool,
-    /// GPTQ act-order: quantize columns by decreasing Hessian diagonal.
-    #[arg(long)]
+    /// GPTQ act-order: quantize columns by decreasing Hessian diagonal (the default for gptq
+    /// and awq-gptq).
+    #[arg(long, conflicts_with = "no_desc_act")]
     pub desc_act: bool,
+    /// GPTQ without act-order (groups in column order, g_idx trivial).
+    #[arg(long)]
+    pub no_desc_act: bool,
+    /// Reproduce the reference GPTQ (IST-DASLab / AutoGPTQ): no act-order and sink weight 1,
+    /// unless those flags are given.
+    #[arg(long)]
+    pub reference: bool,
     /// GPTQ static groups: group parameters from the original weights (with --desc-act).
     #[arg(long)]
     pub static_groups: bool,
@@ -232,9 +240,9 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub no_true_sequential: bool,
     /// Hessian weight of each calibration sample's first position (the attention sink) relative
-    /// to the other positions; 1 reproduces the reference GPTQ.
-    #[arg(long, default_value_t = autoquant::quant::stream::DEFAULT_SINK_WEIGHT)]
-    pub sink_weight: f32,
+    /// to the other positions [default: 16; 1 with --reference, as the reference GPTQ].
+    #[arg(long)]
+    pub sink_weight: Option<f32>,
     /// Calibration text: plain/WikiText text (random windows) or JSON lines (one sample each).
     #[arg(long)]
     pub calib: Option<PathBuf>,
