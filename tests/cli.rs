@@ -152,3 +152,123 @@ fn errors_are_clear_and_exit_nonzero() {
     let (ok, _, err) = run(&["ppl", model.to_str().unwrap(), "--data", "/nonexistent.txt"]);
     assert!(!ok && err.contains("/nonexistent.txt"), "{err}");
 }
+
+#[test]
+fn quantize_rtn_gptq_and_their_checks() {
+    let (Some(model), Some(news), Some(wiki)) = (
+        asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        asset("text/news.txt"),
+        asset("text/wiki.eval.txt"),
+    ) else {
+        return;
+    };
+    let (m, news, wiki) = (
+        model.to_str().unwrap(),
+        news.to_str().unwrap(),
+        wiki.to_str().unwrap(),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+
+    // 128 does not divide SmolLM2's hidden size 576: refused, naming the layer, nothing written.
+    let (ok, _, err) = run(&[
+        "quantize",
+        m,
+        "--method",
+        "rtn",
+        "--group-size",
+        "128",
+        "-o",
+        &out("bad"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("q_proj") && err.contains("576"), "{err}");
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
+
+    let dry = json(&[
+        "--json",
+        "quantize",
+        m,
+        "--method",
+        "gptq",
+        "--group-size",
+        "64",
+        "--dry-run",
+    ]);
+    assert_eq!(dry["quantized_layers"], 210, "{dry}");
+    assert!(dry["peak_bytes"].as_u64().unwrap() > dry["hessian_bytes"].as_u64().unwrap());
+
+    let rtn = json(&[
+        "--json",
+        "quantize",
+        m,
+        "--method",
+        "rtn",
+        "--group-size",
+        "64",
+        "-o",
+        &out("rtn"),
+    ]);
+    let bpw = rtn["bits_per_weight"].as_f64().unwrap();
+    // 4-bit codes + f16 scale and 4-bit zero per 64 weights + int32 g_idx per column.
+    assert!((4.3..4.45).contains(&bpw), "{rtn}");
+    assert_eq!(rtn["checkpoint_format"], "gptq");
+
+    let gptq = json(&[
+        "--json",
+        "quantize",
+        m,
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--calib",
+        news,
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "256",
+        "-o",
+        &out("gptq"),
+    ]);
+    assert_eq!(gptq["layers"].as_array().unwrap().len(), 210);
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("gptq/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["quantization_config"]["desc_act"], true);
+    assert!(cfg["quantization_config"]["meta"]["calibration"]
+        .as_str()
+        .unwrap()
+        .contains("news.txt"));
+
+    // Perplexity: quantized models are worse than the float one, and evaluating on the
+    // calibration file itself is flagged.
+    let ppl = |model: &str, data: &str| {
+        json(&[
+            "--json",
+            "ppl",
+            model,
+            "--data",
+            data,
+            "--seqlen",
+            "128",
+            "--max-windows",
+            "4",
+        ])
+    };
+    let f = ppl(m, wiki)["perplexity"].as_f64().unwrap();
+    let r = ppl(&out("rtn"), wiki)["perplexity"].as_f64().unwrap();
+    assert!(r.is_finite() && r > f, "rtn {r} vs f32 {f}");
+    let on_calib = ppl(&out("gptq"), news);
+    assert!(
+        on_calib["warning"]
+            .as_str()
+            .unwrap()
+            .contains("calibrated on"),
+        "{on_calib}"
+    );
+    assert!(ppl(&out("rtn"), news)["warning"].is_null());
+}
