@@ -271,4 +271,28 @@ fn quantize_rtn_gptq_and_their_checks() {
         "{on_calib}"
     );
     assert!(ppl(&out("rtn"), news)["warning"].is_null());
+
+    // bitsandbytes serialization through the same command.
+    let nf4 = json(&[
+        "--json",
+        "quantize",
+        m,
+        "--method",
+        "bnb-nf4",
+        "--double-quant",
+        "-o",
+        &out("nf4"),
+    ]);
+    let bpw = nf4["bits_per_weight"].as_f64().unwrap();
+    assert!((4.1..4.2).contains(&bpw), "NF4 + double quant {nf4}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("nf4/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "bitsandbytes");
+    assert_eq!(
+        cfg["quantization_config"]["bnb_4bit_use_double_quant"],
+        true
+    );
+    let n = ppl(&out("nf4"), wiki)["perplexity"].as_f64().unwrap();
+    assert!(n.is_finite() && n > f, "nf4 {n} vs f32 {f}");
 }
