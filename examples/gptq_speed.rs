@@ -5,7 +5,10 @@ use autoquant::quant::rtn::QuantParams;
 use rand::{Rng, SeedableRng};
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let shapes = if args.len() == 2 {
         vec![(args[0], args[1])]
     } else {
@@ -23,7 +26,11 @@ fn main() {
         }
         let th = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
-        let opts = GptqOptions::new(QuantParams { bits: 4, group_size: Some(128), sym: true });
+        let opts = GptqOptions::new(QuantParams {
+            bits: 4,
+            group_size: Some(128),
+            sym: true,
+        });
         let r = gptq_quantize(&w, n, k, &h, &opts).expect("gptq");
         let tq = t.elapsed().as_secs_f64();
         println!(

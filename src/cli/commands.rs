@@ -818,11 +818,13 @@ fn calibration_overlap(
         return Ok(None);
     };
     let bytes = std::fs::read(data).map_err(|e| Error::io(data, e))?;
-    Ok((autoquant::fsutil::sha256_hex(&bytes) == recorded).then(|| {
-        format!(
-            "{} is the file this model was calibrated on; its perplexity is optimistic \
+    Ok(
+        (autoquant::fsutil::sha256_hex(&bytes) == recorded).then(|| {
+            format!(
+                "{} is the file this model was calibrated on; its perplexity is optimistic \
              (evaluate on held-out text)",
-            data.display()
-        )
-    }))
+                data.display()
+            )
+        }),
+    )
 }
