@@ -66,6 +66,24 @@ impl WeightDType {
             _ => 2,
         }
     }
+    /// The in-memory dtype of a checkpoint float dtype (`None` for non-float dtypes).
+    pub fn from_storage(dtype: crate::tensor::DType) -> Option<Self> {
+        match dtype {
+            crate::tensor::DType::F32 => Some(WeightDType::F32),
+            crate::tensor::DType::F16 => Some(WeightDType::F16),
+            crate::tensor::DType::BF16 => Some(WeightDType::BF16),
+            _ => None,
+        }
+    }
+    /// Round to this dtype and back (the emulation of a compute or storage dtype).
+    #[inline]
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            WeightDType::F32 => v,
+            WeightDType::F16 => f16::from_f32(v).to_f32(),
+            WeightDType::BF16 => bf16::from_f32(v).to_f32(),
+        }
+    }
     /// The matching checkpoint dtype.
     pub fn storage(self) -> crate::tensor::DType {
         match self {

@@ -11,10 +11,10 @@ use crate::config::AutoConfig;
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
-use crate::nn::{LinearFactory, LinearKernel};
+use crate::nn::{LinearFactory, LinearKernel, WeightDType};
 use crate::quant::rtn::QuantizedLinear;
 use crate::tensor::{DType, RawTensor};
-use half::{bf16, f16};
+use half::f16;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -695,21 +695,13 @@ fn read_gemv_fast(
         if !(0.0..=15.0).contains(&zf) {
             return Err(bad("out of range"));
         }
-        if round_to(-(s * zf), zero_dtype) != stored {
+        let expected = -(s * zf);
+        if WeightDType::from_storage(zero_dtype).map_or(expected, |d| d.round(expected)) != stored {
             return Err(bad("the stored value is not its rounding"));
         }
         *z = zf as u32;
     }
     Ok((codes, zeros, scales))
-}
-
-/// `v` rounded to `dtype` (F16, BF16 or F32), back as f32.
-fn round_to(v: f32, dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => f16::from_f32(v).to_f32(),
-        DType::BF16 => bf16::from_f32(v).to_f32(),
-        _ => v,
-    }
 }
 
 /// Integer tensor of `dtype` (I32 or I16) with `shape`, as i32 values (I16 sign-extended).

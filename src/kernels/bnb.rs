@@ -20,7 +20,7 @@ use super::{gemm_serial, GEMV_MAX_ROWS};
 use crate::error::Result;
 use crate::nn::{LinearKernel, WeightDType};
 use crate::quant::bnb::{
-    int8_code, int8_scale, round_to, Absmax, FourBitWeight, Int8Compute, Int8Weight, INV_127,
+    int8_code, int8_scale, Absmax, FourBitWeight, Int8Compute, Int8Weight, INV_127,
 };
 use half::f16;
 use rayon::prelude::*;
@@ -124,18 +124,18 @@ impl FourBitMatrix {
         }
         if !self.exact_f32() {
             for v in out.iter_mut() {
-                *v = round_to(self.compute, *v);
+                *v = self.compute.round(*v);
             }
         }
     }
     fn round_input(&self, x: &[f32]) -> Option<Vec<f32>> {
         (self.compute != WeightDType::F32)
-            .then(|| x.iter().map(|&v| round_to(self.compute, v)).collect())
+            .then(|| x.iter().map(|&v| self.compute.round(v)).collect())
     }
     fn round_output(&self, out: &mut [f32]) {
         if self.compute != WeightDType::F32 {
             for v in out.iter_mut() {
-                *v = round_to(self.compute, *v);
+                *v = self.compute.round(*v);
             }
         }
     }

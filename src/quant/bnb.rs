@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::nn::{LinearFactory, LinearKernel, WeightDType};
-use half::{bf16, f16};
+use half::f16;
 use std::sync::Arc;
 
 /// 4-bit code book.
@@ -902,16 +902,6 @@ impl Int8Weight {
 /// 1/127 as the reference's float32 scalar (`7.874015718698502e-3` rounds to the same f32).
 pub const INV_127: f32 = 1.0 / 127.0;
 
-/// Round to a 16-bit float and back (the emulation of a compute or storage dtype).
-#[inline]
-pub fn round_to(dtype: WeightDType, v: f32) -> f32 {
-    match dtype {
-        WeightDType::F32 => v,
-        WeightDType::F16 => f16::from_f32(v).to_f32(),
-        WeightDType::BF16 => bf16::from_f32(v).to_f32(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Quantization at load time
 
@@ -1116,7 +1106,7 @@ pub fn quantized_state_dict(
                 .weight
                 .to_f32()
                 .into_iter()
-                .map(|v| round_to(opts.dtype, v))
+                .map(|v| opts.dtype.round(v))
                 .collect();
             let err =
                 |e: Error| Error::InvalidArgument(format!("quantizing `{}.weight`: {e}", l.name));

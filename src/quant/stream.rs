@@ -146,6 +146,15 @@ impl StreamOptions {
         }
     }
 
+    /// The first-position weight the GPTQ Hessians get: `sink_weight` for GPTQ; AWQ+GPTQ
+    /// builds its Hessians from the AWQ-scaled inputs without it (not yet evaluated there).
+    fn hessian_sink_weight(&self) -> f32 {
+        match self.method {
+            Method::Gptq => self.sink_weight,
+            _ => 1.0,
+        }
+    }
+
     /// The AWQ search settings with this run's bits and group size.
     pub fn awq_options(&self) -> AwqOptions {
         AwqOptions {
@@ -513,19 +522,6 @@ pub fn quantize_to_gptq(
     streamer.finish();
     warnings.append(&mut streamer.warnings);
 
-    let mut meta = serde_json::Map::new();
-    meta.insert("method".into(), opts.method.name().into());
-    if let Some(c) = calib {
-        meta.insert("calibration".into(), c.description.clone().into());
-        if let Some(sha) = &c.sha256 {
-            meta.insert("calibration_sha256".into(), sha.clone().into());
-        }
-        meta.insert("calibration_samples".into(), c.samples.len().into());
-        meta.insert("calibration_tokens".into(), c.num_tokens().into());
-        if opts.sink_weight != 1.0 {
-            meta.insert("sink_weight".into(), (opts.sink_weight as f64).into());
-        }
-    }
     if opts.method == Method::Awq {
         let awq = AwqConfig::new(opts.params.group_size.unwrap_or(0));
         write_model_files(
@@ -537,7 +533,7 @@ pub fn quantize_to_gptq(
             generation,
         )?;
     } else {
-        write_gptq_configs(out.path(), config, opts, meta, tokenizer, generation)?;
+        write_gptq_configs(out.path(), config, opts, calib, tokenizer, generation)?;
     }
     let dir = out.commit()?;
     Ok(StreamReport {
@@ -556,16 +552,30 @@ pub fn quantize_to_gptq(
     })
 }
 
-/// `config.json` with the GPTQ `quantization_config`, `quantize_config.json`, generation
-/// config and tokenizer.
+/// `config.json` with the GPTQ `quantization_config` (how it was made, in `meta`),
+/// `quantize_config.json`, generation config and tokenizer.
 fn write_gptq_configs(
     dir: &Path,
     config: &AutoConfig,
     opts: &StreamOptions,
-    meta: serde_json::Map<String, serde_json::Value>,
+    calib: Option<&CalibData>,
     tokenizer: Option<&AutoTokenizer>,
     generation: Option<&GenerationConfig>,
 ) -> Result<()> {
+    let mut meta = serde_json::Map::new();
+    meta.insert("method".into(), opts.method.name().into());
+    if let Some(c) = calib {
+        meta.insert("calibration".into(), c.description.clone().into());
+        if let Some(sha) = &c.sha256 {
+            meta.insert("calibration_sha256".into(), sha.clone().into());
+        }
+        meta.insert("calibration_samples".into(), c.samples.len().into());
+        meta.insert("calibration_tokens".into(), c.num_tokens().into());
+        let sink_weight = opts.hessian_sink_weight();
+        if sink_weight != 1.0 {
+            meta.insert("sink_weight".into(), (sink_weight as f64).into());
+        }
+    }
     let qcfg = GptqConfig {
         bits: opts.params.bits,
         group_size: opts.params.group_size,
@@ -720,29 +730,23 @@ impl<'a> Streamer<'a> {
                 self.quantize_layer(block.as_mut(), &prefix, name, None)?;
             }
         } else if self.opts.true_sequential {
-            let mut states: Vec<BlockState> = self
-                .acts
-                .iter_mut()
-                .map(|a| block.begin(std::mem::take(&mut a.x)))
-                .collect();
+            let mut states = self.begin_all(block.as_ref());
             for (g, names) in groups.iter().enumerate() {
-                let h = self.hessian(&states)?;
+                let h = self.hessian(states.iter().map(|st| st.input.as_slice()));
                 for name in names.iter() {
                     self.quantize_layer(block.as_mut(), &prefix, name, Some(&h))?;
                 }
                 drop(h);
                 self.step_all(block.as_ref(), g, &mut states);
             }
-            for (a, st) in self.acts.iter_mut().zip(states) {
-                a.x = st.residual;
-            }
+            self.end_all(states);
         } else {
             // Every group's Hessian from the float block, then one pass through the quantized one.
             let mut hessians = vec![];
             let mut states: Vec<BlockState> =
                 self.acts.iter().map(|a| block.begin(a.x.clone())).collect();
             for g in 0..groups.len() {
-                hessians.push(self.hessian(&states)?);
+                hessians.push(self.hessian(states.iter().map(|st| st.input.as_slice())));
                 self.step_all(block.as_ref(), g, &mut states);
             }
             drop(states);
@@ -752,17 +756,11 @@ impl<'a> Streamer<'a> {
                 }
             }
             drop(hessians);
-            let mut states: Vec<BlockState> = self
-                .acts
-                .iter_mut()
-                .map(|a| block.begin(std::mem::take(&mut a.x)))
-                .collect();
+            let mut states = self.begin_all(block.as_ref());
             for g in 0..groups.len() {
                 self.step_all(block.as_ref(), g, &mut states);
             }
-            for (a, st) in self.acts.iter_mut().zip(states) {
-                a.x = st.residual;
-            }
+            self.end_all(states);
         }
         for (s, a) in self.acts.iter().enumerate() {
             if let Some(j) = a.x.iter().position(|v| !v.is_finite()) {
@@ -778,6 +776,21 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
+    /// Every calibration sample's state at the start of `block` (its input moved in).
+    fn begin_all(&mut self, block: &dyn DecoderBlock) -> Vec<BlockState> {
+        self.acts
+            .iter_mut()
+            .map(|a| block.begin(std::mem::take(&mut a.x)))
+            .collect()
+    }
+
+    /// Take each sample's block output as its next input.
+    fn end_all(&mut self, states: Vec<BlockState>) {
+        for (a, st) in self.acts.iter_mut().zip(states) {
+            a.x = st.residual;
+        }
+    }
+
     /// Run group `g` of `block` for every calibration sample.
     fn step_all(&self, block: &dyn DecoderBlock, g: usize, states: &mut [BlockState]) {
         for (st, a) in states.iter_mut().zip(&self.acts) {
@@ -785,22 +798,23 @@ impl<'a> Streamer<'a> {
         }
     }
 
-    /// The GPTQ Hessian of the group inputs of every sample, with the first position
-    /// of each sample weighted by `sink_weight`.
-    fn hessian(&self, states: &[BlockState]) -> Result<Hessian> {
-        let k = states[0].input.len() / self.acts[0].t;
-        let mut h = Hessian::new(k);
-        for (st, a) in states.iter().zip(&self.acts) {
-            let (x, t) = (&st.input, a.t);
-            if self.opts.sink_weight == 1.0 {
+    /// The GPTQ Hessian of one group input per calibration sample (`[t, k]` each, in sample
+    /// order), with the first position of each sample weighted as the options say.
+    fn hessian<'x>(&self, inputs: impl Iterator<Item = &'x [f32]>) -> Hessian {
+        let sink_weight = self.opts.hessian_sink_weight();
+        let mut h: Option<Hessian> = None;
+        for (x, a) in inputs.zip(&self.acts) {
+            let t = a.t;
+            let h = h.get_or_insert_with(|| Hessian::new(x.len() / t));
+            if sink_weight == 1.0 {
                 h.add_sample(x, t);
             } else {
                 let mut w = vec![1f32; t];
-                w[0] = self.opts.sink_weight;
+                w[0] = sink_weight;
                 h.add_sample_weighted(x, t, &w);
             }
         }
-        Ok(h)
+        h.expect("checked: calibration has samples")
     }
 
     /// Quantize one linear of `block`, keep its packed tensors for writing, and put the
@@ -822,7 +836,7 @@ impl<'a> Streamer<'a> {
         let (mut q, loss, damp_used, dead_columns) = match h {
             None if self.opts.method == Method::Awq => {
                 // AutoAWQ rounds the scaled weights to f16 before its final pseudo-quantization.
-                let w16: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+                let w16: Vec<f32> = w.iter().map(|&v| WeightDType::F16.round(v)).collect();
                 let q = awq_search::pseudo_quantize(&w16, n, k, &self.opts.awq_options())
                     .map_err(in_layer)?;
                 (q, None, None, 0)
@@ -884,14 +898,14 @@ impl Streamer<'_> {
         let rows: usize = self.acts.iter().map(|a| a.t).sum();
         // Inputs of every stage, all samples concatenated; the float outputs for the next block.
         let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); num_stages];
-        for a in self.acts.iter_mut() {
-            let mut st = block.begin(std::mem::take(&mut a.x));
+        let mut states = self.begin_all(block);
+        for (st, a) in states.iter_mut().zip(&self.acts) {
             for (g, input) in inputs.iter_mut().enumerate() {
                 input.extend_from_slice(&st.input);
-                run_stage(block, g, &mut st, a);
+                run_stage(block, g, st, a);
             }
-            a.x = st.residual;
         }
+        self.end_all(states);
         let widths: Vec<usize> = inputs.iter().map(|x| x.len() / rows.max(1)).collect();
         // The samples the scale search's forward passes use (at least one).
         let limit = self.opts.awq_search_tokens.unwrap_or(usize::MAX);
@@ -904,7 +918,6 @@ impl Streamer<'_> {
             search_samples += 1;
             search_rows += a.t;
         }
-        let width = |g: usize| widths[g];
         let opts = self.opts.awq_options();
         let h = self.config.hidden_size();
 
@@ -915,7 +928,7 @@ impl Streamer<'_> {
                 .layers
                 .set_message(format!("scales {}", group.linears.join(",")));
             let stage = group.stages.start;
-            let k = width(stage);
+            let k = widths[stage];
             let originals: Vec<(std::sync::Arc<dyn crate::nn::LinearKernel>, Vec<f32>, usize)> =
                 group
                     .linears
@@ -998,7 +1011,7 @@ impl Streamer<'_> {
                 l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
             }
             let stage = group.stages.start;
-            let k = width(stage);
+            let k = widths[stage];
             awq_search::divide_columns(&mut inputs[stage], rows, k, s)?;
         }
 
@@ -1006,18 +1019,15 @@ impl Streamer<'_> {
         let groups = block.groups();
         for (stage, names) in groups.iter().enumerate() {
             let x = &inputs[stage];
-            let k = width(stage);
-            let hessian = if self.opts.method == Method::AwqGptq {
-                let mut hs = Hessian::new(k);
-                let mut row0 = 0;
-                for a in &self.acts {
-                    hs.add_sample(&x[row0 * k..(row0 + a.t) * k], a.t);
-                    row0 += a.t;
-                }
-                Some(hs)
-            } else {
-                None
-            };
+            let k = widths[stage];
+            let hessian = (self.opts.method == Method::AwqGptq).then(|| {
+                let mut rest = x.as_slice();
+                self.hessian(self.acts.iter().map(|a| {
+                    let (sample, tail) = rest.split_at(a.t * k);
+                    rest = tail;
+                    sample
+                }))
+            });
             for name in names.iter() {
                 let l = block.linear_mut(name);
                 let n = l.out_features();
@@ -1076,7 +1086,7 @@ fn run_stage(block: &dyn DecoderBlock, g: usize, st: &mut State, a: &Activation)
 /// Checkpoints store scales in f16; dequantize with exactly those values.
 fn round_scales_to_f16(q: &mut QuantizedLinear) {
     for s in &mut q.scales {
-        *s = half::f16::from_f32(*s).to_f32();
+        *s = WeightDType::F16.round(*s);
     }
 }
 
@@ -1091,11 +1101,10 @@ fn embed_samples(
         .into_iter()
         .map(|(n, _)| n)
         .find(|n| n.ends_with("embed_tokens.weight") || n.ends_with("wte.weight"));
-    let dtype = match embed_name.and_then(|n| src.info(&n)).map(|i| i.dtype) {
-        Some(DType::F16) => WeightDType::F16,
-        Some(DType::BF16) => WeightDType::BF16,
-        _ => WeightDType::F32,
-    };
+    let dtype = embed_name
+        .and_then(|n| src.info(&n))
+        .and_then(|i| WeightDType::from_storage(i.dtype))
+        .unwrap_or(WeightDType::F32);
     let stem = AutoModelForCausalLM::from_weights(
         config.with_num_layers(0),
         src,
