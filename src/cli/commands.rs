@@ -19,14 +19,20 @@ pub struct Context {
     pub json: bool,
 }
 
-impl ModelArgs {
-    fn hub(&self) -> HubOptions {
+impl HubArgs {
+    fn options(&self) -> HubOptions {
         HubOptions {
             revision: self.revision.clone(),
             cache_dir: self.cache_dir.clone(),
             offline: self.offline.then_some(true),
             ..Default::default()
         }
+    }
+}
+
+impl ModelArgs {
+    fn hub(&self) -> HubOptions {
+        self.hub.options()
     }
     /// The bitsandbytes load-time quantization asked for, if any.
     fn bnb(&self) -> Result<Option<BitsAndBytesConfig>> {
@@ -444,12 +450,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     use autoquant::quant::calib::{CalibData, CalibOptions};
     use autoquant::quant::rtn::QuantParams;
     use autoquant::quant::stream::{self, Method, StreamOptions};
-    let hub = HubOptions {
-        revision: a.revision.clone(),
-        cache_dir: a.cache_dir.clone(),
-        offline: a.offline.then_some(true),
-        ..Default::default()
-    };
+    let hub = a.hub.options();
     let max_shard_bytes = parse_size(&a.max_shard_size)?;
     if max_shard_bytes == 0 {
         return Err(Error::InvalidArgument(

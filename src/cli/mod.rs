@@ -25,14 +25,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How to find and load a model.
+/// Where a hub id is looked up.
 #[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// A model folder, a .gguf file, or a hub id `org/name[@revision]` (Hugging Face cache).
-    pub model: String,
-    /// In-memory dtype of dense weights: f32, f16 or bf16 (compute is f32).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+pub struct HubArgs {
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,
@@ -42,6 +37,18 @@ pub struct ModelArgs {
     /// Hugging Face cache folder (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// How to find and load a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model folder, a .gguf file, or a hub id `org/name[@revision]` (Hugging Face cache).
+    pub model: String,
+    /// In-memory dtype of dense weights: f32, f16 or bf16 (compute is f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// Quantize linear layers to 8 bits while loading (LLM.int8, bitsandbytes style).
     #[arg(long, conflicts_with = "load_in_4bit")]
     pub load_in_8bit: bool,
@@ -194,15 +201,8 @@ pub struct ConvertArgs {
 pub struct QuantizeArgs {
     /// A float model: folder, .gguf file or hub id `org/name[@revision]`.
     pub model: String,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Never use the network (also HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    pub offline: bool,
-    /// Hugging Face cache folder.
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4 or bnb-int8.
     #[arg(long, default_value = "gptq")]
     pub method: String,
