@@ -16,7 +16,7 @@ use autoquant::quant::awq::{
     divide_rows, divide_vector, fake_quantize, pseudo_quantize, scale_columns, search_clip,
     search_scales, weight_mean, AwqOptions,
 };
-use common::{fixture, read_json};
+use common::{fixture, read_json, Rng};
 use serde_json::Value;
 
 fn open_golden() -> (SafetensorsFile, Value) {
@@ -292,22 +292,6 @@ fn clip_search_matches_autoawq() {
     }
     println!("{shrunk} clipped groups matched");
     assert!(shrunk > 20, "only {shrunk} groups were clipped");
-}
-
-/// Deterministic pseudo-random numbers (xorshift + Box-Muller), so the property tests need no
-/// extra crates.
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
 }
 
 fn mse(a: &[f32], b: &[f32]) -> f64 {

@@ -6,6 +6,7 @@
 //! Golden data: scripts/golden/make_awq_golden.py (AutoAWQ 0.2.7.post3 on the CPU).
 
 mod common;
+use common::err_text;
 
 use autoquant::config::AutoConfig;
 use autoquant::formats::awq::{
@@ -91,13 +92,6 @@ fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
     model
         .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
         .unwrap()
-}
-
-fn err_text<T>(r: autoquant::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
 }
 
 fn tensors_of(path: &Path) -> Vec<(String, RawTensor)> {

@@ -11,7 +11,7 @@ mod common;
 use autoquant::formats::safetensors::SafetensorsFile;
 use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use autoquant::quant::rtn::{grid, quantize_rtn, QuantParams};
-use common::{fixture, read_json};
+use common::{fixture, read_json, Rng};
 use serde_json::Value;
 
 fn open_golden() -> (SafetensorsFile, Value) {
@@ -211,21 +211,6 @@ fn golden_from_activations() {
 }
 
 // ------------------------------------------------------------------------------ properties
-
-/// Deterministic normal samples (xorshift + Box–Muller).
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
 
 /// Correlated inputs `[rows, k]`: x = z·M with M = I + mixing, plus outlier channels.
 fn correlated_inputs(rng: &mut Rng, rows: usize, k: usize) -> Vec<f32> {

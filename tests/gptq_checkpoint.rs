@@ -6,6 +6,7 @@
 //! Golden data: scripts/golden/make_gptq_golden.py (auto-gptq 0.7.1 QuantLinear on the CPU).
 
 mod common;
+use common::err_text;
 
 use autoquant::config::AutoConfig;
 use autoquant::formats::gptq::{
@@ -139,13 +140,6 @@ fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
     model
         .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
         .unwrap()
-}
-
-fn err_text<T>(r: autoquant::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
