@@ -338,7 +338,7 @@ pub fn write_random_checkpoint(
         opts.max_shard_bytes,
         &Default::default(),
         |spec| {
-            let values = weights.read(&spec.name)?.to_f32();
+            let values = weights.tensor_values(&spec.name)?;
             Ok(dtype.encode(spec.shape.clone(), &values))
         },
     )?;

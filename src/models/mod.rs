@@ -426,6 +426,19 @@ impl RandomWeights {
             std,
         }
     }
+    /// The values of tensor `name`, without going through a [`RawTensor`] (for writers that
+    /// encode them straight into another dtype).
+    pub fn tensor_values(&self, name: &str) -> Result<Vec<f32>> {
+        let shape = self.shapes.get(name).ok_or_else(|| {
+            Error::tensor(
+                "<random weights>",
+                name,
+                "no such tensor in this architecture",
+            )
+        })?;
+        Ok(self.values(name, shape.iter().product()))
+    }
+
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let is_norm_weight = name.ends_with(".weight")
@@ -474,17 +487,8 @@ impl WeightSource for RandomWeights {
         })
     }
     fn read(&self, name: &str) -> Result<RawTensor> {
-        let shape = self.shapes.get(name).ok_or_else(|| {
-            Error::tensor(
-                "<random weights>",
-                name,
-                "no such tensor in this architecture",
-            )
-        })?;
-        Ok(RawTensor::from_f32(
-            shape.clone(),
-            &self.values(name, shape.iter().product()),
-        ))
+        let values = self.tensor_values(name)?;
+        Ok(RawTensor::from_f32(self.shapes[name].clone(), &values))
     }
     fn file_of(&self, _name: &str) -> std::path::PathBuf {
         "<random weights>".into()
