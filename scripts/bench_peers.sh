@@ -138,6 +138,15 @@ if [ -z "${AUTOQUANT_BIN:-}" ]; then
 fi
 [ -x "$AQ_BIN" ] || die "$AQ_BIN not built"
 
+# autoquant's 4-bit runs: bitsandbytes NF4 at load time (--load-in-4bit), and a packed GPTQ
+# checkpoint in Q4_0's shape (4-bit, symmetric, groups of 32) made by RTN from the same weights.
+GPTQ4_DIR=$AQ_HOME/peers/smollm2-rtn4-g32
+if [ ! -f "$GPTQ4_DIR/config.json" ]; then
+    say "autoquant quantize --method rtn --bits 4 --group-size 32 -> $GPTQ4_DIR"
+    "$AQ_BIN" quantize "$MODEL_Q41" --method rtn --bits 4 --group-size 32 --overwrite -o "$GPTQ4_DIR" >&2 \
+        || die "autoquant quantize failed"
+fi
+
 [ "$PREPARE_ONLY" = 1 ] && { say "prepared; not measuring (--prepare-only)"; exit 0; }
 
 # ---------------------------------------------------------------- measurements
@@ -162,6 +171,16 @@ run_autoquant() { # ROUND
             || die "autoquant bench failed: $(tail -5 "$RAW/err.log")"
         record autoquant "$dtype" bench "$r" "$RAW/out.json"
     done
+    say "round $r: autoquant bench --load-in-4bit (NF4)"
+    "$AQ_BIN" --json --threads "$THREADS" bench "$MODEL_Q41" --load-in-4bit \
+        --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
+        || die "autoquant bench --load-in-4bit failed: $(tail -5 "$RAW/err.log")"
+    record autoquant nf4 bench "$r" "$RAW/out.json"
+    say "round $r: autoquant bench on the GPTQ 4-bit g32 checkpoint"
+    "$AQ_BIN" --json --threads "$THREADS" bench "$GPTQ4_DIR" \
+        --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
+        || die "autoquant bench (GPTQ 4-bit) failed: $(tail -5 "$RAW/err.log")"
+    record autoquant gptq4 bench "$r" "$RAW/out.json"
     say "round $r: autoquant ppl ($PPL_WINDOWS windows of 512)"
     "$AQ_BIN" --json --threads "$THREADS" ppl "$MODEL_Q41" --data "$EVAL_TEXT" --seqlen 512 \
         --max-windows "$PPL_WINDOWS" >"$RAW/out.json" 2>"$RAW/err.log" \

@@ -12,7 +12,8 @@
 //!
 //! Where we differ, on purpose:
 //!
-//! * The inverse Cholesky factor is computed in f64 (f32 for K > 16384, to bound memory), as
+//! * The inverse Cholesky factor is computed in f64 (in f32 above K = 4096, as the reference
+//!   does everywhere: its cost grows as K³ and f64 doubles it), as
 //!   `U = J·chol(J·H·J)⁻¹·J` (J reverses the order): one Cholesky and one triangular inverse
 //!   instead of the reference's Cholesky → `cholesky_inverse` → Cholesky. In exact arithmetic both
 //!   give the upper factor of H⁻¹; ours is cheaper and more stable. Everything else is f32.
@@ -277,6 +278,77 @@ pub struct GptqResult {
 /// How many damping values are tried: `damp`, then ×10 each time (0.01 → … → 100).
 const DAMP_ATTEMPTS: usize = 5;
 
+/// What GPTQ derives from a Hessian alone: the dead columns, the act-order permutation and the
+/// damped inverse factor. Linears that read the same input (q/k/v, gate/up) share one.
+#[derive(Debug, Clone)]
+pub struct GptqFactor {
+    k: usize,
+    /// Input channels never active in calibration (diag H = 0).
+    dead: Vec<usize>,
+    /// Act-order processing order (descending diag H, ties by column), if act-order.
+    perm: Option<Vec<usize>>,
+    /// Upper factor of H⁻¹ in processing order, `[k, k]`.
+    hinv: Vec<f32>,
+    damp_used: f64,
+}
+
+impl GptqFactor {
+    /// Factor `h` with the damping and act-order of `opts` (retrying with more damping when
+    /// the Cholesky fails). Does not modify `h`.
+    pub fn new(h: &Hessian, opts: &GptqOptions) -> Result<Self> {
+        let k = h.k();
+        if !(opts.damp_percent.is_finite() && opts.damp_percent >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "damping {} must be a finite fraction ≥ 0 (e.g. 0.01)",
+                opts.damp_percent
+            )));
+        }
+        h.check()?;
+        if h.samples() == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "Hessian for K={k} has no calibration samples; run calibration data through the \
+                 layer first"
+            )));
+        }
+        let mut hm = h.matrix().to_vec();
+        let mut dead = Vec::new();
+        for i in 0..k {
+            if hm[i * k + i] == 0.0 {
+                hm[i * k + i] = 1.0;
+                dead.push(i);
+            }
+        }
+        // Act-order permutation (descending diag H, ties by column index).
+        let perm: Option<Vec<usize>> = opts.desc_act.then(|| {
+            let mut p: Vec<usize> = (0..k).collect();
+            p.sort_by(|&a, &b| hm[b * k + b].total_cmp(&hm[a * k + a]));
+            p
+        });
+        if let Some(p) = &perm {
+            let mut hp = vec![0f32; k * k];
+            for (i, &pi) in p.iter().enumerate() {
+                for (j, &pj) in p.iter().enumerate() {
+                    hp[i * k + j] = hm[pi * k + pj];
+                }
+            }
+            hm = hp;
+        }
+        let (hinv, damp_used) = damped_inverse_factor(&hm, k, opts.damp_percent)?;
+        Ok(GptqFactor {
+            k,
+            dead,
+            perm,
+            hinv,
+            damp_used,
+        })
+    }
+
+    /// Damping fraction that made the Cholesky succeed.
+    pub fn damp_used(&self) -> f64 {
+        self.damp_used
+    }
+}
+
 /// Quantize `w` (`[N, K]` row-major, PyTorch Linear layout) with GPTQ. Does not modify `h`.
 pub fn gptq_quantize(
     w: &[f32],
@@ -285,12 +357,30 @@ pub fn gptq_quantize(
     h: &Hessian,
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
-    let params = &opts.params;
-    let group = rtn::check_weight(w, n, k, params)?;
+    rtn::check_weight(w, n, k, &opts.params)?;
     if h.k() != k {
         return Err(Error::InvalidArgument(format!(
             "Hessian is for K={} inputs but the weight [N={n}, K={k}] has K={k}",
             h.k()
+        )));
+    }
+    gptq_quantize_factored(w, n, k, &GptqFactor::new(h, opts)?, opts)
+}
+
+/// [`gptq_quantize`] with the Hessian already factored (with the same `opts`).
+pub fn gptq_quantize_factored(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    factor: &GptqFactor,
+    opts: &GptqOptions,
+) -> Result<GptqResult> {
+    let params = &opts.params;
+    let group = rtn::check_weight(w, n, k, params)?;
+    if factor.k != k {
+        return Err(Error::InvalidArgument(format!(
+            "Hessian is for K={} inputs but the weight [N={n}, K={k}] has K={k}",
+            factor.k
         )));
     }
     if opts.block_size == 0 {
@@ -298,18 +388,10 @@ pub fn gptq_quantize(
             "GPTQ block size must be positive".into(),
         ));
     }
-    if !(opts.damp_percent.is_finite() && opts.damp_percent >= 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "damping {} must be a finite fraction ≥ 0 (e.g. 0.01)",
-            opts.damp_percent
-        )));
-    }
-    h.check()?;
-    if h.samples() == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "Hessian for K={k} has no calibration samples; run calibration data through the \
-             layer first"
-        )));
+    if opts.desc_act != factor.perm.is_some() {
+        return Err(Error::InvalidArgument(
+            "GPTQ factor was made with another act-order setting".into(),
+        ));
     }
 
     let bits = params.bits;
@@ -327,16 +409,10 @@ pub fn gptq_quantize(
         Vec::new()
     };
 
-    let mut hm = h.matrix().to_vec();
     let mut wm = w.to_vec();
-    let mut dead_columns = 0;
-    for i in 0..k {
-        if hm[i * k + i] == 0.0 {
-            hm[i * k + i] = 1.0;
-            dead_columns += 1;
-            for row in 0..n {
-                wm[row * k + i] = 0.0;
-            }
+    for &i in &factor.dead {
+        for row in 0..n {
+            wm[row * k + i] = 0.0;
         }
     }
 
@@ -358,13 +434,8 @@ pub fn gptq_quantize(
         _ => None,
     };
 
-    // Act-order permutation (descending diag H, ties by column index).
-    let perm: Option<Vec<usize>> = opts.desc_act.then(|| {
-        let mut p: Vec<usize> = (0..k).collect();
-        p.sort_by(|&a, &b| hm[b * k + b].total_cmp(&hm[a * k + a]));
-        p
-    });
-    if let Some(p) = &perm {
+    let perm = factor.perm.as_ref();
+    if let Some(p) = perm {
         let mut wp = vec![0f32; n * k];
         for row in 0..n {
             for (j, &c) in p.iter().enumerate() {
@@ -372,21 +443,11 @@ pub fn gptq_quantize(
             }
         }
         wm = wp;
-        let mut hp = vec![0f32; k * k];
-        for (i, &pi) in p.iter().enumerate() {
-            for (j, &pj) in p.iter().enumerate() {
-                hp[i * k + j] = hm[pi * k + pj];
-            }
-        }
-        hm = hp;
     }
-
-    let (hinv, damp_used) = damped_inverse_factor(&hm, k, opts.damp_percent)?;
-    drop(hm);
 
     // Column loop on chunks of rows in parallel.
     let threads = rayon::current_num_threads().max(1);
-    let chunk_rows = n.div_ceil(8 * threads).clamp(4, 64);
+    let chunk_rows = n.div_ceil(2 * threads).clamp(16, 256);
     let ctx = LoopCtx {
         k,
         n,
@@ -395,10 +456,10 @@ pub fn gptq_quantize(
         maxq,
         group,
         block: opts.block_size,
-        hinv: &hinv,
+        hinv: &factor.hinv,
         row_grid: &row_grid,
         static_grid: static_grid.as_deref(),
-        perm: perm.as_deref(),
+        perm: perm.map(|p| p.as_slice()),
     };
     let chunks: Vec<ChunkOut> = wm
         .par_chunks_mut(chunk_rows * k)
@@ -477,8 +538,8 @@ pub fn gptq_quantize(
             g_idx,
         },
         loss,
-        damp_used,
-        dead_columns,
+        damp_used: factor.damp_used,
+        dead_columns: factor.dead.len(),
     })
 }
 
@@ -528,10 +589,11 @@ fn damped_inverse_factor(hm: &[f32], k: usize, damp_percent: f64) -> Result<(Vec
     )))
 }
 
-/// Above this K the factorization runs in f32 to keep its two K×K temporaries small.
-const F64_MAX_K: usize = 16384;
+/// Above this K the factorization runs in f32 (as the reference's): it costs K³, and f64 doubles
+/// that and its two K×K temporaries.
+const F64_MAX_K: usize = 4096;
 
-/// Upper U with UᵀU = A⁻¹, in f64 (f32 for huge K), returned as f32.
+/// Upper U with UᵀU = A⁻¹, in f64 (f32 above `F64_MAX_K`), returned as f32.
 fn inverse_upper_factor(a: &[f32], k: usize) -> std::result::Result<Vec<f32>, String> {
     if k <= F64_MAX_K {
         inverse_upper_factor_t::<f64>(a, k, |v| v as f64, |v| v as f32)
@@ -555,7 +617,7 @@ where
     use faer::linalg::cholesky::llt::factor;
     let par = faer::Par::rayon(0);
     let r = |i: usize| k - 1 - i;
-    let mut l = faer::Mat::<T>::from_fn(k, k, |i, j| from(a[r(i) * k + r(j)]));
+    let mut l = faer::Mat::<T>::from_fn(k, k, |i, j| from(a[r(j) * k + r(i)]));
     let mut mem = MemBuffer::new(factor::cholesky_in_place_scratch::<T>(
         k,
         par,

@@ -29,7 +29,7 @@ use crate::models::{AwqPrev, BlockState as State};
 use crate::nn::{DenseMatrix, Loader, WeightDType};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
-use crate::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
+use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
 use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
@@ -150,7 +150,7 @@ impl StreamOptions {
     /// builds its Hessians from the AWQ-scaled inputs without it (not yet evaluated there).
     fn hessian_sink_weight(&self) -> f32 {
         match self.method {
-            Method::Gptq => self.sink_weight,
+            Method::Gptq | Method::AwqGptq => self.sink_weight,
             _ => 1.0,
         }
     }
@@ -722,45 +722,10 @@ impl<'a> Streamer<'a> {
         self.bars.layers.reset();
         let ld = Loader::new(self.src, WeightDType::F32);
         let mut block = load_block(self.config, &ld, i)?;
-        let groups = block.groups();
         if self.opts.method.uses_awq() {
             self.awq_block(block.as_mut(), &prefix)?;
-        } else if self.acts.is_empty() {
-            for name in groups.iter().flat_map(|g| g.iter()) {
-                self.quantize_layer(block.as_mut(), &prefix, name, None)?;
-            }
-        } else if self.opts.true_sequential {
-            let mut states = self.begin_all(block.as_ref());
-            for (g, names) in groups.iter().enumerate() {
-                let h = self.hessian(states.iter().map(|st| st.input.as_slice()));
-                for name in names.iter() {
-                    self.quantize_layer(block.as_mut(), &prefix, name, Some(&h))?;
-                }
-                drop(h);
-                self.step_all(block.as_ref(), g, &mut states);
-            }
-            self.end_all(states);
         } else {
-            // Every group's Hessian from the float block, then one pass through the quantized one.
-            let mut hessians = vec![];
-            let mut states: Vec<BlockState> =
-                self.acts.iter().map(|a| block.begin(a.x.clone())).collect();
-            for g in 0..groups.len() {
-                hessians.push(self.hessian(states.iter().map(|st| st.input.as_slice())));
-                self.step_all(block.as_ref(), g, &mut states);
-            }
-            drop(states);
-            for (names, h) in groups.iter().zip(&hessians) {
-                for name in names.iter() {
-                    self.quantize_layer(block.as_mut(), &prefix, name, Some(h))?;
-                }
-            }
-            drop(hessians);
-            let mut states = self.begin_all(block.as_ref());
-            for g in 0..groups.len() {
-                self.step_all(block.as_ref(), g, &mut states);
-            }
-            self.end_all(states);
+            self.round_block(block.as_mut(), &prefix)?;
         }
         for (s, a) in self.acts.iter().enumerate() {
             if let Some(j) = a.x.iter().position(|v| !v.is_finite()) {
@@ -773,6 +738,54 @@ impl<'a> Streamer<'a> {
             }
         }
         self.bars.blocks.inc(1);
+        Ok(())
+    }
+
+    /// Round every linear of `block` in group order: RTN without calibration data, GPTQ with
+    /// it (true-sequential: each group's Hessian from inputs that went through the groups
+    /// already quantized). The calibration activations advance through the quantized block.
+    fn round_block(&mut self, block: &mut dyn DecoderBlock, prefix: &str) -> Result<()> {
+        let groups = block.groups();
+        if self.acts.is_empty() {
+            for name in groups.iter().flat_map(|g| g.iter()) {
+                self.quantize_layer(block, prefix, name, None)?;
+            }
+        } else if self.opts.true_sequential {
+            let mut states = self.begin_all(block);
+            for (g, names) in groups.iter().enumerate() {
+                let h = self.hessian(states.iter().map(|st| st.input.as_slice()));
+                let f = self.factor(&h, prefix, names)?;
+                drop(h);
+                for name in names.iter() {
+                    self.quantize_layer(block, prefix, name, Some(&f))?;
+                }
+                drop(f);
+                self.step_all(block, g, &mut states);
+            }
+            self.end_all(states);
+        } else {
+            // Every group's Hessian from the float block, then one pass through the quantized one.
+            let mut hessians = vec![];
+            let mut states: Vec<BlockState> =
+                self.acts.iter().map(|a| block.begin(a.x.clone())).collect();
+            for g in 0..groups.len() {
+                hessians.push(self.hessian(states.iter().map(|st| st.input.as_slice())));
+                self.step_all(block, g, &mut states);
+            }
+            drop(states);
+            for (names, h) in groups.iter().zip(&hessians) {
+                let f = self.factor(h, prefix, names)?;
+                for name in names.iter() {
+                    self.quantize_layer(block, prefix, name, Some(&f))?;
+                }
+            }
+            drop(hessians);
+            let mut states = self.begin_all(block);
+            for g in 0..groups.len() {
+                self.step_all(block, g, &mut states);
+            }
+            self.end_all(states);
+        }
         Ok(())
     }
 
@@ -817,6 +830,13 @@ impl<'a> Streamer<'a> {
         h.expect("checked: calibration has samples")
     }
 
+    /// The GPTQ factor of one group's Hessian, shared by the group's linears.
+    fn factor(&self, h: &Hessian, prefix: &str, names: &[&str]) -> Result<GptqFactor> {
+        GptqFactor::new(h, &self.opts.gptq_options()).map_err(|e| {
+            Error::InvalidArgument(format!("quantizing `{prefix}` {}: {e}", names.join(", ")))
+        })
+    }
+
     /// Quantize one linear of `block`, keep its packed tensors for writing, and put the
     /// dequantized weight in its place so later groups and blocks see what a loader will run.
     fn quantize_layer(
@@ -824,7 +844,7 @@ impl<'a> Streamer<'a> {
         block: &mut dyn DecoderBlock,
         prefix: &str,
         name: &str,
-        h: Option<&Hessian>,
+        factor: Option<&GptqFactor>,
     ) -> Result<()> {
         let t0 = Instant::now();
         let full = format!("{prefix}.{name}");
@@ -833,7 +853,7 @@ impl<'a> Streamer<'a> {
         let (n, k) = (linear.out_features(), linear.in_features());
         let w = linear.weight.to_f32();
         let in_layer = |e: Error| Error::InvalidArgument(format!("quantizing `{full}`: {e}"));
-        let (mut q, loss, damp_used, dead_columns) = match h {
+        let (mut q, loss, damp_used, dead_columns) = match factor {
             None if self.opts.method == Method::Awq => {
                 // AutoAWQ rounds the scaled weights to f16 before its final pseudo-quantization.
                 let w16: Vec<f32> = w.iter().map(|&v| WeightDType::F16.round(v)).collect();
@@ -847,8 +867,9 @@ impl<'a> Streamer<'a> {
                 None,
                 0,
             ),
-            Some(h) => {
-                let r = gptq_quantize(&w, n, k, h, &self.opts.gptq_options()).map_err(in_layer)?;
+            Some(f) => {
+                let r = gptq_quantize_factored(&w, n, k, f, &self.opts.gptq_options())
+                    .map_err(in_layer)?;
                 if r.damp_used != self.opts.damp_percent {
                     self.warnings.push(format!(
                         "`{full}`: Cholesky needed damp {} (asked {})",
@@ -898,6 +919,9 @@ impl Streamer<'_> {
         let rows: usize = self.acts.iter().map(|a| a.t).sum();
         // Inputs of every stage, all samples concatenated; the float outputs for the next block.
         let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); num_stages];
+        // AWQ+GPTQ runs GPTQ on the scaled block afterwards, from this block's inputs.
+        let block_inputs: Option<Vec<Vec<f32>>> = (self.opts.method == Method::AwqGptq)
+            .then(|| self.acts.iter().map(|a| a.x.clone()).collect());
         let mut states = self.begin_all(block);
         for (st, a) in states.iter_mut().zip(&self.acts) {
             for (g, input) in inputs.iter_mut().enumerate() {
@@ -1015,31 +1039,34 @@ impl Streamer<'_> {
             awq_search::divide_columns(&mut inputs[stage], rows, k, s)?;
         }
 
-        // 3. Clipping (not for q/k, whose errors the softmax amplifies) and rounding.
+        // 3. Clipping (not for q/k, whose errors the softmax amplifies), then rounding: the AWQ
+        // grid layer by layer, or GPTQ over the scaled block from its quantized inputs.
         let groups = block.groups();
+        let clip = self.opts.method == Method::Awq || std::env::var_os("AQ_EXP_CLIP").is_some();
         for (stage, names) in groups.iter().enumerate() {
             let x = &inputs[stage];
             let k = widths[stage];
-            let hessian = (self.opts.method == Method::AwqGptq).then(|| {
-                let mut rest = x.as_slice();
-                self.hessian(self.acts.iter().map(|a| {
-                    let (sample, tail) = rest.split_at(a.t * k);
-                    rest = tail;
-                    sample
-                }))
-            });
             for name in names.iter() {
-                let l = block.linear_mut(name);
-                let n = l.out_features();
-                let mut w = l.weight.to_f32();
-                if !is_query_or_key(name) {
+                if clip && !is_query_or_key(name) {
                     self.bars.layers.set_message(format!("clip {name}"));
+                    let l = block.linear_mut(name);
+                    let n = l.out_features();
+                    let mut w = l.weight.to_f32();
                     let max_val = awq_search::search_clip(x, rows, k, &w, n, &opts)?;
                     awq_search::apply_clip(&mut w, n, k, opts.group_size, &max_val)?;
+                    l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
                 }
-                l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
-                self.quantize_layer(block, prefix, name, hessian.as_ref())?;
+                if block_inputs.is_none() {
+                    self.quantize_layer(block, prefix, name, None)?;
+                }
             }
+        }
+        drop(inputs);
+        if let Some(saved) = block_inputs {
+            for (a, x) in self.acts.iter_mut().zip(saved) {
+                a.x = x;
+            }
+            self.round_block(block, prefix)?;
         }
 
         // 4. The float tensors the scales changed (norms, biases), from the block.
