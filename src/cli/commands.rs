@@ -517,10 +517,11 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     opts.progress = true;
 
     let ckpt = Checkpoint::open(&a.model, &hub)?;
-    let calib_tokens = if method.calibrated() {
-        nsamples * seqlen
-    } else {
-        0
+    // Saved windows say exactly how many tokens there are; text gives at most nsamples × seqlen.
+    let calib_tokens = match &a.calib_windows {
+        _ if !method.calibrated() => 0,
+        Some(path) => CalibData::from_windows_json(path)?.num_tokens(),
+        None => nsamples * seqlen,
     };
     if a.dry_run {
         let e = stream::estimate(&ckpt.config, ckpt.weights.as_ref(), &opts, calib_tokens)?;
