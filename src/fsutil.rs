@@ -1,15 +1,50 @@
 //! Atomic file and folder writes, and path joining that cannot escape a folder.
 //!
 //! Output is always written under a hidden temporary name next to its destination and renamed
-//! into place only once complete. A failed run (error, panic) removes the temporary on drop; a
-//! run killed with SIGKILL cannot clean up, so it leaves only a hidden `.<name>.tmp-<pid>-<rand>`
-//! sibling behind, never a half-written file or folder under the final name.
+//! into place only once complete. A failed run (error, panic) removes the temporary on drop; an
+//! interrupted one (Ctrl-C, SIGTERM) removes it in the CLI's signal handler through
+//! [`remove_live_temporaries`]. Only a run killed with SIGKILL cannot clean up: it leaves a
+//! hidden `.<name>.tmp-<pid>-<rand>` sibling, never a half-written file or folder under the
+//! final name.
 
 use crate::error::{Error, Result};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+/// Temporaries being written right now, for [`remove_live_temporaries`].
+static LIVE_TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live_temporaries() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // A panic while holding the lock leaves a list that is still valid.
+    LIVE_TEMPORARIES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn track(path: &Path) {
+    live_temporaries().push(path.to_path_buf());
+}
+
+fn untrack(path: &Path) {
+    live_temporaries().retain(|p| p != path);
+}
+
+/// Delete every temporary file and folder still being written, for an interrupt handler that
+/// is about to exit (Ctrl-C or SIGTERM during a long quantization). Returns what was removed.
+pub fn remove_live_temporaries() -> Vec<PathBuf> {
+    let paths = std::mem::take(&mut *live_temporaries());
+    for p in &paths {
+        let _ = if p.is_dir() {
+            fs::remove_dir_all(p)
+        } else {
+            fs::remove_file(p)
+        };
+    }
+    paths
+}
 
 /// A sibling of `path` named `.<name>.<tag>-<pid>-<rand>` (hidden, same filesystem so rename works).
 fn hidden_sibling(path: &Path, tag: &str) -> Result<PathBuf> {
@@ -77,6 +112,7 @@ impl AtomicDir {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let tmp_dir = hidden_sibling(final_dir, "tmp")?;
         fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        track(&tmp_dir);
         Ok(AtomicDir {
             final_dir: final_dir.to_path_buf(),
             tmp_dir,
@@ -123,6 +159,7 @@ impl AtomicDir {
             return Err(Error::io(&final_dir, e));
         }
         self.committed = true;
+        untrack(&self.tmp_dir);
         sync_dir(parent_of(&final_dir));
         if let Some(aside) = moved_aside {
             let removed = if aside.is_dir() && !aside.is_symlink() {
@@ -139,6 +176,7 @@ impl AtomicDir {
 impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.committed {
+            untrack(&self.tmp_dir);
             let _ = fs::remove_dir_all(&self.tmp_dir);
         }
     }
@@ -161,6 +199,7 @@ impl AtomicFile {
             .create_new(true)
             .open(&tmp_path)
             .map_err(|e| Error::io(&tmp_path, e))?;
+        track(&tmp_path);
         Ok(AtomicFile {
             final_path: path.to_path_buf(),
             tmp_path,
@@ -191,6 +230,7 @@ impl AtomicFile {
         file.sync_all().map_err(|e| Error::io(&self.tmp_path, e))?;
         drop(file);
         fs::rename(&self.tmp_path, &self.final_path).map_err(|e| Error::io(&self.final_path, e))?;
+        untrack(&self.tmp_path);
         sync_dir(parent_of(&self.final_path));
         Ok(self.final_path.clone())
     }
@@ -214,6 +254,7 @@ impl Write for AtomicFile {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.file.take().is_some() {
+            untrack(&self.tmp_path);
             let _ = fs::remove_file(&self.tmp_path);
         }
     }

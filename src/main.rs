@@ -6,6 +6,14 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
+    // Ctrl-C / SIGTERM: delete the output being written (a long quantization may have put
+    // gigabytes in its hidden temporary folder), then exit as interrupted.
+    let _ = ctrlc::set_handler(|| {
+        for p in autoquant::fsutil::remove_live_temporaries() {
+            eprintln!("interrupted: removed the partial output {}", p.display());
+        }
+        std::process::exit(130);
+    });
     if let Some(n) = args.threads {
         // Ignore the error: it only means the pool was already built.
         let _ = rayon::ThreadPoolBuilder::new()

@@ -296,3 +296,70 @@ fn quantize_rtn_gptq_and_their_checks() {
     let n = ppl(&out("nf4"), wiki)["perplexity"].as_f64().unwrap();
     assert!(n.is_finite() && n > f, "nf4 {n} vs f32 {f}");
 }
+
+/// SIGTERM (what Ctrl-C or a job scheduler sends) in the middle of a long write removes the
+/// hidden temporary output: nothing is left behind, and the exit status says interrupted.
+#[cfg(unix)]
+#[test]
+fn interrupted_run_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    // ~270M parameters: seconds of writing, long enough to interrupt.
+    std::fs::write(
+        &config,
+        r#"{"model_type": "llama", "hidden_size": 512, "intermediate_size": 1536,
+            "num_hidden_layers": 80, "num_attention_heads": 8, "num_key_value_heads": 8,
+            "vocab_size": 1000, "max_position_embeddings": 256}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_autoquant"))
+        .args([
+            "synth",
+            config.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let entries = || -> Vec<String> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "config.json")
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    while entries().is_empty() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "no temporary output appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "synth ended before it could be interrupted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "synth finished too quickly to interrupt"
+    );
+    let written = entries();
+    assert!(
+        written.iter().all(|n| n.starts_with(".out.tmp-")),
+        "{written:?}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("removed the partial output"), "{stderr}");
+    assert_eq!(entries(), Vec::<String>::new(), "left behind after SIGTERM");
+}
