@@ -146,8 +146,7 @@ impl StreamOptions {
         }
     }
 
-    /// The first-position weight the GPTQ Hessians get: `sink_weight` for GPTQ; AWQ+GPTQ
-    /// builds its Hessians from the AWQ-scaled inputs without it (not yet evaluated there).
+    /// The first-position weight the GPTQ Hessians get (GPTQ and AWQ+GPTQ).
     fn hessian_sink_weight(&self) -> f32 {
         match self.method {
             Method::Gptq | Method::AwqGptq => self.sink_weight,
@@ -905,8 +904,9 @@ impl<'a> Streamer<'a> {
 impl Streamer<'_> {
     /// AWQ on one block (AutoAWQ's order): capture every stage's input on the float block,
     /// search each scaling group's scales against its sub-layer output, fold all scales in,
-    /// search clipping on the scaled inputs, then round (AWQ grid, or GPTQ with `awq-gptq`).
-    /// The float block's outputs feed the next block, as in AutoAWQ.
+    /// then either search clipping on the scaled inputs and round to the AWQ grid, with the float
+    /// block's outputs feeding the next block (AutoAWQ), or, for `awq-gptq`, run GPTQ on the
+    /// scaled block exactly as `round_block` does for plain GPTQ.
     fn awq_block(&mut self, block: &mut dyn DecoderBlock, prefix: &str) -> Result<()> {
         let awq_groups = block.awq_groups();
         if awq_groups.is_empty() {
@@ -1042,7 +1042,8 @@ impl Streamer<'_> {
         // 3. Clipping (not for q/k, whose errors the softmax amplifies), then rounding: the AWQ
         // grid layer by layer, or GPTQ over the scaled block from its quantized inputs.
         let groups = block.groups();
-        let clip = self.opts.method == Method::Awq || std::env::var_os("AQ_EXP_CLIP").is_some();
+        // AWQ+GPTQ does not clip: GPTQ chooses its grid and compensates rounding error itself.
+        let clip = self.opts.method == Method::Awq;
         for (stage, names) in groups.iter().enumerate() {
             let x = &inputs[stage];
             let k = widths[stage];
