@@ -35,9 +35,11 @@
 //! relative to the group's largest (f32 keeps 24), and `vpdpbusd` multiplies codes with limbs
 //! exactly. The prepared limbs are cached per thread and reused while the same input comes
 //! back (several projections of one input, and all row blocks of one call). Without AVX-512
-//! VNNI a portable f32 kernel is used. For many input rows (`forward`) blocks of output rows are
-//! dequantized to f32 in a per-thread buffer and multiplied with a serial GEMM, the blocks
-//! spread over the threads.
+//! VNNI, f32 kernels (AVX2 + FMA, else portable code) take each code as a bit field of its
+//! row's 32-bit lane with a single AND and convert it to f32 as is, the code times a power of
+//! two; the input, prepared and cached the same way, carries the inverse power (see [`Field`]).
+//! For many input rows (`forward`) blocks of output rows are dequantized to f32 in a per-thread
+//! buffer and multiplied with a serial GEMM, the blocks spread over the threads.
 
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -401,22 +403,48 @@ impl GptqMatrix {
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if simd && has_avx2() {
+            for (j, p) in panels.enumerate() {
+                // SAFETY: AVX2/FMA/F16C are available; the asserts above bound every store.
+                unsafe {
+                    let d = dst.as_mut_ptr().add(j * LANES);
+                    match self.bits {
+                        2 => avx2::dequantize_panel::<2>(self, p, d, ld),
+                        3 => avx2::dequantize_panel::<3>(self, p, d, ld),
+                        4 => avx2::dequantize_panel::<4>(self, p, d, ld),
+                        _ => avx2::dequantize_panel::<8>(self, p, d, ld),
+                    }
+                }
+            }
+            return;
+        }
         let _ = simd;
         let lay = &self.layout;
         let g_count = lay.groups();
         let pbb = panel_block_bytes(self.bits);
-        let mut codes = [[0u8; BLOCK]; LANES];
+        let fields: Vec<Field> = (0..BLOCK).map(|f| field(self.bits, f)).collect();
+        let mask = (1u32 << fields[0].width) - 1;
         for (j, p) in panels.enumerate() {
             for g in 0..g_count {
                 let at = (p * g_count + g) * LANES;
+                let s: [f32; LANES] = std::array::from_fn(|r| self.scales[at + r].to_f32());
+                let z: [f32; LANES] = std::array::from_fn(|r| self.zeros.get(at + r) as f32);
                 for b in lay.blocks(g) {
                     let from = p * self.panel_bytes + b * pbb;
-                    unpack_panel_block(self.bits, &self.packed[from..from + pbb], &mut codes);
-                    for (r, row_codes) in codes.iter().enumerate() {
-                        let s = self.scales[at + r].to_f32();
-                        let z = self.zeros.get(at + r) as f32;
-                        for (i, &c) in row_codes.iter().enumerate() {
-                            dst[(b * BLOCK + i) * ld + j * LANES + r] = s * (c as f32 - z);
+                    let blk = &self.packed[from..from + pbb];
+                    // One field per slot (the low two bits for 3-bit, whose bit 2 is added).
+                    let hi = (self.bits == 3).then(|| block_lanes(blk, 2));
+                    for fd in &fields {
+                        let v = block_lanes(blk, fd.vec);
+                        let e = high_bit(fd.slot);
+                        let d = &mut dst[(b * BLOCK + fd.slot) * ld + j * LANES..][..LANES];
+                        for r in 0..LANES {
+                            let mut c = (v[r] >> fd.shift) & mask;
+                            if let Some(h) = &hi {
+                                c |= ((h[r] >> e) & 1) << 2;
+                            }
+                            d[r] = s[r] * (c as f32 - z[r]);
                         }
                     }
                 }
@@ -424,8 +452,8 @@ impl GptqMatrix {
         }
     }
 
-    /// `forward_rows` with a choice of kernel (tests run both): the integer AVX-512 VNNI
-    /// kernel when `simd` and available, else the portable f32 one.
+    /// `forward_rows` with a choice of kernel (tests run both): when `simd`, the integer
+    /// AVX-512 VNNI kernel or else the AVX2 f32 one if available; otherwise the portable f32 one.
     fn forward_rows_impl(
         &self,
         x: &[f32],
@@ -472,55 +500,79 @@ impl GptqMatrix {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if simd && has_avx2() {
+            with_field_input(self, x, m, |prep| {
+                // SAFETY: AVX2/FMA/F16C are available; `prep` was made for this layout, bit
+                // width and m.
+                unsafe {
+                    match self.bits {
+                        2 => avx2::forward_rows::<2>(self, prep, rows, out),
+                        3 => avx2::forward_rows::<3>(self, prep, rows, out),
+                        4 => avx2::forward_rows::<4>(self, prep, rows, out),
+                        _ => avx2::forward_rows::<8>(self, prep, rows, out),
+                    }
+                }
+            });
+            return;
+        }
         let _ = simd;
-        self.forward_rows_portable(x, m, rows, out)
+        with_field_input(self, x, m, |prep| {
+            self.forward_rows_portable(prep, rows, out)
+        })
     }
 
-    /// Portable f32 kernel: a panel block is unpacked once and used for up to four inputs.
-    fn forward_rows_portable(&self, x: &[f32], m: usize, rows: Range<usize>, out: &mut [f32]) {
+    /// Portable f32 kernel, the same arithmetic as `avx2::forward_rows` written so that it
+    /// vectorizes over the 16 rows of a panel; inputs are taken up to four at a time.
+    fn forward_rows_portable(&self, prep: &FieldInput, rows: Range<usize>, out: &mut [f32]) {
         let lay = &self.layout;
-        let (kp, g_count) = (lay.kp, lay.groups());
+        let (m, g_count) = (prep.m, lay.groups());
         let pbb = panel_block_bytes(self.bits);
-        let mut buf = Vec::new();
-        let xs = lay.gather(x, m, &mut buf);
-        let mut xsum = Vec::new();
-        lay.group_sums(xs, m, &mut xsum);
+        let nf = block_fields(self.bits);
+        let xstride = lay.kp / BLOCK * nf;
+        let fields: Vec<Field> = (0..nf).map(|f| field(self.bits, f)).collect();
         let nr = rows.len();
-        let mut codes = [[0u8; BLOCK]; LANES];
-        let mut wf = [0f32; BLOCK];
         for p in rows.start / LANES..rows.end.div_ceil(LANES) {
             for mi0 in (0..m).step_by(4) {
                 let mc = (m - mi0).min(4);
-                let mut tot = [[0f32; 4]; LANES];
+                let mut tot = [[0f32; LANES]; 4];
                 for g in 0..g_count {
-                    let mut acc = [[0f32; 4]; LANES];
+                    let mut acc = [[0f32; LANES]; 4];
                     for b in lay.blocks(g) {
                         let from = p * self.panel_bytes + b * pbb;
-                        unpack_panel_block(self.bits, &self.packed[from..from + pbb], &mut codes);
-                        for (row_codes, a) in codes.iter().zip(acc.iter_mut()) {
-                            for (w, &c) in wf.iter_mut().zip(row_codes) {
-                                *w = c as f32;
-                            }
-                            for (i, ai) in a.iter_mut().enumerate().take(mc) {
-                                *ai +=
-                                    kernels::dot(&wf, &xs[(mi0 + i) * kp + b * BLOCK..][..BLOCK]);
+                        let blk = &self.packed[from..from + pbb];
+                        let xb = &prep.xf[mi0 * xstride + b * nf..];
+                        // Four fields at a time, summed before they reach the accumulator: one
+                        // dependent add per four fields instead of one per field.
+                        for (f4, fd4) in fields.chunks_exact(4).enumerate() {
+                            let c: [[f32; LANES]; 4] = std::array::from_fn(|t| {
+                                let v = block_lanes(blk, fd4[t].vec);
+                                std::array::from_fn(|r| fd4[t].take(v[r]) as f32)
+                            });
+                            for (i, a) in acc.iter_mut().enumerate().take(mc) {
+                                let x = &xb[i * xstride + 4 * f4..][..4];
+                                for (r, ar) in a.iter_mut().enumerate() {
+                                    *ar += (c[0][r] * x[0] + c[1][r] * x[1])
+                                        + (c[2][r] * x[2] + c[3][r] * x[3]);
+                                }
                             }
                         }
                     }
                     let at = (p * g_count + g) * LANES;
-                    for (r, (t, a)) in tot.iter_mut().zip(&acc).enumerate() {
-                        let s = self.scales[at + r].to_f32();
-                        let sz = s * self.zeros.get(at + r) as f32;
-                        for i in 0..mc {
-                            t[i] += s * a[i] - sz * xsum[(mi0 + i) * g_count + g];
+                    for i in 0..mc {
+                        let xsum = prep.xsum[(mi0 + i) * g_count + g];
+                        for r in 0..LANES {
+                            let s = self.scales[at + r].to_f32();
+                            let sz = s * self.zeros.get(at + r) as f32;
+                            tot[i][r] += s * acc[i][r] - sz * xsum;
                         }
                     }
                 }
-                for (r, t) in tot.iter().enumerate() {
-                    let row = p * LANES + r;
-                    if rows.contains(&row) {
-                        for i in 0..mc {
-                            out[(mi0 + i) * nr + row - rows.start] = t[i];
+                for (i, t) in tot.iter().enumerate().take(mc) {
+                    for (r, &v) in t.iter().enumerate() {
+                        let row = p * LANES + r;
+                        if rows.contains(&row) {
+                            out[(mi0 + i) * nr + row - rows.start] = v;
                         }
                     }
                 }
@@ -685,6 +737,172 @@ impl Prepared {
     }
 }
 
+/// The input of the f32 kernels (AVX2 and portable), prepared once and cached per thread like
+/// [`Prepared`]: per block, the input value of every [`Field`] times its multiplier, in field
+/// order, so the kernels multiply field `f` of a block by the `f`-th value.
+struct FieldInput {
+    layout: Arc<SlotLayout>,
+    bits: u8,
+    m: usize,
+    /// The `[m, K]` input it was made from (compared bitwise to decide reuse).
+    x: Vec<f32>,
+    /// `[m, blocks, block_fields(bits)]`.
+    xf: Vec<f32>,
+    /// `[m, G]`: Σ x over each group.
+    xsum: Vec<f32>,
+}
+
+impl FieldInput {
+    fn matches(&self, layout: &Arc<SlotLayout>, bits: u8, x: &[f32], m: usize) -> bool {
+        self.m == m
+            && self.bits == bits
+            && (Arc::ptr_eq(&self.layout, layout) || *self.layout == **layout)
+            && bytemuck::cast_slice::<f32, u32>(&self.x)
+                == bytemuck::cast_slice::<f32, u32>(&x[..m * layout.k])
+    }
+
+    /// Prepare `x` (`[m, K]`) for `layout` and `bits`, reusing this value's buffers.
+    fn rebuild(&mut self, layout: &Arc<SlotLayout>, bits: u8, x: &[f32], m: usize) {
+        let (k, kp) = (layout.k, layout.kp);
+        if !Arc::ptr_eq(&self.layout, layout) {
+            self.layout = layout.clone();
+        }
+        self.bits = bits;
+        self.m = m;
+        self.x.clear();
+        self.x.extend_from_slice(&x[..m * k]);
+        let mut buf = Vec::new();
+        let xs = layout.gather(x, m, &mut buf);
+        layout.group_sums(xs, m, &mut self.xsum);
+        let nf = block_fields(bits);
+        let fields: Vec<(usize, f32)> = (0..nf)
+            .map(|f| {
+                let fd = field(bits, f);
+                (fd.slot, fd.x_mult())
+            })
+            .collect();
+        self.xf.clear();
+        self.xf.reserve(m * kp / BLOCK * nf);
+        for xb in xs[..m * kp].chunks_exact(BLOCK) {
+            self.xf
+                .extend(fields.iter().map(|&(slot, mult)| xb[slot] * mult));
+        }
+    }
+}
+
+/// Run `f` on `x` prepared for `w`'s layout and bit width, from this thread's cache if it
+/// holds the same input.
+fn with_field_input<R>(w: &GptqMatrix, x: &[f32], m: usize, f: impl FnOnce(&FieldInput) -> R) -> R {
+    FIELD_INPUT.with(|cell| {
+        let mut fresh = None;
+        let mut guard = cell.try_borrow_mut();
+        // A nested call on the same thread (not expected) prepares its own copy.
+        let slot = match guard.as_deref_mut() {
+            Ok(s) => s,
+            Err(_) => &mut fresh,
+        };
+        let prep = slot.get_or_insert_with(|| FieldInput {
+            layout: w.layout.clone(),
+            bits: 0,
+            m: 0,
+            x: Vec::new(),
+            xf: Vec::new(),
+            xsum: Vec::new(),
+        });
+        if !prep.matches(&w.layout, w.bits, x, m) {
+            prep.rebuild(&w.layout, w.bits, x, m);
+        }
+        f(prep)
+    })
+}
+
+/// Where the f32 kernels find a code in a packed block (module docs): in the 32-bit lane of
+/// row r of quad vector `vec` (bytes `64·vec + 4r..64·vec + 4r + 4`), bits
+/// `shift..shift + width` hold row r's code at slot `slot`; for 3-bit, the fields with
+/// `weight` 4 hold bit 2 of it and the others its low two bits.
+///
+/// A field is read as `lane & (mask << shift)`, the code times 2^shift and exact in f32, so
+/// each costs a single AND; the input is multiplied by 2^−shift instead (exact too). The top
+/// field of a lane would set the sign bit, so it is shifted down instead.
+#[derive(Clone, Copy, Debug)]
+struct Field {
+    vec: usize,
+    shift: u32,
+    width: u32,
+    slot: usize,
+    weight: f32,
+}
+
+impl Field {
+    fn top(self) -> bool {
+        self.shift + self.width == 32
+    }
+
+    /// The field of `lane` as the kernels convert it to f32 (see the type docs).
+    #[inline(always)]
+    fn take(self, lane: u32) -> i32 {
+        if self.top() {
+            (lane >> self.shift) as i32
+        } else {
+            (lane & (((1 << self.width) - 1) << self.shift)) as i32
+        }
+    }
+
+    /// What the input at `slot` is multiplied by: `weight`, divided by 2^shift unless `top`.
+    fn x_mult(self) -> f32 {
+        let unshift = if self.top() {
+            1.0
+        } else {
+            f32::from_bits((127 - self.shift) << 23)
+        };
+        self.weight * unshift
+    }
+}
+
+/// Fields per block: one per slot, plus one per slot for bit 2 of 3-bit codes.
+const fn block_fields(bits: u8) -> usize {
+    if bits == 3 {
+        2 * BLOCK
+    } else {
+        BLOCK
+    }
+}
+
+/// Field `f` (`< block_fields(bits)`) of a block: vectors in order, each lane from its low bits.
+const fn field(bits: u8, f: usize) -> Field {
+    // 3-bit: fields 0..32 are a 2-bit block, 32..64 the bit-2 vector (a 1-bit block).
+    let (width, vec0, f, weight) = match bits {
+        3 if f >= BLOCK => (1, 2, f - BLOCK, 4.0),
+        3 => (2, 0, f, 1.0),
+        _ => (bits as u32, 0, f, 1.0),
+    };
+    let per_lane = 32 / width as usize;
+    let shift = (f % per_lane) as u32 * width;
+    // Byte i of the lane holds slots 4q + i for the 8/width quads q packed in that vector.
+    let quad = f / per_lane * (8 / width as usize) + (shift % 8 / width) as usize;
+    Field {
+        vec: vec0 + f / per_lane,
+        shift,
+        width,
+        slot: 4 * quad + (shift / 8) as usize,
+        weight,
+    }
+}
+
+/// Bit of a 3-bit block's third vector that holds bit 2 of `slot`'s code (in every lane).
+const fn high_bit(slot: usize) -> u32 {
+    (8 * (slot % 4) + slot / 4) as u32
+}
+
+/// The 16 lanes (rows) of quad vector `vec` of a packed block.
+#[inline(always)]
+fn block_lanes(blk: &[u8], vec: usize) -> [u32; LANES] {
+    let v = &blk[64 * vec..64 * vec + 64];
+    std::array::from_fn(|r| {
+        u32::from_le_bytes([v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]])
+    })
+}
+
 /// An output pointer shared by tasks that write disjoint parts of it.
 struct SyncPtr(*mut f32);
 // SAFETY: used only for disjoint writes, see `forward_gemm`.
@@ -693,6 +911,8 @@ unsafe impl Sync for SyncPtr {}
 thread_local! {
     /// The last input prepared for the integer kernel on this thread.
     static PREPARED: RefCell<Option<Prepared>> = const { RefCell::new(None) };
+    /// The last input prepared for the f32 kernels on this thread.
+    static FIELD_INPUT: RefCell<Option<FieldInput>> = const { RefCell::new(None) };
     /// Per-thread dequantized row block and GEMM output of `forward`.
     static GEMM_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -864,6 +1084,15 @@ fn unpack_panel_block(bits: u8, bytes: &[u8], codes: &mut [[u8; BLOCK]; LANES]) 
 fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// Whether the [`avx2`] kernels can run; they are used where AVX-512 is missing (e.g. AMD
+/// before Zen 4).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1153,6 +1382,281 @@ mod avx512 {
     }
 }
 
+/// AVX2 + FMA kernels on the panel layout, for machines without AVX-512: f32 arithmetic on
+/// the [`Field`]s of each block, a panel handled as two halves of 8 rows (one register each).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{
+        block_fields, field, high_bit, panel_block_bytes, Field, FieldInput, GptqMatrix, Zeros,
+        BLOCK, LANES,
+    };
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// `$body` for `$f` = 0, 1, …, `$n` − 1 (`$n` ≤ 64), written out so that each field's
+    /// shift, mask and slot are constants in the generated code.
+    macro_rules! unroll {
+        ($n:expr, |$f:ident| $body:block) => {
+            unroll!(@ $n, $f, $body,
+                0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
+                16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31
+                32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47
+                48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63
+            )
+        };
+        (@ $n:expr, $f:ident, $body:block, $($k:literal)*) => {
+            $(
+                if $k < $n {
+                    let $f: usize = $k;
+                    $body
+                }
+            )*
+        };
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn srl(v: __m256i, n: u32) -> __m256i {
+        _mm256_srl_epi32(v, _mm_cvtsi32_si128(n as i32))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sll(v: __m256i, n: u32) -> __m256i {
+        _mm256_sll_epi32(v, _mm_cvtsi32_si128(n as i32))
+    }
+
+    /// Half `h` (rows 8h..8h + 8) of quad vector `vec` of the block at `blk`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(blk: *const u8, vec: usize, h: usize) -> __m256i {
+        unsafe { _mm256_loadu_si256(blk.add(64 * vec + 32 * h) as *const __m256i) }
+    }
+
+    /// Field `fd` of every lane of `v`, as the f32 kernels read it (see [`Field`]).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn take(v: __m256i, fd: Field) -> __m256 {
+        let c = if fd.top() {
+            srl(v, fd.shift)
+        } else {
+            _mm256_and_si256(
+                v,
+                _mm256_set1_epi32((((1u32 << fd.width) - 1) << fd.shift) as i32),
+            )
+        };
+        _mm256_cvtepi32_ps(c)
+    }
+
+    /// The scales and zero points of panel `p`, group `g`, as f32, by half panel.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scale_zero(w: &GptqMatrix, p: usize, g: usize) -> ([__m256; 2], [__m256; 2]) {
+        unsafe {
+            let at = (p * w.layout.groups() + g) * LANES;
+            debug_assert!(at + LANES <= w.scales.len());
+            let s = |h: usize| {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    w.scales.as_ptr().add(at + 8 * h) as *const _
+                ))
+            };
+            let z = |h: usize| {
+                _mm256_cvtepi32_ps(match &w.zeros {
+                    Zeros::U8(z) => _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        z.as_ptr().add(at + 8 * h) as *const _,
+                    )),
+                    Zeros::U16(z) => _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                        z.as_ptr().add(at + 8 * h) as *const _,
+                    )),
+                })
+            };
+            ([s(0), s(1)], [z(0), z(1)])
+        }
+    }
+
+    /// Adds Σ code·x over the block at `blk` to `acc[mi][half]` for the `M` inputs whose
+    /// prepared fields for this block start at `xb + mi·xstride`. The `S` accumulators per half
+    /// take turns, to hide the FMA latency when `M` is small.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const BITS: u8, const M: usize, const S: usize>(
+        blk: *const u8,
+        xb: *const f32,
+        xstride: usize,
+        acc: &mut [[[__m256; S]; 2]; M],
+    ) {
+        unsafe {
+            unroll!(block_fields(BITS), |f| {
+                let fd = field(BITS, f);
+                let c0 = take(load(blk, fd.vec, 0), fd);
+                let c1 = take(load(blk, fd.vec, 1), fd);
+                for (mi, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*xb.add(mi * xstride + f));
+                    a[0][f % S] = _mm256_fmadd_ps(c0, x, a[0][f % S]);
+                    a[1][f % S] = _mm256_fmadd_ps(c1, x, a[1][f % S]);
+                }
+            });
+        }
+    }
+
+    /// Outputs of panel `p` for the `M` inputs from `mi0`: `[mi][half]`, lane r of half h is
+    /// output row `16p + 8h + r`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panel<const BITS: u8, const M: usize, const S: usize>(
+        w: &GptqMatrix,
+        prep: &FieldInput,
+        mi0: usize,
+        p: usize,
+    ) -> [[__m256; 2]; M] {
+        unsafe {
+            let lay = &*w.layout;
+            let g_count = lay.groups();
+            let (pbb, nf) = (panel_block_bytes(BITS), block_fields(BITS));
+            let xstride = lay.kp / BLOCK * nf;
+            let base = w.packed.as_ptr().add(p * w.panel_bytes);
+            let xf = prep.xf.as_ptr().add(mi0 * xstride);
+            let xsum = prep.xsum.as_ptr().add(mi0 * g_count);
+            let mut tot = [[_mm256_setzero_ps(); 2]; M];
+            for g in 0..g_count {
+                let mut acc = [[[_mm256_setzero_ps(); S]; 2]; M];
+                for b in lay.blocks(g) {
+                    block::<BITS, M, S>(base.add(b * pbb), xf.add(b * nf), xstride, &mut acc);
+                }
+                // s·Σ c·x − s·z·Σ x
+                let (s, z) = scale_zero(w, p, g);
+                for (mi, (t, a)) in tot.iter_mut().zip(&acc).enumerate() {
+                    let xs = _mm256_set1_ps(*xsum.add(mi * g_count + g));
+                    for h in 0..2 {
+                        let mut sum = a[h][0];
+                        for part in &a[h][1..] {
+                            sum = _mm256_add_ps(sum, *part);
+                        }
+                        t[h] = _mm256_fmadd_ps(s[h], sum, t[h]);
+                        t[h] = _mm256_fnmadd_ps(_mm256_mul_ps(s[h], z[h]), xs, t[h]);
+                    }
+                }
+            }
+            tot
+        }
+    }
+
+    /// Panels covering `rows` for inputs `mi0..mi0 + M`, results written to `out` (`[m, rows]`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<const BITS: u8, const M: usize, const S: usize>(
+        w: &GptqMatrix,
+        prep: &FieldInput,
+        mi0: usize,
+        rows: &Range<usize>,
+        out: &mut [f32],
+    ) {
+        unsafe {
+            let nr = rows.len();
+            for p in rows.start / LANES..rows.end.div_ceil(LANES) {
+                let tot = panel::<BITS, M, S>(w, prep, mi0, p);
+                let r0 = p * LANES;
+                for (mi, t) in tot.iter().enumerate() {
+                    let orow = &mut out[(mi0 + mi) * nr..(mi0 + mi + 1) * nr];
+                    if r0 >= rows.start && r0 + LANES <= rows.end {
+                        let o = orow[r0 - rows.start..][..LANES].as_mut_ptr();
+                        _mm256_storeu_ps(o, t[0]);
+                        _mm256_storeu_ps(o.add(8), t[1]);
+                    } else {
+                        let mut lanes = [0f32; LANES];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), t[0]);
+                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), t[1]);
+                        for (r, &v) in lanes.iter().enumerate() {
+                            if rows.contains(&(r0 + r)) {
+                                orow[r0 + r - rows.start] = v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// See `GptqMatrix::forward_rows_impl`; inputs are taken up to four at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn forward_rows<const BITS: u8>(
+        w: &GptqMatrix,
+        prep: &FieldInput,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let m = prep.m;
+        assert!(rows.end <= w.n && out.len() >= m * rows.len());
+        assert!(w.packed.len() == w.panels * w.panel_bytes);
+        assert!(prep.bits == BITS);
+        assert!(prep.xf.len() == m * w.layout.kp / BLOCK * block_fields(BITS));
+        assert!(prep.xsum.len() == m * w.layout.groups());
+        unsafe {
+            let mut mi0 = 0;
+            while mi0 < m {
+                let mc = (m - mi0).min(4);
+                match mc {
+                    1 => run::<BITS, 1, 4>(w, prep, mi0, &rows, out),
+                    2 => run::<BITS, 2, 2>(w, prep, mi0, &rows, out),
+                    3 => run::<BITS, 3, 1>(w, prep, mi0, &rows, out),
+                    _ => run::<BITS, 4, 1>(w, prep, mi0, &rows, out),
+                }
+                mi0 += mc;
+            }
+        }
+    }
+
+    /// All 16 rows of panel `p` dequantized to `dst[slot · ld + lane]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_panel<const BITS: u8>(
+        w: &GptqMatrix,
+        p: usize,
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        unsafe {
+            let lay = &*w.layout;
+            let pbb = panel_block_bytes(BITS);
+            let base = w.packed.as_ptr().add(p * w.panel_bytes);
+            for g in 0..lay.groups() {
+                let (s, z) = scale_zero(w, p, g);
+                for b in lay.blocks(g) {
+                    let blk = base.add(b * pbb);
+                    // The block's BITS quad vectors, loaded once (the stores below could alias
+                    // them as far as the compiler knows).
+                    let v: [[__m256i; 2]; 8] = std::array::from_fn(|j| {
+                        if j < BITS as usize {
+                            [load(blk, j, 0), load(blk, j, 1)]
+                        } else {
+                            [_mm256_setzero_si256(); 2]
+                        }
+                    });
+                    // One field per slot; for 3-bit, bit 2 of the code is added from vector 2.
+                    unroll!(BLOCK, |f| {
+                        let fd = field(BITS, f);
+                        let mask = _mm256_set1_epi32((1 << fd.width) - 1);
+                        for h in 0..2 {
+                            let mut c = _mm256_and_si256(srl(v[fd.vec][h], fd.shift), mask);
+                            if BITS == 3 {
+                                let e = high_bit(fd.slot);
+                                let hb = if e >= 2 {
+                                    srl(v[2][h], e - 2)
+                                } else {
+                                    sll(v[2][h], 2 - e)
+                                };
+                                c = _mm256_or_si256(c, _mm256_and_si256(hb, _mm256_set1_epi32(4)));
+                            }
+                            let x = _mm256_sub_ps(_mm256_cvtepi32_ps(c), z[h]);
+                            let d = dst.add((b * BLOCK + fd.slot) * ld + 8 * h);
+                            _mm256_storeu_ps(d, _mm256_mul_ps(x, s[h]));
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1282,8 +1786,8 @@ mod tests {
         (pick(&want.0), pick(&want.1))
     }
 
-    /// forward, forward_rows (AVX-512 and scalar) on a row subset, to_f32 and the round trip
-    /// for one weight.
+    /// forward, forward_rows (SIMD — AVX-512 or AVX2, whichever the machine has — and
+    /// portable) on a row subset, to_f32 and the round trip for one weight.
     fn check(q: &QuantizedLinear, ms: &[usize], what: &str) {
         let mat = GptqMatrix::from_quantized(q).unwrap();
         assert_eq!(mat.to_quantized(), *q, "{what}: round trip");
@@ -1335,7 +1839,7 @@ mod tests {
                     seed += 1;
                     check(
                         &q,
-                        &[1, 3, 5, 64],
+                        &[1, 2, 3, 4, 5, 64],
                         &format!("{bits}-bit K={k} {groups:?} act={act}"),
                     );
                 }
@@ -1485,11 +1989,17 @@ mod tests {
 
     #[test]
     fn cached_input_is_reused_only_for_the_same_input_and_layout() {
-        // Same layout, different weights; inputs alternate, so a stale cache would show.
-        let qa = make(4, 40, 576, Groups::Size(128), false, 11);
-        let qb = make(4, 40, 576, Groups::Size(128), false, 12);
-        let qc = make(4, 40, 576, Groups::Size(128), true, 13); // other slot order
-        let mats: Vec<_> = [&qa, &qb, &qc]
+        // Same layout, different weights; inputs alternate, so a stale cache would show. The
+        // f32 kernels' prepared input also depends on the bit width.
+        let qs = [
+            make(4, 40, 576, Groups::Size(128), false, 11),
+            make(4, 40, 576, Groups::Size(128), false, 12),
+            make(4, 40, 576, Groups::Size(128), true, 13), // other slot order
+            make(2, 40, 576, Groups::Size(128), false, 14),
+            make(3, 40, 576, Groups::Size(128), false, 15),
+            make(8, 40, 576, Groups::Size(128), false, 16),
+        ];
+        let mats: Vec<_> = qs
             .iter()
             .map(|q| GptqMatrix::from_quantized(q).unwrap())
             .collect();
@@ -1497,13 +2007,52 @@ mod tests {
         let mut x2 = x1.clone();
         x2[300] += 0.5; // one value differs
         for round in 0..3 {
-            for (q, mat) in [&qa, &qb, &qc].iter().zip(&mats) {
+            for (q, mat) in qs.iter().zip(&mats) {
                 for x in [&x1, &x2, &x1] {
                     let want = reference(q, x, 1);
-                    let mut out = vec![f32::NAN; 40];
-                    mat.forward_rows(x, 1, 0..40, &mut out);
-                    assert_close(&out, &want, &format!("round {round}"));
+                    for simd in [true, false] {
+                        let mut out = vec![f32::NAN; 40];
+                        mat.forward_rows_impl(x, 1, 0..40, &mut out, simd);
+                        let what = format!("round {round} {}-bit simd={simd}", q.bits);
+                        assert_close(&out, &want, &what);
+                    }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fields_read_back_every_code() {
+        // Packing random codes and reading them back through the field table, as the f32
+        // kernels do (the code times 2^shift, then the input multiplier), gives the codes.
+        let mut rng = Rng(7);
+        for bits in [2u8, 3, 4, 8] {
+            let codes: [[u8; BLOCK]; LANES] = std::array::from_fn(|_| {
+                std::array::from_fn(|_| rng.below(maxq(bits) as u64 + 1) as u8)
+            });
+            let mut blk = vec![0u8; panel_block_bytes(bits)];
+            pack_panel_block(bits, &codes, &mut blk);
+            let mut got = [[0f32; BLOCK]; LANES];
+            for f in 0..block_fields(bits) {
+                let fd = field(bits, f);
+                assert!(
+                    fd.vec < bits as usize && fd.shift + fd.width <= 32,
+                    "{bits}-bit {fd:?}"
+                );
+                if bits == 3 {
+                    assert_eq!(fd.weight == 4.0, f >= BLOCK);
+                    if fd.weight == 4.0 {
+                        assert_eq!((fd.vec, fd.shift), (2, high_bit(fd.slot)));
+                    }
+                }
+                let lanes = block_lanes(&blk, fd.vec);
+                for (r, g) in got.iter_mut().enumerate() {
+                    g[fd.slot] += fd.take(lanes[r]) as f32 * fd.x_mult();
+                }
+            }
+            for r in 0..LANES {
+                let want: Vec<f32> = codes[r].iter().map(|&c| c as f32).collect();
+                assert_eq!(got[r].to_vec(), want, "{bits}-bit row {r}");
             }
         }
     }
