@@ -34,10 +34,12 @@
 //! `x ≈ a·(l₀ + l₁/2⁷ + l₂/2¹⁴)` with `a = max|x|/127`, which keeps about 22 bits of each value
 //! relative to the group's largest (f32 keeps 24), and `vpdpbusd` multiplies codes with limbs
 //! exactly. The prepared limbs are cached per thread and reused while the same input comes
-//! back (several projections of one input, and all row blocks of one call). Without AVX-512
-//! VNNI, f32 kernels (AVX2 + FMA, else portable code) take each code as a bit field of its
-//! row's 32-bit lane with a single AND and convert it to f32 as is, the code times a power of
-//! two; the input, prepared and cached the same way, carries the inverse power (see [`Field`]).
+//! back (several projections of one input, and all row blocks of one call). With AVX2 but not
+//! AVX-512 VNNI, one input row of 2–4 bit codes goes through the same arithmetic with
+//! `vpmaddubsw` (which would overflow with 8-bit codes); otherwise f32 kernels (AVX2 + FMA,
+//! else portable code) take each code as a bit field of its row's 32-bit lane with a single
+//! AND and convert it to f32 as is, the code times a power of two; the input, prepared and
+//! cached the same way, carries the inverse power (see [`Field`]).
 //! For many input rows (`forward`) blocks of output rows are dequantized to f32 in a per-thread
 //! buffer and multiplied with a serial GEMM, the blocks spread over the threads.
 
@@ -474,30 +476,29 @@ impl GptqMatrix {
         }
         #[cfg(target_arch = "x86_64")]
         if simd && has_avx512_vnni() {
-            PREPARED.with(|cell| {
-                let mut fresh = None;
-                let mut guard = cell.try_borrow_mut();
-                // A nested call on the same thread (not expected) prepares its own copy.
-                let slot = match guard.as_deref_mut() {
-                    Ok(s) => s,
-                    Err(_) => &mut fresh,
-                };
-                let prep = slot.get_or_insert_with(|| Prepared::empty(&self.layout));
-                if !prep.matches(&self.layout, x, m) {
-                    let mut buf = Vec::new();
-                    // SAFETY: AVX-512F/BW are available (checked above).
-                    unsafe { prep.rebuild(&self.layout, x, m, &mut buf) };
-                }
-                // SAFETY: AVX-512F/BW/VNNI are available; `prep` matches this layout and m.
-                unsafe {
-                    match self.bits {
-                        2 => avx512::forward_rows::<2>(self, prep, rows, out),
-                        3 => avx512::forward_rows::<3>(self, prep, rows, out),
-                        4 => avx512::forward_rows::<4>(self, prep, rows, out),
-                        _ => avx512::forward_rows::<8>(self, prep, rows, out),
-                    }
-                }
-            });
+            // SAFETY: AVX-512F/BW/VNNI are available; `prep` matches this layout and m.
+            unsafe {
+                with_prepared(self, x, m, |prep| match self.bits {
+                    2 => avx512::forward_rows::<2>(self, prep, rows, out),
+                    3 => avx512::forward_rows::<3>(self, prep, rows, out),
+                    4 => avx512::forward_rows::<4>(self, prep, rows, out),
+                    _ => avx512::forward_rows::<8>(self, prep, rows, out),
+                })
+            };
+            return;
+        }
+        // With AVX2 alone the integer kernel beats the f32 one for a single input (decoding),
+        // not for several; and 8-bit codes would overflow its 16-bit pair sums.
+        #[cfg(target_arch = "x86_64")]
+        if simd && m == 1 && self.bits != 8 && has_avx2() {
+            // SAFETY: AVX2/FMA/F16C are available; `prep` matches this layout and m = 1.
+            unsafe {
+                with_prepared(self, x, m, |prep| match self.bits {
+                    2 => avx2::forward_row_int::<2>(self, prep, rows, out),
+                    3 => avx2::forward_row_int::<3>(self, prep, rows, out),
+                    _ => avx2::forward_row_int::<4>(self, prep, rows, out),
+                })
+            };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -704,7 +705,7 @@ impl Prepared {
     /// Prepare `x` (`[m, K]`) for `layout`, reusing this value's buffers.
     ///
     /// # Safety
-    /// AVX-512F/BW must be available.
+    /// AVX-512F/BW or else AVX2/FMA must be available.
     #[cfg(target_arch = "x86_64")]
     unsafe fn rebuild(
         &mut self,
@@ -724,14 +725,21 @@ impl Prepared {
         layout.group_sums(xs, m, &mut self.xsum);
         self.limbs.resize(m * kp * LIMBS, 0);
         self.seg_scale.resize(m * nseg, 0.0);
+        let avx512 = has_avx512();
         for mi in 0..m {
             let xr = &xs[mi * kp..(mi + 1) * kp];
             let lr = &mut self.limbs[mi * kp * LIMBS..(mi + 1) * kp * LIMBS];
             for (si, &[b0, b1]) in layout.segs.iter().enumerate() {
                 let (s0, s1) = (b0 as usize * BLOCK, b1 as usize * BLOCK);
-                // SAFETY: the caller guarantees AVX-512F/BW.
-                self.seg_scale[mi * nseg + si] =
-                    unsafe { avx512::split_limbs(&xr[s0..s1], &mut lr[s0 * LIMBS..s1 * LIMBS]) };
+                let (xseg, lseg) = (&xr[s0..s1], &mut lr[s0 * LIMBS..s1 * LIMBS]);
+                // SAFETY: AVX-512F/BW as checked, else AVX2/FMA as the caller guarantees.
+                self.seg_scale[mi * nseg + si] = unsafe {
+                    if avx512 {
+                        avx512::split_limbs(xseg, lseg)
+                    } else {
+                        avx2::split_limbs(xseg, lseg)
+                    }
+                };
             }
         }
     }
@@ -788,6 +796,36 @@ impl FieldInput {
                 .extend(fields.iter().map(|&(slot, mult)| xb[slot] * mult));
         }
     }
+}
+
+/// Run `f` on `x` prepared for the integer kernels and `w`'s layout, from this thread's cache
+/// if it holds the same input.
+///
+/// # Safety
+/// AVX-512F/BW or else AVX2/FMA must be available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_prepared<R>(
+    w: &GptqMatrix,
+    x: &[f32],
+    m: usize,
+    f: impl FnOnce(&Prepared) -> R,
+) -> R {
+    PREPARED.with(|cell| {
+        let mut fresh = None;
+        let mut guard = cell.try_borrow_mut();
+        // A nested call on the same thread (not expected) prepares its own copy.
+        let slot = match guard.as_deref_mut() {
+            Ok(s) => s,
+            Err(_) => &mut fresh,
+        };
+        let prep = slot.get_or_insert_with(|| Prepared::empty(&w.layout));
+        if !prep.matches(&w.layout, x, m) {
+            let mut buf = Vec::new();
+            // SAFETY: guaranteed by the caller.
+            unsafe { prep.rebuild(&w.layout, x, m, &mut buf) };
+        }
+        f(prep)
+    })
 }
 
 /// Run `f` on `x` prepared for `w`'s layout and bit width, from this thread's cache if it
@@ -1387,8 +1425,8 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        block_fields, field, high_bit, panel_block_bytes, Field, FieldInput, GptqMatrix, Zeros,
-        BLOCK, LANES,
+        block_fields, field, high_bit, panel_block_bytes, Field, FieldInput, GptqMatrix, Prepared,
+        Zeros, BLOCK, LANES, LIMBS,
     };
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -1555,25 +1593,218 @@ mod avx2 {
             let nr = rows.len();
             for p in rows.start / LANES..rows.end.div_ceil(LANES) {
                 let tot = panel::<BITS, M, S>(w, prep, mi0, p);
-                let r0 = p * LANES;
                 for (mi, t) in tot.iter().enumerate() {
-                    let orow = &mut out[(mi0 + mi) * nr..(mi0 + mi + 1) * nr];
-                    if r0 >= rows.start && r0 + LANES <= rows.end {
-                        let o = orow[r0 - rows.start..][..LANES].as_mut_ptr();
-                        _mm256_storeu_ps(o, t[0]);
-                        _mm256_storeu_ps(o.add(8), t[1]);
+                    store(&mut out[(mi0 + mi) * nr..(mi0 + mi + 1) * nr], rows, p, t);
+                }
+            }
+        }
+    }
+
+    /// Panel `p`'s outputs `t` (by half) into `orow`, the output row for `rows`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store(orow: &mut [f32], rows: &Range<usize>, p: usize, t: &[__m256; 2]) {
+        let r0 = p * LANES;
+        let mut lanes = [0f32; LANES];
+        let full = r0 >= rows.start && r0 + LANES <= rows.end;
+        let dst = if full {
+            &mut orow[r0 - rows.start..][..LANES]
+        } else {
+            &mut lanes
+        };
+        // SAFETY: `dst` has 16 elements.
+        unsafe {
+            _mm256_storeu_ps(dst.as_mut_ptr(), t[0]);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8), t[1]);
+        }
+        if !full {
+            for (r, &v) in lanes.iter().enumerate() {
+                if rows.contains(&(r0 + r)) {
+                    orow[r0 + r - rows.start] = v;
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn srl16(v: __m256i, n: u32) -> __m256i {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sll16(v: __m256i, n: u32) -> __m256i {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128(n as i32))
+    }
+
+    /// Quad vector `q` of the block at `blk`, half `h` (2, 3 or 4 bits): byte `4r + i` is the
+    /// code of row 8h + r at slot 4q + i. Shifts may carry bits across bytes; the byte masks
+    /// drop them.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quad<const BITS: u8>(blk: *const u8, h: usize, q: usize) -> __m256i {
+        unsafe {
+            match BITS {
+                4 => {
+                    let v = load(blk, q / 2, h);
+                    _mm256_and_si256(srl16(v, 4 * (q % 2) as u32), _mm256_set1_epi8(15))
+                }
+                2 => {
+                    let v = load(blk, q / 4, h);
+                    _mm256_and_si256(srl16(v, 2 * (q % 4) as u32), _mm256_set1_epi8(3))
+                }
+                _ => {
+                    let v = load(blk, q / 4, h);
+                    let low = _mm256_and_si256(srl16(v, 2 * (q % 4) as u32), _mm256_set1_epi8(3));
+                    // Bit q of every byte of the third vector, moved to bit 2.
+                    let hv = load(blk, 2, h);
+                    let hs = if q < 2 {
+                        sll16(hv, 2 - q as u32)
                     } else {
-                        let mut lanes = [0f32; LANES];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), t[0]);
-                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), t[1]);
-                        for (r, &v) in lanes.iter().enumerate() {
-                            if rows.contains(&(r0 + r)) {
-                                orow[r0 + r - rows.start] = v;
+                        srl16(hv, q as u32 - 2)
+                    };
+                    _mm256_or_si256(low, _mm256_and_si256(hs, _mm256_set1_epi8(4)))
+                }
+            }
+        }
+    }
+
+    /// The integer kernel of `avx512::panel` for one input, with `vpmaddubsw` (code·limb pairs
+    /// summed into i16) in place of `vpdpbusd`: panel `p`'s outputs by half.
+    ///
+    /// Within a block the i16 sums stay below 2·8·15·127 < 2¹⁵ (4-bit codes); each block's
+    /// are widened to i32 with `vpmaddwd`, and the segments bound the i32 sums as there.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panel_int<const BITS: u8>(w: &GptqMatrix, prep: &Prepared, p: usize) -> [__m256; 2] {
+        unsafe {
+            let lay = &*w.layout;
+            let g_count = lay.groups();
+            let pbb = panel_block_bytes(BITS);
+            let base = w.packed.as_ptr().add(p * w.panel_bytes);
+            let limbs = prep.limbs.as_ptr() as *const u8;
+            let ones = _mm256_set1_epi16(1);
+            let inv128 = _mm256_set1_ps(1.0 / 128.0);
+            let mut tot = [_mm256_setzero_ps(); 2];
+            for g in 0..g_count {
+                let (s, z) = scale_zero(w, p, g);
+                for si in lay.group_segs[g] as usize..lay.group_segs[g + 1] as usize {
+                    let [b0, b1] = *lay.segs.get_unchecked(si);
+                    let mut acc = [[_mm256_setzero_si256(); LIMBS]; 2];
+                    for b in b0 as usize..b1 as usize {
+                        let blk = base.add(b * pbb);
+                        let mut acc16 = [[_mm256_setzero_si256(); LIMBS]; 2];
+                        for q in 0..8 {
+                            // Limbs of slots 4q..4q+4 of this block: chunk 2b + q/4.
+                            let xp = limbs.add((2 * b + q / 4) * 16 * LIMBS + (q % 4) * 4);
+                            let xl: [__m256i; LIMBS] = std::array::from_fn(|l| {
+                                _mm256_set1_epi32(std::ptr::read_unaligned(
+                                    xp.add(16 * l) as *const i32
+                                ))
+                            });
+                            for (h, a) in acc16.iter_mut().enumerate() {
+                                let codes = quad::<BITS>(blk, h, q);
+                                for (al, &x) in a.iter_mut().zip(&xl) {
+                                    *al = _mm256_add_epi16(*al, _mm256_maddubs_epi16(codes, x));
+                                }
+                            }
+                        }
+                        for (a, a16) in acc.iter_mut().zip(&acc16) {
+                            for (al, &a16l) in a.iter_mut().zip(a16) {
+                                *al = _mm256_add_epi32(*al, _mm256_madd_epi16(a16l, ones));
                             }
                         }
                     }
+                    let seg_scale = _mm256_set1_ps(*prep.seg_scale.get_unchecked(si));
+                    for (h, a) in acc.iter().enumerate() {
+                        // c = A₀ + A₁/128 + A₂/128², by Horner from the last limb.
+                        let mut c = _mm256_setzero_ps();
+                        for &al in a.iter().rev() {
+                            c = _mm256_fmadd_ps(c, inv128, _mm256_cvtepi32_ps(al));
+                        }
+                        tot[h] = _mm256_fmadd_ps(c, _mm256_mul_ps(s[h], seg_scale), tot[h]);
+                    }
+                }
+                let xs = _mm256_set1_ps(*prep.xsum.get_unchecked(g));
+                for h in 0..2 {
+                    tot[h] = _mm256_fnmadd_ps(_mm256_mul_ps(s[h], z[h]), xs, tot[h]);
                 }
             }
+            tot
+        }
+    }
+
+    /// `forward_rows` for one input with the integer kernel (2, 3 or 4 bits).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn forward_row_int<const BITS: u8>(
+        w: &GptqMatrix,
+        prep: &Prepared,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert!(BITS != 8 && prep.m == 1);
+        assert!(rows.end <= w.n && out.len() >= rows.len());
+        assert!(w.packed.len() == w.panels * w.panel_bytes);
+        assert!(prep.limbs.len() == w.layout.kp * LIMBS);
+        assert!(prep.seg_scale.len() == w.layout.segs.len());
+        assert!(prep.xsum.len() == w.layout.groups());
+        for p in rows.start / LANES..rows.end.div_ceil(LANES) {
+            // SAFETY: the asserts above bound every read (see `panel_int`).
+            let t = unsafe { panel_int::<BITS>(w, prep, p) };
+            store(out, &rows, p, &t);
+        }
+    }
+
+    /// `avx512::split_limbs` with AVX2 (the same limbs and scale).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn split_limbs(x: &[f32], out: &mut [i8]) -> f32 {
+        assert!(x.len().is_multiple_of(16) && out.len() >= x.len() * LIMBS);
+        unsafe {
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+            let inf = _mm256_set1_ps(f32::INFINITY);
+            let mut amax = _mm256_setzero_ps();
+            let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+            for c in x.chunks_exact(8) {
+                let a = _mm256_and_ps(_mm256_loadu_ps(c.as_ptr()), abs);
+                finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
+                amax = _mm256_max_ps(amax, a);
+            }
+            if _mm256_movemask_ps(finite) != 0xFF {
+                out.fill(0);
+                return f32::NAN;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+            let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+            if amax < 1e-30 {
+                out.fill(0);
+                return 0.0;
+            }
+            let inv = _mm256_set1_ps(127.0 / amax);
+            let radix = _mm256_set1_ps(128.0);
+            for (c, o) in x.chunks_exact(16).zip(out.chunks_exact_mut(16 * LIMBS)) {
+                let mut t = [0, 8].map(|i| _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr().add(i)), inv));
+                for l in 0..LIMBS {
+                    // Round half to even as there; only the last limb rounds.
+                    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                    let r = t.map(|v| _mm256_round_ps::<NEAREST>(v));
+                    // 16 i32 → 16 i8 in order (packs work within 128-bit lanes).
+                    let w16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(
+                        _mm256_cvtps_epi32(r[0]),
+                        _mm256_cvtps_epi32(r[1]),
+                    ));
+                    let bytes = _mm_packs_epi16(
+                        _mm256_castsi256_si128(w16),
+                        _mm256_extracti128_si256::<1>(w16),
+                    );
+                    _mm_storeu_si128(o.as_mut_ptr().add(16 * l) as *mut __m128i, bytes);
+                    for (ti, ri) in t.iter_mut().zip(r) {
+                        *ti = _mm256_mul_ps(_mm256_sub_ps(*ti, ri), radix);
+                    }
+                }
+            }
+            amax / 127.0
         }
     }
 
@@ -2060,17 +2291,20 @@ mod tests {
     #[test]
     fn activation_outliers_keep_precision() {
         // One input 1000× larger than the rest of its group: the other values are then
-        // represented relative to it by the limbs; the error must stay within tolerance.
-        for bits in [4u8, 8] {
+        // represented relative to it by the limbs; the error must stay within tolerance. One
+        // input row and two (the AVX2 integer kernel takes only one).
+        for bits in [2u8, 3, 4, 8] {
             let q = make(bits, 33, 576, Groups::Size(128), false, 21);
             let mut x = input(2, 576, 22);
             x[7] = 1000.0;
             x[576 + 200] = -3000.0;
-            let want = reference(&q, &x, 2);
             let mat = GptqMatrix::from_quantized(&q).unwrap();
-            let mut out = vec![0f32; 2 * 33];
-            mat.forward_rows(&x, 2, 0..33, &mut out);
-            assert_close(&out, &want, &format!("{bits}-bit outliers"));
+            for m in [1, 2] {
+                let want = reference(&q, &x, m);
+                let mut out = vec![0f32; m * 33];
+                mat.forward_rows(&x, m, 0..33, &mut out);
+                assert_close(&out, &want, &format!("{bits}-bit outliers m={m}"));
+            }
         }
     }
 
