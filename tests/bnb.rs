@@ -235,13 +235,17 @@ fn fp4_small_values_follow_the_reference_sort_of_signed_zeros() {
 #[test]
 fn four_bit_matmul_matches_dequantized_weights() {
     let g = Golden::load();
-    for (name, dq, qt) in [
-        ("random", false, FourBitType::Nf4),
-        ("real", true, FourBitType::Nf4),
-        ("real", false, FourBitType::Fp4),
+    // "random" has rows that are not whole blocks (the decode path); "real" runs the lookup
+    // kernel with block sizes of one, two and four SIMD steps of 32 codes.
+    for (name, dq, qt, bs) in [
+        ("random", false, FourBitType::Nf4, 64),
+        ("real", true, FourBitType::Nf4, 64),
+        ("real", false, FourBitType::Fp4, 64),
+        ("real", false, FourBitType::Nf4, 32),
+        ("real", true, FourBitType::Fp4, 128),
     ] {
         let (w, shape) = input(&g, name);
-        let q = quantize_4bit(&w, shape, WeightDType::F32, qt, 64, dq).unwrap();
+        let q = quantize_4bit(&w, shape, WeightDType::F32, qt, bs, dq).unwrap();
         let deq = q.dequantize();
         let (n, k) = (shape[0], shape[1]);
         let kern = FourBitMatrix::new(q, WeightDType::F32).unwrap();

@@ -161,42 +161,51 @@ impl FourBitMatrix {
             .map(|b| self.block_absmax(b))
             .collect();
         let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        #[cfg(target_arch = "x86_64")]
         {
-            // x with each 32-element chunk split into its 16 even then 16 odd elements, the
-            // order in which a 16-byte load yields high and low nibbles.
-            let mut xp = vec![0f32; m * k];
-            for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-                for i in 0..16 {
-                    dst[i] = src[2 * i];
-                    dst[16 + i] = src[2 * i + 1];
+            let simd = if super::has_avx512() {
+                Some(lookup_avx512::gemv as LookupGemv)
+            } else if super::has_avx2() {
+                Some(lookup_avx2::gemv as LookupGemv)
+            } else {
+                None
+            };
+            if let Some(kernel) = simd {
+                // x with each 32-element chunk split into its 16 even then 16 odd elements, the
+                // order in which 16 packed bytes yield high and low nibbles.
+                let mut xp = vec![0f32; m * k];
+                for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+                    for i in 0..16 {
+                        dst[i] = src[2 * i];
+                        dst[16 + i] = src[2 * i + 1];
+                    }
                 }
-            }
-            for g in (0..m).step_by(4) {
-                let mg = (m - g).min(4);
-                let mut tmp = vec![0f32; mg * rows];
-                // SAFETY: avx512f is enabled for this build (cfg above); slice lengths:
-                // xp rows are K long (K a multiple of 32), packed holds rows·K/2 bytes, absmax
-                // rows·K/bs entries, tmp mg·rows.
-                unsafe {
-                    lookup_avx512::gemv(
-                        &xp[g * k..(g + mg) * k],
-                        mg,
-                        k,
-                        bs,
-                        packed,
-                        &absmax,
-                        &self.q.quant_map,
-                        &mut tmp,
-                    )
-                };
-                for r in 0..mg {
-                    out[(g + r) * rows..(g + r + 1) * rows]
-                        .copy_from_slice(&tmp[r * rows..(r + 1) * rows]);
+                for g in (0..m).step_by(4) {
+                    let mg = (m - g).min(4);
+                    let mut tmp = vec![0f32; mg * rows];
+                    // SAFETY: the CPU has the kernel's features (checked above); slice lengths:
+                    // xp rows are K long (K a multiple of 32), packed holds rows·K/2 bytes,
+                    // absmax rows·K/bs entries, tmp mg·rows.
+                    unsafe {
+                        kernel(
+                            &xp[g * k..(g + mg) * k],
+                            mg,
+                            k,
+                            bs,
+                            packed,
+                            &absmax,
+                            &self.q.quant_map,
+                            &mut tmp,
+                        )
+                    };
+                    for r in 0..mg {
+                        out[(g + r) * rows..(g + r + 1) * rows]
+                            .copy_from_slice(&tmp[r * rows..(r + 1) * rows]);
+                    }
                 }
+                return;
             }
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
         {
             let lut = &self.q.quant_map;
             for j in 0..rows {
@@ -224,7 +233,11 @@ impl FourBitMatrix {
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+/// A table-lookup kernel: `(xp, m, k, bs, packed, absmax, quant_map, out)`.
+#[cfg(target_arch = "x86_64")]
+type LookupGemv = unsafe fn(&[f32], usize, usize, usize, &[u8], &[f32], &[f32; 16], &mut [f32]);
+
+#[cfg(target_arch = "x86_64")]
 mod lookup_avx512 {
     use std::arch::x86_64::*;
 
@@ -317,6 +330,131 @@ mod lookup_avx512 {
             for r in 0..M {
                 *out.get_unchecked_mut(r * rows + j) =
                     _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            }
+        }
+    }
+}
+
+/// The AVX2 kernel. `vpermps` reaches only 8 lanes (and is slow on AMD), so the code book is
+/// looked up bytewise instead: the 16 f32 entries split into 4 byte planes, one `vpshufb` per
+/// plane turns 32 codes into 32 bytes, and two rounds of unpacking reassemble 32 f32 weights.
+/// The table is not scaled per block; each block's sum is multiplied by its absmax instead.
+#[cfg(target_arch = "x86_64")]
+mod lookup_avx2 {
+    use std::arch::x86_64::*;
+
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows, given like the AVX-512
+    /// kernel's input (16 even then 16 odd elements per 32), which this kernel reorders.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemv(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        lut: &[f32; 16],
+        out: &mut [f32],
+    ) {
+        // After the unpacking, vector t of a 32-element step holds even elements 4t..4t+4 in
+        // its low lane and odd elements 4t..4t+4 in its high lane.
+        let mut xq = vec![0f32; m * k];
+        for (src, dst) in xp.chunks_exact(32).zip(xq.chunks_exact_mut(32)) {
+            for t in 0..4 {
+                for i in 0..4 {
+                    dst[8 * t + i] = src[4 * t + i];
+                    dst[8 * t + 4 + i] = src[16 + 4 * t + i];
+                }
+            }
+        }
+        let mut planes = [_mm256_setzero_si256(); 4];
+        for (p, plane) in planes.iter_mut().enumerate() {
+            let bytes: [u8; 16] = std::array::from_fn(|v| lut[v].to_bits().to_le_bytes()[p]);
+            let half = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
+            *plane = _mm256_set_m128i(half, half);
+        }
+        // FMA chains per row: enough independent chains to hide the FMA latency, few enough
+        // to stay in the 16 registers.
+        match m {
+            1 => gemv_m::<1, 4>(&xq, k, bs, packed, absmax, &planes, out),
+            2 => gemv_m::<2, 2>(&xq, k, bs, packed, absmax, &planes, out),
+            3 => gemv_m::<3, 2>(&xq, k, bs, packed, absmax, &planes, out),
+            _ => gemv_m::<4, 1>(&xq, k, bs, packed, absmax, &planes, out),
+        }
+    }
+
+    /// Decode 32 weights (16 packed bytes at `p`) into 4 vectors of 8 (order: see `gemv`).
+    #[inline(always)]
+    unsafe fn decode32(p: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let nib = _mm_set1_epi8(15);
+        let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nib); // even elements
+        let low = _mm_and_si128(bytes, nib); // odd elements
+        let idx = _mm256_set_m128i(low, high);
+        let b0 = _mm256_shuffle_epi8(planes[0], idx);
+        let b1 = _mm256_shuffle_epi8(planes[1], idx);
+        let b2 = _mm256_shuffle_epi8(planes[2], idx);
+        let b3 = _mm256_shuffle_epi8(planes[3], idx);
+        let (lo01, hi01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+        let (lo23, hi23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)),
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_m<const M: usize, const CH: usize>(
+        xq: &[f32],
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        planes: &[__m256i; 4],
+        out: &mut [f32],
+    ) {
+        debug_assert!(k.is_multiple_of(32) && bs.is_multiple_of(32) && xq.len() >= M * k);
+        let rows = packed.len() * 2 / k;
+        let nb_row = k / bs;
+        let xptr = xq.as_ptr();
+        for j in 0..rows {
+            let prow = packed.as_ptr().add(j * k / 2);
+            let mut acc = [_mm256_setzero_ps(); M];
+            for b in 0..nb_row {
+                let am = _mm256_set1_ps(*absmax.get_unchecked(j * nb_row + b));
+                // The block's sum, scaled into the row sum at its end.
+                let mut blk = [[_mm256_setzero_ps(); CH]; M];
+                for off in (b * bs..(b + 1) * bs).step_by(32) {
+                    let w = decode32(prow.add(off / 2), planes);
+                    for r in 0..M {
+                        let x = xptr.add(r * k + off);
+                        for (t, wt) in w.iter().enumerate() {
+                            let c = &mut blk[r][t % CH];
+                            *c = _mm256_fmadd_ps(*wt, _mm256_loadu_ps(x.add(8 * t)), *c);
+                        }
+                    }
+                }
+                for r in 0..M {
+                    let mut sum = blk[r][0];
+                    for c in &blk[r][1..] {
+                        sum = _mm256_add_ps(sum, *c);
+                    }
+                    acc[r] = _mm256_fmadd_ps(sum, am, acc[r]);
+                }
+            }
+            for r in 0..M {
+                *out.get_unchecked_mut(r * rows + j) = hsum(acc[r]);
             }
         }
     }

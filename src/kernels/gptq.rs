@@ -389,7 +389,7 @@ impl GptqMatrix {
         assert!(panels.end <= self.panels && ld >= panels.len() * LANES);
         assert!(dst.len() >= self.layout.kp * ld);
         #[cfg(target_arch = "x86_64")]
-        if simd && has_avx512() {
+        if simd && kernels::has_avx512() {
             for (j, p) in panels.enumerate() {
                 // SAFETY: AVX-512F/BW are available; the asserts above bound every store
                 // (slot < kp, lane offset + 16 ≤ ld).
@@ -406,7 +406,7 @@ impl GptqMatrix {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if simd && has_avx2() {
+        if simd && kernels::has_avx2() {
             for (j, p) in panels.enumerate() {
                 // SAFETY: AVX2/FMA/F16C are available; the asserts above bound every store.
                 unsafe {
@@ -490,7 +490,7 @@ impl GptqMatrix {
         // With AVX2 alone the integer kernel beats the f32 one for a single input (decoding),
         // not for several; and 8-bit codes would overflow its 16-bit pair sums.
         #[cfg(target_arch = "x86_64")]
-        if simd && m == 1 && self.bits != 8 && has_avx2() {
+        if simd && m == 1 && self.bits != 8 && kernels::has_avx2() {
             // SAFETY: AVX2/FMA/F16C are available; `prep` matches this layout and m = 1.
             unsafe {
                 with_prepared(self, x, m, |prep| match self.bits {
@@ -502,7 +502,7 @@ impl GptqMatrix {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if simd && has_avx2() {
+        if simd && kernels::has_avx2() {
             with_field_input(self, x, m, |prep| {
                 // SAFETY: AVX2/FMA/F16C are available; `prep` was made for this layout, bit
                 // width and m.
@@ -725,7 +725,7 @@ impl Prepared {
         layout.group_sums(xs, m, &mut self.xsum);
         self.limbs.resize(m * kp * LIMBS, 0);
         self.seg_scale.resize(m * nseg, 0.0);
-        let avx512 = has_avx512();
+        let avx512 = kernels::has_avx512();
         for mi in 0..m {
             let xr = &xs[mi * kp..(mi + 1) * kp];
             let lr = &mut self.limbs[mi * kp * LIMBS..(mi + 1) * kp * LIMBS];
@@ -1119,23 +1119,8 @@ fn unpack_panel_block(bits: u8, bytes: &[u8], codes: &mut [[u8; BLOCK]; LANES]) 
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-}
-
-/// Whether the [`avx2`] kernels can run; they are used where AVX-512 is missing (e.g. AMD
-/// before Zen 4).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-}
-
-#[cfg(target_arch = "x86_64")]
 fn has_avx512_vnni() -> bool {
-    has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
+    kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 /// AVX-512 kernels on the panel layout.

@@ -401,3 +401,19 @@ pub fn gemm_serial(
         );
     }
 }
+
+/// Whether the AVX-512 kernels (F + BW) can run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// Whether the AVX2 kernels (AVX2 + FMA + F16C) can run; they are used where AVX-512 is missing
+/// (e.g. AMD before Zen 4).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}

@@ -1,0 +1,73 @@
+//! Speed of the NF4 table-lookup kernel (`kernels::bnb::FourBitMatrix`) against dense f32 rows.
+//!
+//! `cargo run --release --example bnb_kernel_bench`
+//!
+//! Single thread, one input row (decoding), minimum over repetitions (the least noisy estimate
+//! on a shared machine), for the SmolLM2-135M layer shapes; "ns/kw" is nanoseconds per 1000
+//! weights. The last line combines them into SmolLM2-shaped tokens/s (linears only, lm_head
+//! excluded since bitsandbytes keeps it dense).
+
+use autoquant::kernels::bnb::FourBitMatrix;
+use autoquant::nn::{DenseMatrix, LinearKernel, WeightDType};
+use autoquant::quant::bnb::{quantize_4bit, FourBitType};
+use std::time::{Duration, Instant};
+
+fn weights(n: usize, k: usize) -> Vec<f32> {
+    let mut s = (n * 31 + k) as u64;
+    (0..n * k)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+fn best(reps: usize, mut f: impl FnMut()) -> Duration {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+fn main() {
+    // (out, in, occurrences per token in SmolLM2-135M)
+    let shapes = [
+        (576, 576, 60),
+        (192, 576, 60),
+        (1536, 576, 60),
+        (576, 1536, 30),
+    ];
+    let (mut t_nf4, mut t_f32) = (0.0, 0.0);
+    println!("shape          nf4 µs  f32 µs  nf4 ns/kw  f32/nf4");
+    for (n, k, count) in shapes {
+        let w = weights(n, k);
+        let q = quantize_4bit(&w, [n, k], WeightDType::F32, FourBitType::Nf4, 64, false).unwrap();
+        let nf4 = FourBitMatrix::new(q, WeightDType::F32).unwrap();
+        let dense = DenseMatrix::new(n, k, w, WeightDType::F32);
+        let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+        let mut out = vec![0f32; n];
+        let reps = 2000;
+        let a = best(reps, || nf4.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+        let b = best(reps, || dense.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+        println!(
+            "{n:>5}x{k:<5}  {:>8.1} {:>7.1} {:>10.2} {:>8.2}",
+            a * 1e6,
+            b * 1e6,
+            a * 1e12 / (n * k) as f64,
+            b / a
+        );
+        t_nf4 += a * count as f64;
+        t_f32 += b * count as f64;
+    }
+    println!(
+        "SmolLM2-shaped decode, linears only, 1 thread: nf4 {:.0} tok/s, f32 {:.0} tok/s",
+        1.0 / t_nf4,
+        1.0 / t_f32
+    );
+}
