@@ -632,11 +632,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     {
         eprintln!("warning: {w}");
     }
-    let checkpoint_format = if method == Method::Awq {
-        "awq-gemm"
-    } else {
-        r.format.as_str()
-    };
+    let checkpoint_format = opts.checkpoint_format();
     if ctx.json {
         let layers: Vec<serde_json::Value> = r
             .layers

@@ -184,6 +184,22 @@ impl StreamOptions {
         }
     }
 
+    /// Whether the checkpoint is AutoAWQ's GEMM layout: AWQ at 4 bits. That layout (and every
+    /// AWQ kernel) holds 4-bit codes only, so AWQ at other widths is written as a GPTQ
+    /// checkpoint (asymmetric, `gptq_v2`), which stores the same grid: `(q − zero) · scale`.
+    pub fn writes_awq_gemm(&self) -> bool {
+        self.method == Method::Awq && self.params.bits == 4
+    }
+
+    /// The checkpoint layout's name: "awq-gemm", "gptq" or "gptq_v2".
+    pub fn checkpoint_format(&self) -> &'static str {
+        if self.writes_awq_gemm() {
+            "awq-gemm"
+        } else {
+            self.format().as_str()
+        }
+    }
+
     fn check(&self) -> Result<()> {
         check_bits(self.params.bits)?;
         if self.params.group_size == Some(0) {
@@ -221,13 +237,6 @@ impl StreamOptions {
                 ));
             }
             self.awq_options().validate()?;
-        }
-        if self.method == Method::Awq && self.params.bits != 4 {
-            return Err(Error::InvalidArgument(format!(
-                "AWQ GEMM checkpoints hold 4-bit weights only, not {}-bit (use --method awq-gptq \
-                 for other widths)",
-                self.params.bits
-            )));
         }
         Ok(())
     }
@@ -355,7 +364,7 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
                 )));
             }
         };
-        let layer_specs = if opts.method == Method::Awq {
+        let layer_specs = if opts.writes_awq_gemm() {
             if !n.is_multiple_of(8) {
                 return Err(Error::InvalidArgument(format!(
                     "`{layer}` has out_features {n}, not a multiple of 8, which the AWQ GEMM \
@@ -521,7 +530,7 @@ pub fn quantize_to_gptq(
     streamer.finish();
     warnings.append(&mut streamer.warnings);
 
-    if opts.method == Method::Awq {
+    if opts.writes_awq_gemm() {
         let awq = AwqConfig::new(opts.params.group_size.unwrap_or(0));
         write_model_files(
             out.path(),
@@ -880,7 +889,7 @@ impl<'a> Streamer<'a> {
         };
         drop(w);
         round_scales_to_f16(&mut q);
-        let tensors = if self.opts.method == Method::Awq {
+        let tensors = if self.opts.writes_awq_gemm() {
             crate::formats::awq::layer_tensors(&full, &q)?
         } else {
             layer_tensors(&full, &q, self.opts.format())?
