@@ -413,6 +413,51 @@ fn tiny_checkpoints_load_packed_and_give_reference_logits() {
     }
 }
 
+/// AutoAWQ 0.1 wrote no `quantization_config`; its settings (`w_bit`, `q_group_size`,
+/// `zero_point`, `version: "GEMM"`) are in `quant_config.json` beside `config.json`.
+#[test]
+fn autoawq_0_1_quant_config_json_is_read() {
+    let src = awq_fixture("llama_gemm_g32");
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut cfg = common::read_json(&src.join("config.json"));
+    cfg.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let legacy =
+        serde_json::json!({"zero_point": true, "q_group_size": 32, "w_bit": 4, "version": "GEMM"});
+    std::fs::write(tmp.path().join("quant_config.json"), legacy.to_string()).unwrap();
+
+    let model = models::load_dir(tmp.path(), &LoadOptions::default()).unwrap();
+    let reference = models::load_dir(&src, &LoadOptions::default()).unwrap();
+    let storages: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.linear.weight.storage_name())
+        .collect();
+    assert!(
+        storages.iter().any(|s| s == "awq-4bit-g32-gemm"),
+        "{storages:?}"
+    );
+    let ids = [1u32, 5, 9, 2];
+    assert_eq!(
+        logits(model.as_ref(), &ids),
+        logits(reference.as_ref(), &ids)
+    );
+
+    // Its settings are really used: a wrong group size there fails, naming the file.
+    let legacy =
+        serde_json::json!({"zero_point": true, "q_group_size": 64, "w_bit": 4, "version": "GEMM"});
+    std::fs::write(tmp.path().join("quant_config.json"), legacy.to_string()).unwrap();
+    let e = models::load_dir(tmp.path(), &LoadOptions::default())
+        .err()
+        .expect("group size 64 does not match the tensors")
+        .to_string();
+    assert!(e.contains("shape mismatch") && e.contains("q_proj"), "{e}");
+}
+
 #[test]
 fn skipped_modules_stay_dense() {
     let dir = awq_fixture("llama_gemv_g64_skip_down");

@@ -73,8 +73,9 @@ impl WeightSource for MemoryWeights {
 
 /// The builder of packed linear layers for a quantized checkpoint (its config's
 /// `quantization_config.quant_method`), or for quantization at load time (`opts.bnb`);
-/// `None` for a plain float checkpoint. Old AutoGPTQ checkpoints (≤ 0.6) have no
-/// `quantization_config`; their settings are in `quantize_config.json` beside `config.json`.
+/// `None` for a plain float checkpoint. Old checkpoints have no `quantization_config`: their
+/// settings are in a file beside `config.json` that implies the method, `quantize_config.json`
+/// (AutoGPTQ ≤ 0.6) or `quant_config.json` (AutoAWQ 0.1).
 pub fn quantized_linear_factory(
     config: &crate::config::AutoConfig,
     opts: &crate::models::LoadOptions,
@@ -83,24 +84,27 @@ pub fn quantized_linear_factory(
         .source
         .clone()
         .unwrap_or_else(|| PathBuf::from("config.json"));
-    let autogptq_file = source.with_file_name("quantize_config.json");
-    let autogptq_cfg;
-    let (qcfg, origin) = match config.raw.get("quantization_config") {
-        Some(q) => (Some(q), source.clone()),
-        None if config.source.is_some() && autogptq_file.is_file() => {
-            autogptq_cfg = crate::error::read_json(&autogptq_file)?;
-            (Some(&autogptq_cfg), autogptq_file)
+    let legacy = [
+        ("quantize_config.json", "gptq"),
+        ("quant_config.json", "awq"),
+    ]
+    .into_iter()
+    .map(|(file, method)| (source.with_file_name(file), method))
+    .find(|(file, _)| config.source.is_some() && file.is_file());
+    let legacy_cfg;
+    let (qcfg, origin, implied) = match (config.raw.get("quantization_config"), legacy) {
+        (Some(q), _) => (Some(q), source.clone(), None),
+        (None, Some((file, method))) => {
+            legacy_cfg = crate::error::read_json(&file)?;
+            (Some(&legacy_cfg), file, Some(method))
         }
-        None => (None, source.clone()),
+        (None, None) => (None, source.clone(), None),
     };
-    // AutoGPTQ's quantize_config.json often has no quant_method: it is GPTQ by definition.
-    let method = match qcfg
+    // The legacy files often have no quant_method: their name says it.
+    let method = qcfg
         .and_then(|q| q.get("quant_method"))
         .and_then(|m| m.as_str())
-    {
-        None if origin != source => Some("gptq"),
-        m => m,
-    };
+        .or(implied);
     if let (Some(_), Some(method)) = (&opts.bnb, method) {
         return Err(Error::InvalidArgument(format!(
             "{} is already quantized ({method}); it cannot also be quantized at load time",

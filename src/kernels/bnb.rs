@@ -163,21 +163,21 @@ impl FourBitMatrix {
         let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
         #[cfg(target_arch = "x86_64")]
         {
+            // Each kernel wants x with every chunk of `chunk` elements split into its even then
+            // its odd elements: the order in which its decoding yields high and low nibbles.
             let simd = if super::has_avx512() {
-                Some(lookup_avx512::gemv as LookupGemv)
+                Some((lookup_avx512::gemv as LookupGemv, 32))
             } else if super::has_avx2() {
-                Some(lookup_avx2::gemv as LookupGemv)
+                Some((lookup_avx2::gemv as LookupGemv, 8))
             } else {
                 None
             };
-            if let Some(kernel) = simd {
-                // x with each 32-element chunk split into its 16 even then 16 odd elements, the
-                // order in which 16 packed bytes yield high and low nibbles.
+            if let Some((kernel, chunk)) = simd {
                 let mut xp = vec![0f32; m * k];
-                for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-                    for i in 0..16 {
+                for (src, dst) in x.chunks_exact(chunk).zip(xp.chunks_exact_mut(chunk)) {
+                    for i in 0..chunk / 2 {
                         dst[i] = src[2 * i];
-                        dst[16 + i] = src[2 * i + 1];
+                        dst[chunk / 2 + i] = src[2 * i + 1];
                     }
                 }
                 for g in (0..m).step_by(4) {
@@ -241,8 +241,8 @@ type LookupGemv = unsafe fn(&[f32], usize, usize, usize, &[u8], &[f32], &[f32; 1
 mod lookup_avx512 {
     use std::arch::x86_64::*;
 
-    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows given in the even/odd
-    /// chunk order. Per block the code book is multiplied by the block's absmax once, so each
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows given with each chunk
+    /// of 32 elements split into 16 even then 16 odd. Per block the code book is multiplied by the block's absmax once, so each
     /// lookup yields `quant_map[code] · absmax` exactly.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
@@ -343,12 +343,13 @@ mod lookup_avx512 {
 mod lookup_avx2 {
     use std::arch::x86_64::*;
 
-    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows, given like the AVX-512
-    /// kernel's input (16 even then 16 odd elements per 32), which this kernel reorders.
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows given with each chunk
+    /// of 8 elements split into 4 even then 4 odd: vector t of a 32-weight step (see
+    /// `decode32`) holds even elements 4t..4t+4 in its low lane and the odd ones in its high.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gemv(
-        xp: &[f32],
+        xq: &[f32],
         m: usize,
         k: usize,
         bs: usize,
@@ -357,17 +358,6 @@ mod lookup_avx2 {
         lut: &[f32; 16],
         out: &mut [f32],
     ) {
-        // After the unpacking, vector t of a 32-element step holds even elements 4t..4t+4 in
-        // its low lane and odd elements 4t..4t+4 in its high lane.
-        let mut xq = vec![0f32; m * k];
-        for (src, dst) in xp.chunks_exact(32).zip(xq.chunks_exact_mut(32)) {
-            for t in 0..4 {
-                for i in 0..4 {
-                    dst[8 * t + i] = src[4 * t + i];
-                    dst[8 * t + 4 + i] = src[16 + 4 * t + i];
-                }
-            }
-        }
         let mut planes = [_mm256_setzero_si256(); 4];
         for (p, plane) in planes.iter_mut().enumerate() {
             let bytes: [u8; 16] = std::array::from_fn(|v| lut[v].to_bits().to_le_bytes()[p]);
@@ -377,10 +367,10 @@ mod lookup_avx2 {
         // FMA chains per row: enough independent chains to hide the FMA latency, few enough
         // to stay in the 16 registers.
         match m {
-            1 => gemv_m::<1, 4>(&xq, k, bs, packed, absmax, &planes, out),
-            2 => gemv_m::<2, 2>(&xq, k, bs, packed, absmax, &planes, out),
-            3 => gemv_m::<3, 2>(&xq, k, bs, packed, absmax, &planes, out),
-            _ => gemv_m::<4, 1>(&xq, k, bs, packed, absmax, &planes, out),
+            1 => gemv_m::<1, 4>(xq, k, bs, packed, absmax, &planes, out),
+            2 => gemv_m::<2, 2>(xq, k, bs, packed, absmax, &planes, out),
+            3 => gemv_m::<3, 2>(xq, k, bs, packed, absmax, &planes, out),
+            _ => gemv_m::<4, 1>(xq, k, bs, packed, absmax, &planes, out),
         }
     }
 

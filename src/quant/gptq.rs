@@ -357,14 +357,28 @@ pub fn gptq_quantize(
     h: &Hessian,
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
-    rtn::check_weight(w, n, k, &opts.params)?;
-    if h.k() != k {
+    // Weight and shape errors first: they name the layer's problem better than a failed
+    // factorization would.
+    check_inputs(w, n, k, h.k(), &opts.params)?;
+    gptq_quantize_factored(w, n, k, &GptqFactor::new(h, opts)?, opts)
+}
+
+/// The weight's values and shape against the params and a Hessian for `hk` inputs; the group
+/// size (`None`: per-channel).
+fn check_inputs(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    hk: usize,
+    params: &QuantParams,
+) -> Result<Option<usize>> {
+    let group = rtn::check_weight(w, n, k, params)?;
+    if hk != k {
         return Err(Error::InvalidArgument(format!(
-            "Hessian is for K={} inputs but the weight [N={n}, K={k}] has K={k}",
-            h.k()
+            "Hessian is for K={hk} inputs but the weight [N={n}, K={k}] has K={k}"
         )));
     }
-    gptq_quantize_factored(w, n, k, &GptqFactor::new(h, opts)?, opts)
+    Ok(group)
 }
 
 /// [`gptq_quantize`] with the Hessian already factored (with the same `opts`).
@@ -376,13 +390,7 @@ pub fn gptq_quantize_factored(
     opts: &GptqOptions,
 ) -> Result<GptqResult> {
     let params = &opts.params;
-    let group = rtn::check_weight(w, n, k, params)?;
-    if factor.k != k {
-        return Err(Error::InvalidArgument(format!(
-            "Hessian is for K={} inputs but the weight [N={n}, K={k}] has K={k}",
-            factor.k
-        )));
-    }
+    let group = check_inputs(w, n, k, factor.k, params)?;
     if opts.block_size == 0 {
         return Err(Error::InvalidArgument(
             "GPTQ block size must be positive".into(),
