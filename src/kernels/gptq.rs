@@ -1123,6 +1123,25 @@ fn has_avx512_vnni() -> bool {
     kernels::has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
+/// Call `run::<BITS, MC, RB>` on the inputs `mi0..mi0 + MC` in chunks of up to four (`MC`),
+/// with `RB` register blocks per chunk width: the SIMD kernels' shared driver loop.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_input_chunks {
+    ($m:expr, $mi0:ident => $run:ident::<$bits:ident>($($arg:expr),*)) => {{
+        let mut $mi0 = 0;
+        while $mi0 < $m {
+            let mc = ($m - $mi0).min(4);
+            match mc {
+                1 => $run::<$bits, 1, 4>($($arg),*),
+                2 => $run::<$bits, 2, 2>($($arg),*),
+                3 => $run::<$bits, 3, 1>($($arg),*),
+                _ => $run::<$bits, 4, 1>($($arg),*),
+            }
+            $mi0 += mc;
+        }
+    }};
+}
+
 /// AVX-512 kernels on the panel layout.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -1315,19 +1334,7 @@ mod avx512 {
         assert!(rows.end <= w.n && out.len() >= m * rows.len());
         assert!(w.packed.len() == w.panels * w.panel_bytes);
         assert!(prep.limbs.len() == m * w.layout.kp * LIMBS);
-        unsafe {
-            let mut mi0 = 0;
-            while mi0 < m {
-                let mc = (m - mi0).min(4);
-                match mc {
-                    1 => run::<BITS, 1, 4>(w, prep, mi0, &rows, out),
-                    2 => run::<BITS, 2, 2>(w, prep, mi0, &rows, out),
-                    3 => run::<BITS, 3, 1>(w, prep, mi0, &rows, out),
-                    _ => run::<BITS, 4, 1>(w, prep, mi0, &rows, out),
-                }
-                mi0 += mc;
-            }
-        }
+        unsafe { for_input_chunks!(m, mi0 => run::<BITS>(w, prep, mi0, &rows, out)) }
     }
 
     /// Split `x` (a multiple of 16 values) into limbs, `out[chunk of 16][limb][16]`, with
@@ -1807,19 +1814,7 @@ mod avx2 {
         assert!(prep.bits == BITS);
         assert!(prep.xf.len() == m * w.layout.kp / BLOCK * block_fields(BITS));
         assert!(prep.xsum.len() == m * w.layout.groups());
-        unsafe {
-            let mut mi0 = 0;
-            while mi0 < m {
-                let mc = (m - mi0).min(4);
-                match mc {
-                    1 => run::<BITS, 1, 4>(w, prep, mi0, &rows, out),
-                    2 => run::<BITS, 2, 2>(w, prep, mi0, &rows, out),
-                    3 => run::<BITS, 3, 1>(w, prep, mi0, &rows, out),
-                    _ => run::<BITS, 4, 1>(w, prep, mi0, &rows, out),
-                }
-                mi0 += mc;
-            }
-        }
+        unsafe { for_input_chunks!(m, mi0 => run::<BITS>(w, prep, mi0, &rows, out)) }
     }
 
     /// All 16 rows of panel `p` dequantized to `dst[slot · ld + lane]`.
