@@ -140,6 +140,9 @@ fi
 
 # autoquant's 4-bit runs: bitsandbytes NF4 at load time (--load-in-4bit), and a packed GPTQ
 # checkpoint in Q4_0's shape (4-bit, symmetric, groups of 32) made by RTN from the same weights.
+# Both keep the tensors they do not quantize (the tied embedding / lm_head) in f16 (--dtype f16),
+# as transformers holds them in the checkpoint's torch_dtype; llama.cpp's Q4_0 file has them
+# in Q8_0.
 GPTQ4_DIR=$AQ_HOME/peers/smollm2-rtn4-g32
 if [ ! -f "$GPTQ4_DIR/config.json" ]; then
     say "autoquant quantize --method rtn --bits 4 --group-size 32 -> $GPTQ4_DIR"
@@ -172,12 +175,12 @@ run_autoquant() { # ROUND
         record autoquant "$dtype" bench "$r" "$RAW/out.json"
     done
     say "round $r: autoquant bench --load-in-4bit (NF4)"
-    "$AQ_BIN" --json --threads "$THREADS" bench "$MODEL_Q41" --load-in-4bit \
+    "$AQ_BIN" --json --threads "$THREADS" bench "$MODEL_Q41" --load-in-4bit --dtype f16 \
         --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
         || die "autoquant bench --load-in-4bit failed: $(tail -5 "$RAW/err.log")"
     record autoquant nf4 bench "$r" "$RAW/out.json"
     say "round $r: autoquant bench on the GPTQ 4-bit g32 checkpoint"
-    "$AQ_BIN" --json --threads "$THREADS" bench "$GPTQ4_DIR" \
+    "$AQ_BIN" --json --threads "$THREADS" bench "$GPTQ4_DIR" --dtype f16 \
         --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
         || die "autoquant bench (GPTQ 4-bit) failed: $(tail -5 "$RAW/err.log")"
     record autoquant gptq4 bench "$r" "$RAW/out.json"
