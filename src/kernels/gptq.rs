@@ -388,38 +388,37 @@ impl GptqMatrix {
     fn dequantize_panels(&self, panels: Range<usize>, dst: &mut [f32], ld: usize, simd: bool) {
         assert!(panels.end <= self.panels && ld >= panels.len() * LANES);
         assert!(dst.len() >= self.layout.kp * ld);
+        // One panel kernel per instruction set and bit width; the loop over panels is shared.
         #[cfg(target_arch = "x86_64")]
-        if simd && kernels::has_avx512() {
-            for (j, p) in panels.enumerate() {
-                // SAFETY: AVX-512F/BW are available; the asserts above bound every store
-                // (slot < kp, lane offset + 16 ≤ ld).
-                unsafe {
-                    let d = dst.as_mut_ptr().add(j * LANES);
-                    match self.bits {
-                        2 => avx512::dequantize_panel::<2>(self, p, d, ld),
-                        3 => avx512::dequantize_panel::<3>(self, p, d, ld),
-                        4 => avx512::dequantize_panel::<4>(self, p, d, ld),
-                        _ => avx512::dequantize_panel::<8>(self, p, d, ld),
-                    }
+        {
+            type PanelKernel = unsafe fn(&GptqMatrix, usize, *mut f32, usize);
+            let kernel: Option<PanelKernel> = if !simd {
+                None
+            } else if kernels::has_avx512() {
+                Some(match self.bits {
+                    2 => avx512::dequantize_panel::<2>,
+                    3 => avx512::dequantize_panel::<3>,
+                    4 => avx512::dequantize_panel::<4>,
+                    _ => avx512::dequantize_panel::<8>,
+                })
+            } else if kernels::has_avx2() {
+                Some(match self.bits {
+                    2 => avx2::dequantize_panel::<2>,
+                    3 => avx2::dequantize_panel::<3>,
+                    4 => avx2::dequantize_panel::<4>,
+                    _ => avx2::dequantize_panel::<8>,
+                })
+            } else {
+                None
+            };
+            if let Some(kernel) = kernel {
+                for (j, p) in panels.enumerate() {
+                    // SAFETY: the kernel's instruction set is available (checked above); the
+                    // asserts above bound every store (slot < kp, lane offset + 16 ≤ ld).
+                    unsafe { kernel(self, p, dst.as_mut_ptr().add(j * LANES), ld) };
                 }
+                return;
             }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if simd && kernels::has_avx2() {
-            for (j, p) in panels.enumerate() {
-                // SAFETY: AVX2/FMA/F16C are available; the asserts above bound every store.
-                unsafe {
-                    let d = dst.as_mut_ptr().add(j * LANES);
-                    match self.bits {
-                        2 => avx2::dequantize_panel::<2>(self, p, d, ld),
-                        3 => avx2::dequantize_panel::<3>(self, p, d, ld),
-                        4 => avx2::dequantize_panel::<4>(self, p, d, ld),
-                        _ => avx2::dequantize_panel::<8>(self, p, d, ld),
-                    }
-                }
-            }
-            return;
         }
         let _ = simd;
         let lay = &self.layout;
