@@ -4,12 +4,16 @@
 //!
 //! Single thread, one input row (decoding), minimum over repetitions (the least noisy estimate
 //! on a shared machine), for the SmolLM2-135M layer shapes; "ns/kw" is nanoseconds per 1000
-//! weights. The last line combines them into SmolLM2-shaped tokens/s (linears only, lm_head
-//! excluded since bitsandbytes keeps it dense).
+//! weights. Then it combines them into SmolLM2-shaped tokens/s (linears only, lm_head
+//! excluded since bitsandbytes keeps it dense), and times the 49152 × 576 output projection
+//! itself in f16 against `--lm-head-int8` (LLM.int8 weights; too big for the cache, so this one
+//! measures memory traffic).
 
-use autoquant::kernels::bnb::FourBitMatrix;
+use autoquant::kernels::bnb::{FourBitMatrix, Int8Matrix};
 use autoquant::nn::{DenseMatrix, LinearKernel, WeightDType};
-use autoquant::quant::bnb::{quantize_4bit, FourBitType};
+use autoquant::quant::bnb::{
+    quantize_4bit, quantize_int8, FourBitType, Int8Compute, DEFAULT_INT8_THRESHOLD,
+};
 use std::time::{Duration, Instant};
 
 fn weights(n: usize, k: usize) -> Vec<f32> {
@@ -69,5 +73,25 @@ fn main() {
         "SmolLM2-shaped decode, linears only, 1 thread: nf4 {:.0} tok/s, f32 {:.0} tok/s",
         1.0 / t_nf4,
         1.0 / t_f32
+    );
+
+    let (n, k) = (49152, 576);
+    let w = weights(n, k);
+    let int8 = Int8Matrix::new(
+        quantize_int8(&w, n, k).unwrap(),
+        DEFAULT_INT8_THRESHOLD,
+        Int8Compute::Int8Matmul,
+    )
+    .unwrap();
+    let f16 = DenseMatrix::new(n, k, w, WeightDType::F16);
+    let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    let mut out = vec![0f32; n];
+    let a = best(20, || int8.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+    let b = best(20, || f16.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+    println!(
+        "lm_head {n}x{k}, 1 thread: int8 {:.2} ms, f16 {:.2} ms (f16/int8 {:.2})",
+        a * 1e3,
+        b * 1e3,
+        b / a
     );
 }

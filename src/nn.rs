@@ -464,6 +464,8 @@ pub struct Loader<'a> {
     pub dtype: WeightDType,
     /// Takes over linear layers of quantized checkpoints (or quantizes at load time).
     pub factory: Option<&'a dyn LinearFactory>,
+    /// Hold a float output projection as LLM.int8 weights (see [`Loader::output_projection`]).
+    pub lm_head_int8: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -472,11 +474,54 @@ impl<'a> Loader<'a> {
             src,
             dtype,
             factory: None,
+            lm_head_int8: false,
         }
     }
     pub fn with_factory(mut self, factory: Option<&'a dyn LinearFactory>) -> Self {
         self.factory = factory;
         self
+    }
+    pub fn with_lm_head_int8(mut self, on: bool) -> Self {
+        self.lm_head_int8 = on;
+        self
+    }
+    /// The output projection `lm_head` (`[vocab, in]`). Tied models have none: the embedding
+    /// matrix `embed` projects. With `lm_head_int8`, a float projection (the tied one included)
+    /// is held as LLM.int8 weights instead — half the bytes of f16, and decoding streams the
+    /// whole matrix for every token. The dense embedding stays for the lookups.
+    pub fn output_projection(
+        &self,
+        tied: bool,
+        embed: &DenseMatrix,
+        in_features: usize,
+        vocab: usize,
+    ) -> Result<Option<Linear>> {
+        if !self.lm_head_int8 {
+            return Ok(if tied {
+                None
+            } else {
+                Some(self.linear("lm_head", in_features, vocab, false)?)
+            });
+        }
+        let w = if tied {
+            embed.to_f32()
+        } else {
+            if let Some(weight) = self.factory_kernel("lm_head", in_features, vocab, false)? {
+                // Already quantized by the checkpoint: keep it as it is.
+                return Ok(Some(Linear { weight, bias: None }));
+            }
+            read_f32_checked(self.src, "lm_head.weight", &[vocab, in_features])?
+        };
+        let q = crate::quant::bnb::quantize_int8(&w, vocab, in_features)?;
+        let m = crate::kernels::bnb::Int8Matrix::new(
+            q,
+            crate::quant::bnb::DEFAULT_INT8_THRESHOLD,
+            crate::quant::bnb::Int8Compute::Int8Matmul,
+        )?;
+        Ok(Some(Linear {
+            weight: Arc::new(m),
+            bias: None,
+        }))
     }
     fn factory_kernel(
         &self,

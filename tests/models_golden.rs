@@ -132,6 +132,88 @@ fn half_precision_weights_stay_close() {
     }
 }
 
+/// `--lm-head-int8`: the output projection (tied or not) becomes LLM.int8 weights. Logits move
+/// by int8 rounding only, greedy choices hold, the footprint grows by exactly the int8 matrix
+/// and its row scales, and nothing new is saved (a tied model's checkpoint has no lm_head).
+#[test]
+fn int8_lm_head_stays_close_to_transformers_and_is_not_saved() {
+    for name in MODELS {
+        let dense = load(name, WeightDType::F32);
+        let dir = fixture(name);
+        let weights = autoquant::formats::open_weights(&dir).unwrap();
+        let int8 = AutoModelForCausalLM::from_weights(
+            AutoConfig::from_pretrained(&dir).unwrap(),
+            weights.as_ref(),
+            &LoadOptions {
+                lm_head_int8: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let head = int8
+            .linears()
+            .into_iter()
+            .find(|l| l.name == "lm_head")
+            .unwrap_or_else(|| panic!("{name}: no lm_head"));
+        assert_eq!(head.linear.weight.storage_name(), "bnb-int8", "{name}");
+        let (n, k) = (head.linear.out_features(), head.linear.in_features());
+        let tied = int8.config().tie_word_embeddings();
+        let dense_head = if tied { 0 } else { 4 * n * k };
+        assert_eq!(
+            int8.footprint_bytes(),
+            dense.footprint_bytes() - dense_head + n * k + 4 * n,
+            "{name}"
+        );
+
+        let err = max_logit_error(name, int8.as_ref());
+        let scale = floats(&expected(name)["cases"][0]["logits"])
+            .iter()
+            .fold(0f32, |a, v| a.max(v.abs()));
+        println!("{name}: int8 lm_head max |Δlogit| = {err:.2e} (max |logit| {scale:.2})");
+        assert!(err > 0.0, "{name}: int8 lm_head changed nothing");
+        assert!(
+            err < 0.02 * scale,
+            "{name}: int8 lm_head max |Δlogit| {err}"
+        );
+
+        let ids: Vec<u32> = (0..12).map(|i| (i * 5 + 1) % 90).collect();
+        let next = |m: &dyn CausalLM| {
+            let mut cache = m.new_cache(1);
+            let l = m
+                .forward(
+                    &ForwardInput::batch(&[ids.clone()]).unwrap(),
+                    &mut cache,
+                    LogitsMode::All,
+                )
+                .unwrap();
+            let v = l.len() / ids.len();
+            l.chunks_exact(v)
+                .map(|r| (0..v).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (next(dense.as_ref()), next(int8.as_ref()));
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(
+            same * 10 >= a.len() * 9,
+            "{name}: argmax agrees on {same}/{}",
+            a.len()
+        );
+
+        let names = |m: &dyn CausalLM| {
+            autoquant::models::state_dict(m, WeightDType::F32)
+                .into_iter()
+                .map(|(n, t)| (n, t.shape))
+                .collect::<Vec<_>>()
+        };
+        let (dn, qn) = (names(dense.as_ref()), names(int8.as_ref()));
+        if tied {
+            assert_eq!(dn, qn, "{name}: a tied model saves no lm_head");
+        } else {
+            assert_eq!(dn.len(), qn.len(), "{name}");
+        }
+    }
+}
+
 #[test]
 fn kv_cache_decode_equals_full_forward() {
     for name in MODELS {

@@ -60,6 +60,7 @@ impl ModelArgs {
         let opts = LoadOptions {
             dtype: WeightDType::parse(&self.dtype)?,
             bnb: self.bnb()?,
+            lm_head_int8: self.lm_head_int8,
         };
         let p = Pretrained::load(&self.model, &opts, &self.hub())?;
         if opts.bnb.is_some() || p.config.raw.contains_key("quantization_config") {
@@ -418,6 +419,13 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
 }
 
 pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
+    if a.model.lm_head_int8 {
+        return Err(Error::InvalidArgument(
+            "--lm-head-int8 is a run-time option (generate, ppl, bench, info); convert saves \
+             lm_head as the checkpoint holds it"
+                .into(),
+        ));
+    }
     let p = a.model.load()?;
     let opts = SaveOptions {
         dtype: WeightDType::parse(&a.model.dtype)?,

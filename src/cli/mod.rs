@@ -70,6 +70,11 @@ pub struct ModelArgs {
     /// 8-bit weights dequantized to float, activations kept in float (no int8 matmul).
     #[arg(long, requires = "load_in_8bit")]
     pub int8_dequantized: bool,
+    /// Hold the output projection (lm_head, or the tied embedding) as LLM.int8 weights: half
+    /// the bytes of f16 per decoded token, at a small perplexity cost. transformers keeps it in
+    /// float; llama.cpp's Q4_0 files hold it in Q8_0.
+    #[arg(long)]
+    pub lm_head_int8: bool,
 }
 
 #[derive(Subcommand, Debug)]

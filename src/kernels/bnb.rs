@@ -576,6 +576,22 @@ impl Int8Matrix {
         if nc == 0 {
             return;
         }
+        if m <= GEMV_MAX_ROWS {
+            // Decoding: a few dot products of length `nc` per weight row, read while the row
+            // is still in cache; gathering the outlier columns first would cost more.
+            for (jj, j) in (r0..r1).enumerate() {
+                for r in 0..m {
+                    let xo = &qa.outliers[r * nc..(r + 1) * nc];
+                    let s: f32 = xo
+                        .iter()
+                        .zip(&qa.outlier_cols)
+                        .map(|(x, &c)| x * self.deq_vectorwise(j, c))
+                        .sum();
+                    out[r * rows + jj] += s;
+                }
+            }
+            return;
+        }
         let wo: Vec<f32> = (r0..r1)
             .flat_map(|j| {
                 qa.outlier_cols

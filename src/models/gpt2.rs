@@ -212,11 +212,7 @@ impl Gpt2 {
             .map(|i| Gpt2Block::load(&cfg, ld, i))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = ld.layer_norm("transformer.ln_f", e, eps, true)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(ld.linear("lm_head", e, cfg.vocab_size, false)?)
-        };
+        let lm_head = ld.output_projection(cfg.tie_word_embeddings, &wte, e, cfg.vocab_size)?;
         Ok(Gpt2 {
             config,
             cfg,

@@ -271,11 +271,8 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = ld.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
         // Some tied checkpoints still carry lm_head.weight; the config decides.
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(ld.linear("lm_head", h, cfg.vocab_size, false)?)
-        };
+        let lm_head =
+            ld.output_projection(cfg.tie_word_embeddings, &embed_tokens, h, cfg.vocab_size)?;
         Ok(Llama {
             config,
             cfg,

@@ -234,7 +234,14 @@ pub trait CausalLM: Send + Sync {
     fn footprint_bytes(&self) -> usize {
         let linears = self.linears();
         let linear_bytes: usize = linears.iter().map(|l| l.linear.storage_bytes()).sum();
-        let linear_params: usize = linears.iter().map(|l| linear_params(l.linear)).sum();
+        // A tied model may still hold an lm_head of its own (an int8 copy of the embedding,
+        // `LoadOptions::lm_head_int8`): its bytes count, its parameters are the embedding's.
+        let tied = self.config().tie_word_embeddings();
+        let linear_params: usize = linears
+            .iter()
+            .filter(|l| !(tied && l.name == "lm_head"))
+            .map(|l| linear_params(l.linear))
+            .sum();
         let embed = self.embedding();
         // Norms, biases and position tables are held in f32.
         let rest = self.num_parameters() - linear_params - embed.rows() * embed.cols();
@@ -289,6 +296,10 @@ pub struct LoadOptions {
     pub dtype: WeightDType,
     /// Quantize linear layers while loading, bitsandbytes style (`load_in_8bit`/`load_in_4bit`).
     pub bnb: Option<crate::quant::bnb::BitsAndBytesConfig>,
+    /// Hold the output projection (lm_head, or the tied embedding as lm_head) as LLM.int8
+    /// weights: faster decoding at a small perplexity cost. Not what transformers does (it keeps
+    /// lm_head in float), so it is opt-in.
+    pub lm_head_int8: bool,
 }
 
 /// The Auto class: picks the architecture from the config.
@@ -302,7 +313,9 @@ impl AutoModelForCausalLM {
         opts: &LoadOptions,
     ) -> Result<Box<dyn CausalLM>> {
         let factory = crate::formats::quantized_linear_factory(&config, opts)?;
-        let ld = Loader::new(weights, opts.dtype).with_factory(factory.as_deref());
+        let ld = Loader::new(weights, opts.dtype)
+            .with_factory(factory.as_deref())
+            .with_lm_head_int8(opts.lm_head_int8);
         Ok(match config.arch.clone() {
             Architecture::Llama(c) | Architecture::Qwen2(c) => {
                 Box::new(llama::Llama::load(config, c, &ld)?)
@@ -505,7 +518,14 @@ pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawT
     for (name, values, shape) in model.other_tensors() {
         out.push((name, conv(shape, &values)));
     }
-    for l in model.linears() {
+    let tied = model.config().tie_word_embeddings();
+    // A tied model's own lm_head (an int8 copy, `LoadOptions::lm_head_int8`) is not a tensor
+    // of its checkpoint.
+    for l in model
+        .linears()
+        .into_iter()
+        .filter(|l| !(tied && l.name == "lm_head"))
+    {
         let (o, i) = (l.linear.out_features(), l.linear.in_features());
         let w = l.linear.weight.to_f32();
         if model.conv1d_weights() && l.name != "lm_head" {

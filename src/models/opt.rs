@@ -268,11 +268,8 @@ impl Opt {
         } else {
             None
         };
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(ld.linear("lm_head", p, cfg.vocab_size, false)?)
-        };
+        let lm_head =
+            ld.output_projection(cfg.tie_word_embeddings, &embed_tokens, p, cfg.vocab_size)?;
         Ok(Opt {
             config,
             cfg,

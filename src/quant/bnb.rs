@@ -121,6 +121,9 @@ pub enum Int8Compute {
     DequantizedWeights,
 }
 
+/// bitsandbytes' `llm_int8_threshold` default.
+pub const DEFAULT_INT8_THRESHOLD: f32 = 6.0;
+
 /// Mirrors transformers' `BitsAndBytesConfig`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BitsAndBytesConfig {
@@ -150,7 +153,7 @@ impl Default for BitsAndBytesConfig {
             quant_type: FourBitType::Nf4,
             double_quant: false,
             compute_dtype: WeightDType::F32,
-            int8_threshold: 6.0,
+            int8_threshold: DEFAULT_INT8_THRESHOLD,
             skip_modules: vec!["lm_head".into()],
             blocksize: DEFAULT_BLOCKSIZE,
             int8_compute: Int8Compute::Int8Matmul,

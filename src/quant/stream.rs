@@ -650,11 +650,16 @@ struct Bars {
     _multi: MultiProgress,
     blocks: ProgressBar,
     layers: ProgressBar,
+    /// Progress asked for but stderr is no terminal (a log file, CI): one plain line per block
+    /// instead of bars, so long runs still show where they are.
+    plain_lines: bool,
 }
 
 impl Bars {
     fn new(num_blocks: usize, layers_per_block: usize, show: bool) -> Self {
-        let multi = MultiProgress::with_draw_target(if show {
+        use std::io::IsTerminal;
+        let plain_lines = show && !std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if show && !plain_lines {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
@@ -674,6 +679,20 @@ impl Bars {
             _multi: multi,
             blocks,
             layers,
+            plain_lines,
+        }
+    }
+
+    /// Count one finished block (and log it as a line when there are no bars).
+    fn block_done(&self, prefix: &str) {
+        self.blocks.inc(1);
+        if self.plain_lines {
+            let (done, total) = (self.blocks.position(), self.blocks.length().unwrap_or(0));
+            let elapsed = self.blocks.elapsed().as_secs_f64();
+            let eta = elapsed / done.max(1) as f64 * total.saturating_sub(done) as f64;
+            eprintln!(
+                "block {done}/{total} ({prefix}) done: elapsed {elapsed:.0} s, ETA {eta:.0} s"
+            );
         }
     }
 }
@@ -745,7 +764,7 @@ impl<'a> Streamer<'a> {
                 )));
             }
         }
-        self.bars.blocks.inc(1);
+        self.bars.block_done(&prefix);
         Ok(())
     }
 
@@ -1145,7 +1164,10 @@ fn embed_samples(
     let stem = AutoModelForCausalLM::from_weights(
         config.with_num_layers(0),
         src,
-        &LoadOptions { dtype, bnb: None },
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
     )?;
     let vocab = config.vocab_size();
     calib

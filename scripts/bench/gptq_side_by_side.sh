@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# GPTQ on SmolLM2-135M: the reference implementation and autoquant, one after the other in ONE
+# invocation, on the very same calibration windows, so quality and time compare directly.
+#
+#   scripts/bench/gptq_side_by_side.sh [--bits B] [--group-size G] [--nsamples N] [--seqlen L]
+#                                      [--threads T] [--skip-default] [OUT_DIR]
+#   env: AUTOQUANT_BIN=path (skip cargo build), PYTHON=venv python (default: the cached venv)
+#
+# Steps (each timed, wall clock):
+#   1. reference GPTQ (scripts/bench/gptq_reference.py: AutoGPTQ 0.7.1's GPTQ class in the
+#      IST-DASLab sequential driver, torch on CPU); it samples the windows and saves them;
+#   2. `autoquant quantize --method gptq --reference` on those windows (same algorithm);
+#   3. `autoquant quantize --method gptq` (our default: act-order + sink weight) on them;
+#   4. `autoquant quantize --method rtn` (the no-calibration baseline).
+# Perplexity for every one: Wikipedia evaluation text, seqlen 512, first 40 windows.
+# Writes OUT_DIR/side_by_side.json (default target/gptq_side_by_side) and prints a table with
+# the two goals of issue 3: --reference within 1% of the reference, and at most half its time.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+AQ_HOME=${AUTOQUANT_HOME:-$HOME/.cache/autoquant}
+ASSETS=$AQ_HOME/assets
+MODEL=$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+EVAL_TEXT=$ASSETS/text/wiki.eval.txt
+PYTHON=${PYTHON:-$AQ_HOME/venv/bin/python}
+AQ_BIN=${AUTOQUANT_BIN:-$ROOT/target/release/autoquant}
+
+BITS=4 GROUP=64 NSAMPLES=32 SEQLEN=2048 THREADS=2 SKIP_DEFAULT=0 OUT=""
+say() { printf 'side_by_side: %s\n' "$*" >&2; }
+die() { printf 'side_by_side: error: %s\n' "$*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case $1 in
+        --bits) BITS=${2:?}; shift ;;
+        --group-size) GROUP=${2:?}; shift ;;
+        --nsamples) NSAMPLES=${2:?}; shift ;;
+        --seqlen) SEQLEN=${2:?}; shift ;;
+        --threads) THREADS=${2:?}; shift ;;
+        --skip-default) SKIP_DEFAULT=1 ;;
+        -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) OUT=$1 ;;
+    esac
+    shift
+done
+OUT=${OUT:-$ROOT/target/gptq_side_by_side}
+[ -f "$MODEL" ] && [ -f "$EVAL_TEXT" ] || die "assets missing: run scripts/fetch_assets.sh"
+[ -x "$PYTHON" ] || die "no Python references at $PYTHON: run scripts/setup_python.sh"
+if [ -z "${AUTOQUANT_BIN:-}" ]; then
+    say "building autoquant (release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
+mkdir -p "$OUT"
+TAG="b${BITS}g${GROUP}n${NSAMPLES}x${SEQLEN}"
+WINDOWS=$OUT/windows-$TAG.json
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(round($2 - $1, 1))"; }
+
+say "1/4 reference GPTQ ($TAG, $THREADS threads)"
+t0=$(now)
+"$PYTHON" "$SCRIPT_DIR/gptq_reference.py" --bits "$BITS" --group-size "$GROUP" --sym \
+    --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --threads "$THREADS" \
+    --json "$OUT/reference-$TAG.json" --save-windows "$WINDOWS" > "$OUT/reference-$TAG.log" 2>&1 \
+    || die "reference run failed, see $OUT/reference-$TAG.log"
+say "  reference: $(elapsed "$t0" "$(now)") s wall (load, quantize, evaluate)"
+
+# run_ours NAME quantize-args...: quantize into a temporary folder, evaluate, record, delete.
+run_ours() {
+    local name=$1; shift
+    local dir=$OUT/tmp-$name
+    rm -rf "$dir"
+    local t0 t1
+    t0=$(now)
+    "$AQ_BIN" --json --peak-rss --threads "$THREADS" quantize "$MODEL" "$@" -o "$dir" \
+        > "$OUT/$name-$TAG.quant.json" 2> "$OUT/$name-$TAG.quant.log" \
+        || die "autoquant $name failed, see $OUT/$name-$TAG.quant.log"
+    t1=$(now)
+    "$AQ_BIN" --json ppl "$dir" --data "$EVAL_TEXT" --seqlen 512 --max-windows 40 \
+        > "$OUT/$name-$TAG.ppl.json" 2> "$OUT/$name-$TAG.ppl.log" \
+        || die "autoquant ppl ($name) failed, see $OUT/$name-$TAG.ppl.log"
+    rm -rf "$dir"
+    say "  $name: $(elapsed "$t0" "$t1") s wall to quantize"
+}
+
+COMMON=(--bits "$BITS" --group-size "$GROUP" --sym)
+say "2/4 autoquant GPTQ --reference on the reference's windows"
+run_ours reference "${COMMON[@]}" --method gptq --reference --calib-windows "$WINDOWS"
+if [ "$SKIP_DEFAULT" = 0 ]; then
+    say "3/4 autoquant GPTQ (default) on the same windows"
+    run_ours default "${COMMON[@]}" --method gptq --calib-windows "$WINDOWS"
+fi
+say "4/4 autoquant RTN"
+run_ours rtn "${COMMON[@]}" --method rtn
+
+python3 - "$OUT" "$TAG" <<'PY'
+import json, os, sys
+out, tag = sys.argv[1:]
+def load(p):
+    with open(os.path.join(out, p)) as f:
+        return json.load(f)
+ref = load(f"reference-{tag}.json")
+rows = [("reference GPTQ (AutoGPTQ 0.7.1, torch CPU)", ref["eval"]["perplexity"],
+         ref["quant_wall_seconds"], None)]
+ours = {}
+for name, label in (("reference", "autoquant gptq --reference"),
+                    ("default", "autoquant gptq (default)"), ("rtn", "autoquant rtn")):
+    if not os.path.exists(os.path.join(out, f"{name}-{tag}.ppl.json")):
+        continue
+    q, p = load(f"{name}-{tag}.quant.json"), load(f"{name}-{tag}.ppl.json")
+    ours[name] = {"perplexity": p["perplexity"], "quant_seconds": q.get("seconds"),
+                  "peak_rss_bytes": q.get("peak_rss_bytes")}
+    rows.append((label, p["perplexity"], q.get("seconds"), q.get("peak_rss_bytes")))
+print(f"GPTQ side by side, SmolLM2-135M, {tag} (sym), eval wiki 512x40")
+print(f"{'run':44} {'ppl':>9} {'quantize s':>11} {'peak RSS':>9}")
+for label, ppl, secs, rss in rows:
+    r = f"{rss / 2**30:.2f}G" if rss else "-"
+    s = f"{secs:.1f}" if secs is not None else "-"
+    print(f"{label:44} {ppl:9.3f} {s:>11} {r:>9}")
+summary = {"tag": tag, "reference": {"perplexity": ref["eval"]["perplexity"],
+           "quant_wall_seconds": ref["quant_wall_seconds"],
+           "quant_cpu_seconds": ref["quant_cpu_seconds"],
+           "loadavg_before": ref["loadavg_before"], "loadavg_after": ref["loadavg_after"]},
+           "autoquant": ours}
+if "reference" in ours:
+    d = ours["reference"]["perplexity"] / ref["eval"]["perplexity"] - 1
+    t = ours["reference"]["quant_seconds"] / ref["quant_wall_seconds"]
+    summary["reference_match_rel"] = d
+    summary["time_ratio"] = t
+    print(f"--reference vs reference: {d * 100:+.2f}% perplexity (goal within 1%: "
+          f"{'met' if abs(d) <= 0.01 else 'NOT met'})")
+    print(f"time ours/reference: {t:.2f} (goal <= 0.5: {'met' if t <= 0.5 else 'NOT met'})")
+tmp = os.path.join(out, "side_by_side.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(summary, f, indent=1)
+os.replace(tmp, os.path.join(out, f"side_by_side-{tag}.json"))
+PY
