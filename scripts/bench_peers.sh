@@ -165,25 +165,29 @@ record() {
         || die "$system $variant $kind: output is not JSON: $(head -c 300 "$file")"
 }
 
+# aq_bench ROUND VARIANT LABEL MODEL ARGS...: one `autoquant bench`, recorded as VARIANT.
+aq_bench() {
+    local r=$1 variant=$2 label=$3 model=$4
+    shift 4
+    say "round $r: autoquant bench $label"
+    "$AQ_BIN" --json --threads "$THREADS" bench "$model" "$@" \
+        --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
+        || die "autoquant bench $label failed: $(tail -5 "$RAW/err.log")"
+    record autoquant "$variant" bench "$r" "$RAW/out.json"
+}
+
 run_autoquant() { # ROUND
-    local r=$1 dtype
-    for dtype in f32 f16; do
-        say "round $r: autoquant bench --dtype $dtype"
-        "$AQ_BIN" --json --threads "$THREADS" bench "$MODEL_Q41" --dtype "$dtype" \
-            --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
-            || die "autoquant bench failed: $(tail -5 "$RAW/err.log")"
-        record autoquant "$dtype" bench "$r" "$RAW/out.json"
-    done
-    say "round $r: autoquant bench --load-in-4bit (NF4)"
-    "$AQ_BIN" --json --threads "$THREADS" bench "$MODEL_Q41" --load-in-4bit --dtype f16 \
-        --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
-        || die "autoquant bench --load-in-4bit failed: $(tail -5 "$RAW/err.log")"
-    record autoquant nf4 bench "$r" "$RAW/out.json"
-    say "round $r: autoquant bench on the GPTQ 4-bit g32 checkpoint"
-    "$AQ_BIN" --json --threads "$THREADS" bench "$GPTQ4_DIR" --dtype f16 \
-        --prompt-len 512 --gen-len 128 --repetitions "$REPS" >"$RAW/out.json" 2>"$RAW/err.log" \
-        || die "autoquant bench (GPTQ 4-bit) failed: $(tail -5 "$RAW/err.log")"
-    record autoquant gptq4 bench "$r" "$RAW/out.json"
+    local r=$1
+    aq_bench "$r" f32 "--dtype f32" "$MODEL_Q41" --dtype f32
+    aq_bench "$r" f16 "--dtype f16" "$MODEL_Q41" --dtype f16
+    # 4-bit: lm_head stays f16 as in bitsandbytes / GPTQ checkpoints; the "+i8head" runs hold
+    # it in int8 (--lm-head-int8), as llama.cpp's Q4_0 file holds it in Q8_0.
+    aq_bench "$r" nf4 "--load-in-4bit (NF4)" "$MODEL_Q41" --load-in-4bit --dtype f16
+    aq_bench "$r" nf4+i8head "--load-in-4bit --lm-head-int8" "$MODEL_Q41" --load-in-4bit \
+        --dtype f16 --lm-head-int8
+    aq_bench "$r" gptq4 "on the GPTQ 4-bit g32 checkpoint" "$GPTQ4_DIR" --dtype f16
+    aq_bench "$r" gptq4+i8head "on the GPTQ 4-bit g32 checkpoint, --lm-head-int8" "$GPTQ4_DIR" \
+        --dtype f16 --lm-head-int8
     say "round $r: autoquant ppl ($PPL_WINDOWS windows of 512)"
     "$AQ_BIN" --json --threads "$THREADS" ppl "$MODEL_Q41" --data "$EVAL_TEXT" --seqlen 512 \
         --max-windows "$PPL_WINDOWS" >"$RAW/out.json" 2>"$RAW/err.log" \

@@ -98,21 +98,40 @@ fn generate_estimate_info_ppl_convert() {
     let Some(text) = asset("text/wiki.eval.txt") else {
         return;
     };
-    let p = json(&[
-        "ppl",
-        m,
-        "--data",
-        text.to_str().unwrap(),
-        "--seqlen",
-        "128",
-        "--max-windows",
-        "2",
-        "--json",
-    ]);
+    let ppl = |extra: &[&str]| {
+        let mut args = vec![
+            "ppl",
+            m,
+            "--data",
+            text.to_str().unwrap(),
+            "--seqlen",
+            "128",
+            "--max-windows",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&args)
+    };
+    let p = ppl(&[]);
     assert_eq!(p["protocol"], "paper");
     assert_eq!(p["windows"], 2);
     assert_eq!(p["scored_tokens"], 254);
     assert!(p["perplexity"].as_f64().unwrap() > 1.0 && p["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    // An int8 output projection moves perplexity a little, not a lot.
+    let p8 = ppl(&["--lm-head-int8"]);
+    let (a, b) = (
+        p["perplexity"].as_f64().unwrap(),
+        p8["perplexity"].as_f64().unwrap(),
+    );
+    assert!(a != b && (b / a - 1.0).abs() < 0.02, "{a} vs {b}");
+    // It is a run-time option: convert refuses it and writes nothing.
+    let tmp8 = tempfile::tempdir().unwrap();
+    let out8 = tmp8.path().join("never");
+    let (ok, _, err) = run(&["convert", m, "--lm-head-int8", "-o", out8.to_str().unwrap()]);
+    assert!(!ok && err.contains("--lm-head-int8"), "{err}");
+    assert!(!out8.exists());
 
     // GGUF → Hugging Face folder in f16, then the same greedy text from the folder.
     let tmp = tempfile::tempdir().unwrap();

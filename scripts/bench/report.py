@@ -29,6 +29,9 @@ EXTRA = [
     # Issue 4: 4-bit decoding against llama.cpp Q4_0 (goal: parity).
     ("decode_nf4_vs_llamacpp_q4_0", ("autoquant", "nf4", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    # The same with lm_head in int8 (--lm-head-int8), as llama.cpp's Q4_0 file holds it in Q8_0.
+    ("decode_nf4_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    ("decode_gptq4_i8head_vs_llamacpp_q4_0", ("autoquant", "gptq4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("prefill_nf4_vs_llamacpp_q4_0", ("autoquant", "nf4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),
     ("prefill_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),
 ]
@@ -160,11 +163,11 @@ def print_table(report):
     s = report["settings"]
     print(f"SmolLM2-135M, {s['threads']} threads, {s['rounds']} round(s) x {s['repetitions_per_round']} "
           f"repetitions, best run shown (tokens/s)")
-    header = f"{'system':<14}{'weights':<9}{'prefill pp512':>15}{'ppl 512 win':>13}{'decode tg128':>14}{'ppl':>9}"
+    header = f"{'system':<14}{'weights':<14}{'prefill pp512':>15}{'ppl 512 win':>13}{'decode tg128':>14}{'ppl':>9}"
     print(header)
     print("-" * len(header))
     for e in report["results"]:
-        print(f"{e['system']:<14}{e['variant']:<9}{fmt(e.get('prefill_tokens_per_second')):>15}"
+        print(f"{e['system']:<14}{e['variant']:<14}{fmt(e.get('prefill_tokens_per_second')):>15}"
               f"{fmt(e.get('ppl_tokens_per_second')):>13}{fmt(e.get('decode_tokens_per_second')):>14}"
               f"{fmt(e.get('perplexity'), 3):>9}")
     print()
