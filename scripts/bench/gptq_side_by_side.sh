@@ -152,6 +152,20 @@ if "reference" in ours:
     print(f"--reference vs reference: {d * 100:+.2f}% perplexity (goal within 1%: "
           f"{'met' if abs(d) <= 0.01 else 'NOT met'})")
     print(f"time ours/reference: wall {t:.2f}, CPU {c:.2f} (goal <= 0.5)")
+    # Per-layer GPTQ losses, ours against the reference's, block by block: equal algorithms give
+    # equal losses while the inputs agree; drift shows where the two runs' inputs part.
+    ref_loss = {f"model.layers.{b['layer']}.{x['name']}": x["loss"]
+                for b in ref["per_layer"] for x in b["sublayers"]}
+    ratios = {}
+    for layer in load(f"reference-{tag}.quant.json").get("layers", []):
+        r = ref_loss.get(layer["name"])
+        if r:
+            block = int(layer["name"].split(".")[2])
+            ratios.setdefault(block, []).append(layer["loss"] / r)
+    if ratios:
+        summary["per_block_loss_ratio"] = {b: [min(v), max(v)] for b, v in sorted(ratios.items())}
+        print("per-layer GPTQ loss, ours/reference (min..max per block):")
+        print("  " + "  ".join(f"{b}: {min(v):.3f}..{max(v):.3f}" for b, v in sorted(ratios.items())))
 tmp = os.path.join(out, "side_by_side.json.tmp")
 with open(tmp, "w") as f:
     json.dump(summary, f, indent=1)
