@@ -110,10 +110,6 @@ pub struct StreamOptions {
     pub overwrite: bool,
     /// Progress bars on stderr (per block and per layer, with ETA).
     pub progress: bool,
-    /// Feed later layers weights dequantized with the unrounded f32 scales, as the reference
-    /// does with its in-memory fake-quantized model. Off: with the f16 scales the checkpoint
-    /// holds (what a loader will compute). The checkpoint is f16 either way.
-    pub propagate_f32_scales: bool,
 }
 
 impl StreamOptions {
@@ -137,7 +133,6 @@ impl StreamOptions {
             max_shard_bytes: 5_000_000_000,
             overwrite: false,
             progress: false,
-            propagate_f32_scales: false,
         }
     }
 
@@ -147,7 +142,6 @@ impl StreamOptions {
         StreamOptions {
             desc_act: false,
             sink_weight: 1.0,
-            propagate_f32_scales: true,
             ..Self::new(method, params)
         }
     }
@@ -913,7 +907,6 @@ impl<'a> Streamer<'a> {
             }
         };
         drop(w);
-        let propagated = self.opts.propagate_f32_scales.then(|| q.dequantize());
         round_scales_to_f16(&mut q);
         let tensors = if self.opts.writes_awq_gemm() {
             crate::formats::awq::layer_tensors(&full, &q)?
@@ -923,8 +916,7 @@ impl<'a> Streamer<'a> {
         for (tname, t) in tensors {
             self.pending.insert(tname, t);
         }
-        let next_weights = propagated.unwrap_or_else(|| q.dequantize());
-        linear.weight = Arc::new(DenseMatrix::new(n, k, next_weights, WeightDType::F32));
+        linear.weight = Arc::new(DenseMatrix::new(n, k, q.dequantize(), WeightDType::F32));
         self.layers.push(LayerReport {
             name: full,
             loss,
