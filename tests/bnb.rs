@@ -582,6 +582,25 @@ fn load_time_quantization_equals_the_checkpoint() {
         let report = memory_report(model.as_ref());
         // Per layer q, o, gate, up, down 64×64 and k, v 32×64; two layers.
         assert_eq!(report.quantized_params, 2 * (5 * 64 * 64 + 2 * 32 * 64));
+        // An int8 lm_head (`lm_head_int8`) is not part of the bitsandbytes method's report.
+        let with_head = load_dir(
+            &tiny("dense"),
+            &LoadOptions {
+                lm_head_int8: true,
+                ..opts.clone()
+            },
+        )
+        .unwrap();
+        let r8 = memory_report(with_head.as_ref());
+        assert_eq!(
+            (&r8.method, r8.quantized_params, r8.quantized_bytes),
+            (
+                &report.method,
+                report.quantized_params,
+                report.quantized_bytes
+            ),
+            "{v}"
+        );
         if v == "nf4" {
             // 4 bits + one f32 absmax per 64 weights (4.5 bits), plus the 16-entry f32 table per
             // layer, which is visible in layers this small (64 bytes per 4,096 or 2,048 weights).

@@ -216,6 +216,14 @@ pub trait CausalLM: Send + Sync {
     /// Every linear layer with its checkpoint prefix (GPT-2 Conv1D layers report their
     /// checkpoint prefix too; they are held as `[out, in]`).
     fn linears(&self) -> Vec<LinearRef<'_>>;
+    /// The linears that are tensors of the checkpoint: all of them, except the int8 lm_head a
+    /// tied model holds with `LoadOptions::lm_head_int8` (a copy of the embedding).
+    fn checkpoint_linears(&self) -> Vec<LinearRef<'_>> {
+        let tied = self.config().tie_word_embeddings();
+        let mut linears = self.linears();
+        linears.retain(|l| !(tied && l.name == "lm_head"));
+        linears
+    }
     /// Every other parameter (embeddings, norms, biases of non-linear parts) with its name and shape.
     fn other_tensors(&self) -> Vec<(String, Vec<f32>, Vec<usize>)>;
     /// The token embedding table (also the output projection when tied).
@@ -232,14 +240,15 @@ pub trait CausalLM: Send + Sync {
     /// Bytes of all parameters as held in memory (packed sizes for quantized layers).
     /// Derived from the config's tensor list so nothing is copied to count it.
     fn footprint_bytes(&self) -> usize {
-        let linears = self.linears();
-        let linear_bytes: usize = linears.iter().map(|l| l.linear.storage_bytes()).sum();
-        // A tied model may still hold an lm_head of its own (an int8 copy of the embedding,
-        // `LoadOptions::lm_head_int8`): its bytes count, its parameters are the embedding's.
-        let tied = self.config().tie_word_embeddings();
-        let linear_params: usize = linears
+        // A tied model's int8 lm_head copy counts in bytes; its parameters are the embedding's.
+        let linear_bytes: usize = self
+            .linears()
             .iter()
-            .filter(|l| !(tied && l.name == "lm_head"))
+            .map(|l| l.linear.storage_bytes())
+            .sum();
+        let linear_params: usize = self
+            .checkpoint_linears()
+            .iter()
             .map(|l| linear_params(l.linear))
             .sum();
         let embed = self.embedding();
@@ -518,14 +527,7 @@ pub fn state_dict(model: &dyn CausalLM, dtype: WeightDType) -> Vec<(String, RawT
     for (name, values, shape) in model.other_tensors() {
         out.push((name, conv(shape, &values)));
     }
-    let tied = model.config().tie_word_embeddings();
-    // A tied model's own lm_head (an int8 copy, `LoadOptions::lm_head_int8`) is not a tensor
-    // of its checkpoint.
-    for l in model
-        .linears()
-        .into_iter()
-        .filter(|l| !(tied && l.name == "lm_head"))
-    {
+    for l in model.checkpoint_linears() {
         let (o, i) = (l.linear.out_features(), l.linear.in_features());
         let w = l.linear.weight.to_f32();
         if model.conv1d_weights() && l.name != "lm_head" {

@@ -1252,7 +1252,8 @@ pub fn memory_report(model: &dyn crate::models::CausalLM) -> BnbMemoryReport {
     let mut q_params = 0u64;
     let mut q_bytes = 0u64;
     let mut method = String::from("none");
-    for l in model.linears() {
+    // bitsandbytes never quantizes lm_head; an int8 one is `--lm-head-int8`, not the method.
+    for l in model.linears().into_iter().filter(|l| l.name != "lm_head") {
         let name = l.linear.weight.storage_name();
         if name.starts_with("bnb-") {
             q_params += (l.linear.in_features() * l.linear.out_features()) as u64;
