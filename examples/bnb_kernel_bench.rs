@@ -9,7 +9,7 @@
 //! itself in f16 against `--lm-head-int8` (LLM.int8 weights; too big for the cache, so this one
 //! measures memory traffic).
 
-use autoquant::kernels::bnb::{FourBitMatrix, Int8Matrix};
+use autoquant::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
 use autoquant::nn::{DenseMatrix, LinearKernel, WeightDType};
 use autoquant::quant::bnb::{
     quantize_4bit, quantize_int8, FourBitType, Int8Compute, DEFAULT_INT8_THRESHOLD,
@@ -47,31 +47,42 @@ fn main() {
         (1536, 576, 60),
         (576, 1536, 30),
     ];
-    let (mut t_nf4, mut t_f32) = (0.0, 0.0);
-    println!("shape          nf4 µs  f32 µs  nf4 ns/kw  f32/nf4");
+    let (mut t_nf4, mut t_int16, mut t_f32) = (0.0, 0.0, 0.0);
+    println!("shape          nf4 µs  int16 µs  f32 µs  nf4 ns/kw  int16 ns/kw  f32/nf4  f32/int16");
     for (n, k, count) in shapes {
         let w = weights(n, k);
         let q = quantize_4bit(&w, [n, k], WeightDType::F32, FourBitType::Nf4, 64, false).unwrap();
-        let nf4 = FourBitMatrix::new(q, WeightDType::F32).unwrap();
+        let nf4 = FourBitMatrix::new(q.clone(), WeightDType::F32).unwrap();
+        let int16 = FourBitMatrix::new(q, WeightDType::F32)
+            .unwrap()
+            .with_decode(FourBitDecode::Int16);
         let dense = DenseMatrix::new(n, k, w, WeightDType::F32);
         let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
         let mut out = vec![0f32; n];
         let reps = 2000;
         let a = best(reps, || nf4.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+        let i = best(reps, || int16.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
         let b = best(reps, || dense.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+        let kw = (n * k) as f64 / 1e3;
         println!(
-            "{n:>5}x{k:<5}  {:>8.1} {:>7.1} {:>10.2} {:>8.2}",
+            "{n:>5}x{k:<5}  {:>8.1} {:>9.1} {:>7.1} {:>10.2} {:>12.2} {:>8.2} {:>10.2}",
             a * 1e6,
+            i * 1e6,
             b * 1e6,
-            a * 1e12 / (n * k) as f64,
-            b / a
+            a * 1e9 / kw,
+            i * 1e9 / kw,
+            b / a,
+            b / i
         );
         t_nf4 += a * count as f64;
+        t_int16 += i * count as f64;
         t_f32 += b * count as f64;
     }
     println!(
-        "SmolLM2-shaped decode, linears only, 1 thread: nf4 {:.0} tok/s, f32 {:.0} tok/s",
+        "SmolLM2-shaped decode, linears only, 1 thread: nf4 {:.0} tok/s, nf4 int16 decode {:.0} \
+         tok/s, f32 {:.0} tok/s",
         1.0 / t_nf4,
+        1.0 / t_int16,
         1.0 / t_f32
     );
 

@@ -5,7 +5,9 @@ mod common;
 
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::WeightSource;
-use autoquant::kernels::bnb::{int8_quantize_activations, FourBitMatrix, Int8Matrix};
+use autoquant::kernels::bnb::{
+    int8_quantize_activations, FourBitDecode, FourBitMatrix, Int8Matrix,
+};
 use autoquant::models::{load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode};
 use autoquant::nn::{LinearKernel, WeightDType};
 use autoquant::quant::bnb::{
@@ -275,6 +277,80 @@ fn four_bit_matmul_matches_dequantized_weights() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn int16_decode_stays_within_its_rounding_bound() {
+    // The integer decode rounds each code-book value to 1/8191 of the largest and each
+    // activation to 1/16383 of its 64-chunk's largest; the result must stay within what those
+    // roundings can move a dot product, and far closer than that on average.
+    let g = Golden::load();
+    let (w, shape) = input(&g, "real");
+    let (n, k) = (shape[0], shape[1]);
+    for (qt, bs, dq) in [
+        (FourBitType::Nf4, 64, false),
+        (FourBitType::Nf4, 128, true),
+        (FourBitType::Fp4, 64, true),
+    ] {
+        let q = quantize_4bit(&w, shape, WeightDType::F32, qt, bs, dq).unwrap();
+        let deq = q.dequantize();
+        let absmax: Vec<f32> = (0..n * k / bs).map(|b| q.absmax.get(b)).collect();
+        let kern = FourBitMatrix::new(q, WeightDType::F32)
+            .unwrap()
+            .with_decode(FourBitDecode::Int16);
+        for m in [1usize, 2, 4] {
+            // Activations with outliers, as LLM hidden states have.
+            let mut x: Vec<f32> = gen(40 + m as u64, m * k).iter().map(|v| v * 3.0).collect();
+            for i in (5..m * k).step_by(97) {
+                x[i] *= 60.0;
+            }
+            let mut out = vec![0f32; m * n];
+            kern.forward(&x, m, &mut out);
+            let mut rows = vec![0f32; m * 5];
+            kern.forward_rows(&x, m, 2..7, &mut rows);
+            let mut rel_sum = 0f64;
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                let chunk_max: Vec<f32> = xr
+                    .chunks(64)
+                    .map(|c| c.iter().fold(0f32, |a, v| a.max(v.abs())))
+                    .collect();
+                for j in 0..n {
+                    let (mut want, mut bound, mut scale) = (0f64, 0f64, 0f64);
+                    for c in 0..k {
+                        let (xv, wv) = (xr[c] as f64, deq[j * k + c] as f64);
+                        want += xv * wv;
+                        scale += (xv * wv).abs();
+                        let am = absmax[(j * k + c) / bs] as f64;
+                        bound += xv.abs() * 0.5 * am / 8191.0
+                            + wv.abs() * 0.5 * chunk_max[c / 64] as f64 / 16383.0;
+                    }
+                    let got = out[r * n + j] as f64;
+                    let err = (got - want).abs();
+                    assert!(
+                        err <= bound + 1e-6 * scale,
+                        "{qt:?} bs={bs} m={m} [{r},{j}]: {got} vs {want} (bound {bound})"
+                    );
+                    if (2..7).contains(&j) {
+                        assert_eq!(rows[r * 5 + j - 2], out[r * n + j], "forward_rows agrees");
+                    }
+                    rel_sum += err / scale;
+                }
+            }
+            let mean_rel = rel_sum / (m * n) as f64;
+            assert!(
+                mean_rel < 2e-4,
+                "{qt:?} bs={bs} m={m}: mean relative error {mean_rel}"
+            );
+        }
+        // A non-finite activation poisons its row, as in float arithmetic.
+        let mut x = gen(3, 2 * k);
+        x[k + 10] = f32::NAN;
+        let mut out = vec![0f32; 2 * n];
+        kern.forward(&x, 2, &mut out);
+        assert!(out[..n].iter().all(|v| v.is_finite()));
+        assert!(out[n..].iter().all(|v| v.is_nan()));
     }
 }
 

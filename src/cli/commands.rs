@@ -6,6 +6,7 @@ use autoquant::auto::{parse_size, save_pretrained, Checkpoint, Pretrained, SaveO
 use autoquant::eval::{bench as benchmod, memory, perplexity};
 use autoquant::generate::{generate as run_generate, GenerationConfig};
 use autoquant::hub::HubOptions;
+use autoquant::kernels::bnb::FourBitDecode;
 use autoquant::models::LoadOptions;
 use autoquant::nn::WeightDType;
 use autoquant::quant::bnb::{BitsAndBytesConfig, FourBitType, Int8Compute};
@@ -61,6 +62,7 @@ impl ModelArgs {
             dtype: WeightDType::parse(&self.dtype)?,
             bnb: self.bnb()?,
             lm_head_int8: self.lm_head_int8,
+            four_bit_decode: FourBitDecode::parse(&self.bnb_4bit_decode)?,
         };
         let p = Pretrained::load(&self.model, &opts, &self.hub())?;
         if opts.bnb.is_some() || p.config.raw.contains_key("quantization_config") {

@@ -9,7 +9,7 @@
 use crate::config::AutoConfig;
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
-use crate::kernels::bnb::{FourBitMatrix, Int8Matrix};
+use crate::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
 use crate::nn::{LinearFactory, LinearKernel, WeightDType};
 use crate::quant::bnb::{
     check_blocksize, Absmax, FourBitType, FourBitWeight, Int8Compute, Int8Weight, NestedAbsmax,
@@ -78,16 +78,23 @@ impl BnbCheckpointParams {
 
 struct BnbFactory {
     params: BnbCheckpointParams,
+    decode: FourBitDecode,
 }
 
-/// Builds the packed linear layers of a checkpoint whose `quantization_config` is `qcfg`.
-pub fn linear_factory(config: &AutoConfig, qcfg: &Value) -> Result<Box<dyn LinearFactory>> {
+/// Builds the packed linear layers of a checkpoint whose `quantization_config` is `qcfg`;
+/// 4-bit layers decode with `decode`.
+pub fn linear_factory(
+    config: &AutoConfig,
+    qcfg: &Value,
+    decode: FourBitDecode,
+) -> Result<Box<dyn LinearFactory>> {
     let file = config
         .source
         .clone()
         .unwrap_or_else(|| PathBuf::from("config.json"));
     Ok(Box::new(BnbFactory {
         params: BnbCheckpointParams::from_config(qcfg, file)?,
+        decode,
     }))
 }
 
@@ -105,7 +112,8 @@ impl LinearFactory for BnbFactory {
         if let Some(q) = read_four_bit(src, prefix, out_features, in_features)? {
             let name = format!("{prefix}.weight");
             let k = FourBitMatrix::new(q, self.params.compute_dtype)
-                .map_err(|e| Error::tensor(src.file_of(&name), name, e.to_string()))?;
+                .map_err(|e| Error::tensor(src.file_of(&name), name, e.to_string()))?
+                .with_decode(self.decode);
             return Ok(Some(Arc::new(k)));
         }
         if let Some(q) = read_int8(src, prefix, out_features, in_features)? {

@@ -112,13 +112,13 @@ pub fn quantized_linear_factory(
         )));
     }
     if let Some(bnb) = &opts.bnb {
-        return crate::quant::bnb::load_time_factory(bnb).map(Some);
+        return crate::quant::bnb::load_time_factory(bnb, opts.four_bit_decode).map(Some);
     }
     let Some(qcfg) = qcfg else { return Ok(None) };
     match method {
         Some("gptq") => gptq::linear_factory(config, qcfg).map(Some),
         Some("awq") => awq::linear_factory(config, qcfg).map(Some),
-        Some("bitsandbytes") => bnb::linear_factory(config, qcfg).map(Some),
+        Some("bitsandbytes") => bnb::linear_factory(config, qcfg, opts.four_bit_decode).map(Some),
         Some(other) => Err(Error::Unsupported(format!(
             "{}: quant_method `{other}` is not supported (gptq, awq, bitsandbytes are)",
             origin.display()

@@ -309,6 +309,8 @@ pub struct LoadOptions {
     /// weights: faster decoding at a small perplexity cost. Not what transformers does (it keeps
     /// lm_head in float), so it is opt-in.
     pub lm_head_int8: bool,
+    /// How 4-bit (NF4/FP4) layers multiply when decoding; `Exact` is bitsandbytes' arithmetic.
+    pub four_bit_decode: crate::kernels::bnb::FourBitDecode,
 }
 
 /// The Auto class: picks the architecture from the config.

@@ -350,6 +350,14 @@ impl NestedAbsmax {
 }
 
 impl Absmax {
+    /// Statistic `b` as bitsandbytes uses it (double quantization undone).
+    #[inline]
+    pub fn get(&self, b: usize) -> f32 {
+        match self {
+            Absmax::Plain(v) => v[b],
+            Absmax::Nested(n) => n.get(b),
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
             Absmax::Plain(v) => v.len(),
@@ -910,14 +918,22 @@ pub const INV_127: f32 = 1.0 / 127.0;
 
 struct LoadTimeFactory {
     cfg: BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
 }
 
 /// Quantizes every eligible linear layer as it is loaded (transformers' `load_in_4bit` /
 /// `load_in_8bit`): the dense weight is read (GPT-2 Conv1D transposed to `[out, in]`) and
 /// quantized exactly as bitsandbytes would; `lm_head` and `skip_modules` stay dense.
-pub fn load_time_factory(cfg: &BitsAndBytesConfig) -> Result<Box<dyn LinearFactory>> {
+/// `decode` chooses the 4-bit decoding arithmetic.
+pub fn load_time_factory(
+    cfg: &BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
+) -> Result<Box<dyn LinearFactory>> {
     cfg.validate()?;
-    Ok(Box::new(LoadTimeFactory { cfg: cfg.clone() }))
+    Ok(Box::new(LoadTimeFactory {
+        cfg: cfg.clone(),
+        decode,
+    }))
 }
 
 /// Read a dense linear weight as `[out, in]` f32, with the dtype it is stored in.
@@ -952,13 +968,14 @@ pub fn read_dense_linear(
     Ok((t, dtype))
 }
 
-/// Build the kernel for one weight under `cfg` (used at load time and by the tests).
+/// Build the kernel for one weight under `cfg`, 4-bit ones decoding with `decode`.
 pub fn quantize_linear_kernel(
     w: &[f32],
     out_features: usize,
     in_features: usize,
     dtype: WeightDType,
     cfg: &BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
 ) -> Result<Arc<dyn LinearKernel>> {
     use crate::kernels::bnb::{FourBitMatrix, Int8Matrix};
     if cfg.load_in_8bit {
@@ -977,7 +994,9 @@ pub fn quantize_linear_kernel(
             cfg.blocksize,
             cfg.double_quant,
         )?;
-        Ok(Arc::new(FourBitMatrix::new(q, cfg.compute_dtype)?))
+        Ok(Arc::new(
+            FourBitMatrix::new(q, cfg.compute_dtype)?.with_decode(decode),
+        ))
     }
 }
 
@@ -995,7 +1014,7 @@ impl LinearFactory for LoadTimeFactory {
         }
         let (w, dtype) = read_dense_linear(src, prefix, in_features, out_features, conv1d)?;
         let name = format!("{prefix}.weight");
-        quantize_linear_kernel(&w, out_features, in_features, dtype, &self.cfg)
+        quantize_linear_kernel(&w, out_features, in_features, dtype, &self.cfg, self.decode)
             .map(Some)
             .map_err(|e| Error::tensor(src.file_of(&name), name, e.to_string()))
     }
