@@ -185,6 +185,11 @@ run_autoquant() { # ROUND
     aq_bench "$r" nf4 "--load-in-4bit (NF4)" "$MODEL_Q41" --load-in-4bit --dtype f16
     aq_bench "$r" nf4+i8head "--load-in-4bit --lm-head-int8" "$MODEL_Q41" --load-in-4bit \
         --dtype f16 --lm-head-int8
+    # --bnb-4bit-decode int16: integer decoding arithmetic (as llama.cpp's Q4_0 has).
+    aq_bench "$r" nf4-int16 "--load-in-4bit --bnb-4bit-decode int16" "$MODEL_Q41" --load-in-4bit \
+        --dtype f16 --bnb-4bit-decode int16
+    aq_bench "$r" nf4-int16+i8head "--load-in-4bit --bnb-4bit-decode int16 --lm-head-int8" \
+        "$MODEL_Q41" --load-in-4bit --dtype f16 --bnb-4bit-decode int16 --lm-head-int8
     aq_bench "$r" gptq4 "on the GPTQ 4-bit g32 checkpoint" "$GPTQ4_DIR" --dtype f16
     aq_bench "$r" gptq4+i8head "on the GPTQ 4-bit g32 checkpoint, --lm-head-int8" "$GPTQ4_DIR" \
         --dtype f16 --lm-head-int8

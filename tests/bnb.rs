@@ -296,6 +296,7 @@ fn int16_decode_stays_within_its_rounding_bound() {
         let q = quantize_4bit(&w, shape, WeightDType::F32, qt, bs, dq).unwrap();
         let deq = q.dequantize();
         let absmax: Vec<f32> = (0..n * k / bs).map(|b| q.absmax.get(b)).collect();
+        let exact = FourBitMatrix::new(q.clone(), WeightDType::F32).unwrap();
         let kern = FourBitMatrix::new(q, WeightDType::F32)
             .unwrap()
             .with_decode(FourBitDecode::Int16);
@@ -309,6 +310,10 @@ fn int16_decode_stays_within_its_rounding_bound() {
             kern.forward(&x, m, &mut out);
             let mut rows = vec![0f32; m * 5];
             kern.forward_rows(&x, m, 2..7, &mut rows);
+            // The integer path really ran: its sums are not the float ones bit for bit.
+            let mut float = vec![0f32; m * n];
+            exact.forward(&x, m, &mut float);
+            assert!(out.iter().zip(&float).any(|(a, b)| a != b), "{qt:?} bs={bs} m={m}");
             let mut rel_sum = 0f64;
             for r in 0..m {
                 let xr = &x[r * k..(r + 1) * k];

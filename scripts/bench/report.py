@@ -31,6 +31,8 @@ EXTRA = [
     ("decode_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "decode"), ("llama.cpp", "Q4_0", "decode")),
     # The same with lm_head in int8 (--lm-head-int8), as llama.cpp's Q4_0 file holds it in Q8_0.
     ("decode_nf4_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    ("decode_nf4_int16_vs_llamacpp_q4_0", ("autoquant", "nf4-int16", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    ("decode_nf4_int16_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4-int16+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_gptq4_i8head_vs_llamacpp_q4_0", ("autoquant", "gptq4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("prefill_nf4_vs_llamacpp_q4_0", ("autoquant", "nf4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),
     ("prefill_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),

@@ -36,6 +36,14 @@ fn parallel_row_blocks(
     out: &mut [f32],
     block: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    if m == 1 {
+        // One row: each block's output is a slice of `out` already.
+        out[..n]
+            .par_chunks_mut(ROW_BLOCK)
+            .enumerate()
+            .for_each(|(b, local)| block(b * ROW_BLOCK, b * ROW_BLOCK + local.len(), local));
+        return;
+    }
     let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .map(|b| {
@@ -422,6 +430,15 @@ impl FourBitMatrix {
         let nchunk = k / INT16_CHUNK;
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2() {
+            if m <= 4 {
+                // SAFETY: as below, with `out` itself `[m, rows]`.
+                unsafe {
+                    lookup_int16_avx2::gemv(
+                        &xa.codes, &xa.scales, m, k, bs, packed, &absmax, &self.table_int, out,
+                    )
+                };
+                return;
+            }
             for g in (0..m).step_by(4) {
                 let mg = (m - g).min(4);
                 let mut tmp = vec![0f32; mg * rows];
@@ -530,6 +547,38 @@ mod lookup_int16_avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The 64 weights of 32 packed bytes at `p` as four vectors of 16 i16 (order: see
+    /// `INT16_ORDER`).
+    #[inline(always)]
+    unsafe fn decode64(p: *const u8, tlo: __m256i, thi: __m256i) -> [__m256i; 4] {
+        let nib = _mm256_set1_epi8(15);
+        let bytes = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
+        let odd = _mm256_and_si256(bytes, nib);
+        let (el, eh) = (_mm256_shuffle_epi8(tlo, even), _mm256_shuffle_epi8(thi, even));
+        let (ol, oh) = (_mm256_shuffle_epi8(tlo, odd), _mm256_shuffle_epi8(thi, odd));
+        [
+            _mm256_unpacklo_epi8(el, eh),
+            _mm256_unpackhi_epi8(el, eh),
+            _mm256_unpacklo_epi8(ol, oh),
+            _mm256_unpackhi_epi8(ol, oh),
+        ]
+    }
+
+    /// Σ w · x over one 64-chunk as f32 lanes (the i32 sums are exact; see `TABLE_INT_MAX`).
+    #[inline(always)]
+    unsafe fn dot64(w: &[__m256i; 4], x: *const __m256i) -> __m256 {
+        let s01 = _mm256_add_epi32(
+            _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+            _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+        );
+        let s23 = _mm256_add_epi32(
+            _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
+            _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
+        );
+        _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23))
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn gemv_m<const M: usize>(
@@ -548,43 +597,40 @@ mod lookup_int16_avx2 {
         let nb_row = k / bs;
         let chunks_per_block = bs / INT16_CHUNK;
         let nchunk = k / INT16_CHUNK;
-        let nib = _mm256_set1_epi8(15);
-        for j in 0..rows {
+        // One input row (decoding proper): two weight rows at a time share the input loads and
+        // give the core two independent chains.
+        let pairs = if M == 1 { rows / 2 } else { 0 };
+        for jp in 0..pairs {
+            let j = 2 * jp;
+            let p0 = packed.as_ptr().add(j * k / 2);
+            let p1 = p0.add(k / 2);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for b in 0..nb_row {
+                let am0 = *absmax.get_unchecked(j * nb_row + b);
+                let am1 = *absmax.get_unchecked((j + 1) * nb_row + b);
+                for c in b * chunks_per_block..(b + 1) * chunks_per_block {
+                    let x = xq.as_ptr().add(c * INT16_CHUNK) as *const __m256i;
+                    let xsc = *xs.get_unchecked(c);
+                    let w0 = decode64(p0.add(c * 32), tlo, thi);
+                    let w1 = decode64(p1.add(c * 32), tlo, thi);
+                    acc0 = _mm256_fmadd_ps(dot64(&w0, x), _mm256_set1_ps(am0 * xsc), acc0);
+                    acc1 = _mm256_fmadd_ps(dot64(&w1, x), _mm256_set1_ps(am1 * xsc), acc1);
+                }
+            }
+            *out.get_unchecked_mut(j) = hsum(acc0);
+            *out.get_unchecked_mut(j + 1) = hsum(acc1);
+        }
+        for j in 2 * pairs..rows {
             let prow = packed.as_ptr().add(j * k / 2);
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..nb_row {
                 let am = *absmax.get_unchecked(j * nb_row + b);
                 for c in b * chunks_per_block..(b + 1) * chunks_per_block {
-                    let bytes = _mm256_loadu_si256(prow.add(c * 32) as *const __m256i);
-                    let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
-                    let odd = _mm256_and_si256(bytes, nib);
-                    let (el, eh) = (
-                        _mm256_shuffle_epi8(tlo, even),
-                        _mm256_shuffle_epi8(thi, even),
-                    );
-                    let (ol, oh) = (_mm256_shuffle_epi8(tlo, odd), _mm256_shuffle_epi8(thi, odd));
-                    let w = [
-                        _mm256_unpacklo_epi8(el, eh),
-                        _mm256_unpackhi_epi8(el, eh),
-                        _mm256_unpacklo_epi8(ol, oh),
-                        _mm256_unpackhi_epi8(ol, oh),
-                    ];
+                    let w = decode64(prow.add(c * 32), tlo, thi);
                     for r in 0..M {
                         let x = xq.as_ptr().add(r * k + c * INT16_CHUNK) as *const __m256i;
-                        let s01 = _mm256_add_epi32(
-                            _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
-                            _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
-                        );
-                        let s23 = _mm256_add_epi32(
-                            _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
-                            _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
-                        );
                         let scale = _mm256_set1_ps(am * *xs.get_unchecked(r * nchunk + c));
-                        acc[r] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23)),
-                            scale,
-                            acc[r],
-                        );
+                        acc[r] = _mm256_fmadd_ps(dot64(&w, x), scale, acc[r]);
                     }
                 }
             }
