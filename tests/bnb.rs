@@ -313,7 +313,10 @@ fn int16_decode_stays_within_its_rounding_bound() {
             // The integer path really ran: its sums are not the float ones bit for bit.
             let mut float = vec![0f32; m * n];
             exact.forward(&x, m, &mut float);
-            assert!(out.iter().zip(&float).any(|(a, b)| a != b), "{qt:?} bs={bs} m={m}");
+            assert!(
+                out.iter().zip(&float).any(|(a, b)| a != b),
+                "{qt:?} bs={bs} m={m}"
+            );
             let mut rel_sum = 0f64;
             for r in 0..m {
                 let xr = &x[r * k..(r + 1) * k];

@@ -43,6 +43,28 @@ fn generate_estimate_info_ppl_convert() {
     assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{g}");
     assert_eq!(g["stop_reason"], "eos");
 
+    // NF4 decoding, bitsandbytes' float arithmetic and the integer one: both still know the
+    // answer, and the integer path (~1e-4 relative) changes no greedy token here.
+    let nf4 = |decode: &str| {
+        json(&[
+            "generate",
+            m,
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "16",
+            "--load-in-4bit",
+            "--bnb-4bit-decode",
+            decode,
+            "--json",
+        ])
+    };
+    let (exact, int16) = (nf4("exact"), nf4("int16"));
+    assert!(int16["text"].as_str().unwrap().contains("Paris"), "{int16}");
+    assert_eq!(exact["generated_ids"], int16["generated_ids"]);
+    let (ok, _, err) = run(&["generate", m, "--prompt", "x", "--bnb-4bit-decode", "int4"]);
+    assert!(!ok && err.contains("int16"), "{err}");
+
     let s = json(&[
         "generate",
         m,

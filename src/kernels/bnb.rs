@@ -434,7 +434,15 @@ impl FourBitMatrix {
                 // SAFETY: as below, with `out` itself `[m, rows]`.
                 unsafe {
                     lookup_int16_avx2::gemv(
-                        &xa.codes, &xa.scales, m, k, bs, packed, &absmax, &self.table_int, out,
+                        &xa.codes,
+                        &xa.scales,
+                        m,
+                        k,
+                        bs,
+                        packed,
+                        &absmax,
+                        &self.table_int,
+                        out,
                     )
                 };
                 return;
@@ -510,6 +518,7 @@ fn gemv_int16_scalar(
 /// `vpmaddwd` against the prepared activations sums exactly in i32.
 #[cfg(target_arch = "x86_64")]
 mod lookup_int16_avx2 {
+    use super::lookup_avx2::hsum;
     use super::INT16_CHUNK;
     use std::arch::x86_64::*;
 
@@ -539,14 +548,6 @@ mod lookup_int16_avx2 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
     /// The 64 weights of 32 packed bytes at `p` as four vectors of 16 i16 (order: see
     /// `INT16_ORDER`).
     #[inline(always)]
@@ -555,7 +556,10 @@ mod lookup_int16_avx2 {
         let bytes = _mm256_loadu_si256(p as *const __m256i);
         let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
         let odd = _mm256_and_si256(bytes, nib);
-        let (el, eh) = (_mm256_shuffle_epi8(tlo, even), _mm256_shuffle_epi8(thi, even));
+        let (el, eh) = (
+            _mm256_shuffle_epi8(tlo, even),
+            _mm256_shuffle_epi8(thi, even),
+        );
         let (ol, oh) = (_mm256_shuffle_epi8(tlo, odd), _mm256_shuffle_epi8(thi, odd));
         [
             _mm256_unpacklo_epi8(el, eh),
@@ -804,8 +808,9 @@ mod lookup_avx2 {
         ]
     }
 
+    /// The sum of the 8 lanes.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
