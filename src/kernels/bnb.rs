@@ -220,7 +220,7 @@ impl FourBitMatrix {
     fn rows_kernel(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
         let k = self.k();
         let rows = r1 - r0;
-        if self.int16_applies() {
+        if m <= GEMV_MAX_ROWS && self.int16_applies() {
             self.with_int16_input(x, m, |xa| self.gemv_int16(xa, m, r0, r1, out));
         } else if self.exact_f32() && self.rows_aligned() {
             self.gemv_lookup(x, m, r0, r1, out);
@@ -348,10 +348,11 @@ const INT16_ORDER: [u8; INT16_CHUNK] = {
 };
 
 impl FourBitMatrix {
-    /// The `Int16` decode runs when chosen and rows are whole 64-weight chunks inside blocks.
+    /// The `Int16` decode runs when chosen, rows are whole blocks, and blocks whole 64-weight
+    /// chunks.
     fn int16_applies(&self) -> bool {
         self.decode == FourBitDecode::Int16
-            && self.k().is_multiple_of(INT16_CHUNK)
+            && self.rows_aligned()
             && self.q.blocksize.is_multiple_of(INT16_CHUNK)
     }
 
@@ -419,80 +420,55 @@ impl FourBitMatrix {
         })
     }
 
-    /// Rows `r0..r1` of the `Int16` decode, `out` `[m, r1 − r0]`.
+    /// Rows `r0..r1` of the `Int16` decode for `m ≤ GEMV_MAX_ROWS` inputs, `out`
+    /// `[m, r1 − r0]`.
     fn gemv_int16(&self, xa: &Int16Activations, m: usize, r0: usize, r1: usize, out: &mut [f32]) {
-        let k = self.k();
-        let bs = self.q.blocksize;
-        let nb_row = k / bs;
-        let absmax = self.rows_absmax(r0 * nb_row..r1 * nb_row);
-        let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
-        let rows = r1 - r0;
-        let nchunk = k / INT16_CHUNK;
+        assert!(
+            m <= GEMV_MAX_ROWS,
+            "the int16 decode takes at most {GEMV_MAX_ROWS} rows"
+        );
+        let (k, bs) = (self.k(), self.q.blocksize);
+        let absmax = self.rows_absmax(r0 * k / bs..r1 * k / bs);
+        let w = Int16Rows {
+            k,
+            bs,
+            packed: &self.q.packed[r0 * k / 2..r1 * k / 2],
+            absmax: &absmax,
+            table: &self.table_int,
+        };
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2() {
-            if m <= 4 {
-                // SAFETY: as below, with `out` itself `[m, rows]`.
-                unsafe {
-                    lookup_int16_avx2::gemv(
-                        &xa.codes,
-                        &xa.scales,
-                        m,
-                        k,
-                        bs,
-                        packed,
-                        &absmax,
-                        &self.table_int,
-                        out,
-                    )
-                };
-                return;
-            }
-            for g in (0..m).step_by(4) {
-                let mg = (m - g).min(4);
-                let mut tmp = vec![0f32; mg * rows];
-                // SAFETY: AVX2/FMA checked; codes rows are K long (K a multiple of 64), scales
-                // K/64 per row, packed rows·K/2 bytes, absmax rows·K/bs entries, tmp mg·rows.
-                unsafe {
-                    lookup_int16_avx2::gemv(
-                        &xa.codes[g * k..(g + mg) * k],
-                        &xa.scales[g * nchunk..(g + mg) * nchunk],
-                        mg,
-                        k,
-                        bs,
-                        packed,
-                        &absmax,
-                        &self.table_int,
-                        &mut tmp,
-                    )
-                };
-                for r in 0..mg {
-                    out[(g + r) * rows..(g + r + 1) * rows]
-                        .copy_from_slice(&tmp[r * rows..(r + 1) * rows]);
-                }
-            }
+            // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of 64)
+            // and K/64 scales each, `w` whole rows, `out` m·rows.
+            unsafe { lookup_int16_avx2::gemv(&w, xa, m, out) };
             return;
         }
-        gemv_int16_scalar(xa, m, k, bs, packed, &absmax, &self.table_int, out);
+        gemv_int16_scalar(&w, xa, m, out);
+    }
+}
+
+/// The weight side of an `Int16` decode: rows of packed codes (`K/2` bytes each), their block
+/// statistics and the integer code book.
+struct Int16Rows<'a> {
+    k: usize,
+    bs: usize,
+    packed: &'a [u8],
+    absmax: &'a [f32],
+    table: &'a [i16; 16],
+}
+
+impl Int16Rows<'_> {
+    fn rows(&self) -> usize {
+        self.packed.len() * 2 / self.k
     }
 }
 
 /// The `Int16` decode without SIMD: the same integer sums, so the same results up to the order
 /// of the float additions.
-#[allow(clippy::too_many_arguments)]
-fn gemv_int16_scalar(
-    xa: &Int16Activations,
-    m: usize,
-    k: usize,
-    bs: usize,
-    packed: &[u8],
-    absmax: &[f32],
-    table: &[i16; 16],
-    out: &mut [f32],
-) {
-    let rows = packed.len() * 2 / k;
-    let nchunk = k / INT16_CHUNK;
+fn gemv_int16_scalar(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [f32]) {
+    let (k, rows, nchunk) = (w.k, w.rows(), w.k / INT16_CHUNK);
     for j in 0..rows {
-        let prow = &packed[j * k / 2..(j + 1) * k / 2];
+        let prow = &w.packed[j * k / 2..(j + 1) * k / 2];
         for r in 0..m {
             let mut acc = 0f32;
             for c in 0..nchunk {
@@ -502,9 +478,9 @@ fn gemv_int16_scalar(
                 for (&q, &e) in xq.iter().zip(INT16_ORDER.iter()) {
                     let byte = pc[e as usize / 2];
                     let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
-                    s += table[code as usize] as i32 * q as i32;
+                    s += w.table[code as usize] as i32 * q as i32;
                 }
-                let am = absmax[j * (k / bs) + c * INT16_CHUNK / bs];
+                let am = w.absmax[j * (k / w.bs) + c * INT16_CHUNK / w.bs];
                 acc += s as f32 * (am * xa.scales[r * nchunk + c]);
             }
             out[r * rows + j] = acc;
@@ -519,32 +495,22 @@ fn gemv_int16_scalar(
 #[cfg(target_arch = "x86_64")]
 mod lookup_int16_avx2 {
     use super::lookup_avx2::hsum;
-    use super::INT16_CHUNK;
+    use super::{Int16Activations, Int16Rows, INT16_CHUNK};
     use std::arch::x86_64::*;
 
-    #[allow(clippy::too_many_arguments)]
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(
-        xq: &[i16],
-        xs: &[f32],
-        m: usize,
-        k: usize,
-        bs: usize,
-        packed: &[u8],
-        absmax: &[f32],
-        table: &[i16; 16],
-        out: &mut [f32],
-    ) {
-        let lo: [u8; 16] = std::array::from_fn(|v| table[v].to_le_bytes()[0]);
-        let hi: [u8; 16] = std::array::from_fn(|v| table[v].to_le_bytes()[1]);
+    pub unsafe fn gemv(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [f32]) {
+        let lo: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[0]);
+        let hi: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[1]);
         let lo = _mm_loadu_si128(lo.as_ptr() as *const __m128i);
         let hi = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
         let planes = (_mm256_set_m128i(lo, lo), _mm256_set_m128i(hi, hi));
         match m {
-            1 => gemv_m::<1>(xq, xs, k, bs, packed, absmax, planes, out),
-            2 => gemv_m::<2>(xq, xs, k, bs, packed, absmax, planes, out),
-            3 => gemv_m::<3>(xq, xs, k, bs, packed, absmax, planes, out),
-            _ => gemv_m::<4>(xq, xs, k, bs, packed, absmax, planes, out),
+            1 => gemv_m::<1>(w, &xa.codes, &xa.scales, planes, out),
+            2 => gemv_m::<2>(w, &xa.codes, &xa.scales, planes, out),
+            3 => gemv_m::<3>(w, &xa.codes, &xa.scales, planes, out),
+            _ => gemv_m::<4>(w, &xa.codes, &xa.scales, planes, out),
         }
     }
 
@@ -583,21 +549,18 @@ mod lookup_int16_avx2 {
         _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23))
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn gemv_m<const M: usize>(
+        w: &Int16Rows,
         xq: &[i16],
         xs: &[f32],
-        k: usize,
-        bs: usize,
-        packed: &[u8],
-        absmax: &[f32],
         (tlo, thi): (__m256i, __m256i),
         out: &mut [f32],
     ) {
+        let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
         debug_assert!(k.is_multiple_of(INT16_CHUNK) && bs.is_multiple_of(INT16_CHUNK));
         debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT16_CHUNK);
-        let rows = packed.len() * 2 / k;
+        let rows = w.rows();
         let nb_row = k / bs;
         let chunks_per_block = bs / INT16_CHUNK;
         let nchunk = k / INT16_CHUNK;
@@ -630,11 +593,11 @@ mod lookup_int16_avx2 {
             for b in 0..nb_row {
                 let am = *absmax.get_unchecked(j * nb_row + b);
                 for c in b * chunks_per_block..(b + 1) * chunks_per_block {
-                    let w = decode64(prow.add(c * 32), tlo, thi);
+                    let wv = decode64(prow.add(c * 32), tlo, thi);
                     for r in 0..M {
                         let x = xq.as_ptr().add(r * k + c * INT16_CHUNK) as *const __m256i;
                         let scale = _mm256_set1_ps(am * *xs.get_unchecked(r * nchunk + c));
-                        acc[r] = _mm256_fmadd_ps(dot64(&w, x), scale, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(dot64(&wv, x), scale, acc[r]);
                     }
                 }
             }
@@ -1274,5 +1237,86 @@ impl LinearKernel for Int8Matrix {
     /// `(CB · SCB) · (1/127)`, as `int8_vectorwise_dequant`.
     fn to_f32(&self) -> Vec<f32> {
         self.q.dequantize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::bnb::{quantize_4bit, FourBitType};
+
+    fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// The portable `Int16` decode (used without AVX2) and the AVX2 kernel compute the same
+    /// integer sums: equal up to float summation order, for every m, odd row counts (the AVX2
+    /// kernel pairs rows for one input) and blocks of one and two chunks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int16_portable_and_avx2_decodes_agree() {
+        if !crate::kernels::has_avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        // Blocks that straddle rows (K = 192, blocksize 128) take the exact path.
+        let q = quantize_4bit(
+            &values(9, 3 * 192, 0.2),
+            [3, 192],
+            WeightDType::F32,
+            FourBitType::Nf4,
+            128,
+            false,
+        )
+        .unwrap();
+        let straddling = FourBitMatrix::new(q, WeightDType::F32)
+            .unwrap()
+            .with_decode(FourBitDecode::Int16);
+        assert!(!straddling.int16_applies());
+        for (bs, dq) in [(64, false), (128, true)] {
+            let (n, k) = (7, 256);
+            let q = quantize_4bit(
+                &values(1, n * k, 0.2),
+                [n, k],
+                WeightDType::F32,
+                FourBitType::Nf4,
+                bs,
+                dq,
+            )
+            .unwrap();
+            let kern = FourBitMatrix::new(q, WeightDType::F32)
+                .unwrap()
+                .with_decode(FourBitDecode::Int16);
+            assert!(kern.int16_applies());
+            for m in 1..=4 {
+                let mut x = values(2 + m as u32, m * k, 4.0);
+                x[3] = 90.0; // an outlier
+                let xa = kern.prepare_int16(&x, m);
+                let absmax = kern.rows_absmax(0..n * k / bs);
+                let w = Int16Rows {
+                    k,
+                    bs,
+                    packed: &kern.q.packed,
+                    absmax: &absmax,
+                    table: &kern.table_int,
+                };
+                let (mut simd, mut portable) = (vec![0f32; m * n], vec![0f32; m * n]);
+                // SAFETY: AVX2 checked above; shapes as built.
+                unsafe { lookup_int16_avx2::gemv(&w, &xa, m, &mut simd) };
+                gemv_int16_scalar(&w, &xa, m, &mut portable);
+                for (a, b) in simd.iter().zip(&portable) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "bs={bs} m={m}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 }
