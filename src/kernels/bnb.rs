@@ -594,15 +594,15 @@ mod lookup_int16_avx2 {
                 let am = *absmax.get_unchecked(j * nb_row + b);
                 for c in b * chunks_per_block..(b + 1) * chunks_per_block {
                     let wv = decode64(prow.add(c * 32), tlo, thi);
-                    for r in 0..M {
+                    for (r, a) in acc.iter_mut().enumerate() {
                         let x = xq.as_ptr().add(r * k + c * INT16_CHUNK) as *const __m256i;
                         let scale = _mm256_set1_ps(am * *xs.get_unchecked(r * nchunk + c));
-                        acc[r] = _mm256_fmadd_ps(dot64(&wv, x), scale, acc[r]);
+                        *a = _mm256_fmadd_ps(dot64(&wv, x), scale, *a);
                     }
                 }
             }
-            for r in 0..M {
-                *out.get_unchecked_mut(r * rows + j) = hsum(acc[r]);
+            for (r, a) in acc.iter().enumerate() {
+                *out.get_unchecked_mut(r * rows + j) = hsum(*a);
             }
         }
     }
