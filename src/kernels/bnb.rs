@@ -89,12 +89,6 @@ impl FourBitDecode {
             ))),
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            FourBitDecode::Exact => "exact",
-            FourBitDecode::Int16 => "int16",
-        }
-    }
 }
 
 /// Largest code-book integer of the `Int16` decode (14 bits) and largest activation integer
@@ -138,9 +132,6 @@ impl FourBitMatrix {
     pub fn with_decode(mut self, decode: FourBitDecode) -> Self {
         self.decode = decode;
         self
-    }
-    pub fn decode_mode(&self) -> FourBitDecode {
-        self.decode
     }
     /// The packed weight as stored (for saving).
     pub fn weight(&self) -> &FourBitWeight {
@@ -842,12 +833,7 @@ impl LinearKernel for FourBitMatrix {
         let (n, k) = (self.out_features(), self.in_features());
         let xr = self.round_input(x);
         let x = xr.as_deref().unwrap_or(x);
-        if m <= GEMV_MAX_ROWS && self.int16_applies() {
-            let xa = self.prepare_int16(x, m);
-            parallel_row_blocks(n, m, out, |r0, r1, local| {
-                self.gemv_int16(&xa, m, r0, r1, local)
-            });
-        } else if m <= GEMV_MAX_ROWS {
+        if m <= GEMV_MAX_ROWS {
             parallel_row_blocks(n, m, out, |r0, r1, local| {
                 self.rows_kernel(x, m, r0, r1, local)
             });
@@ -900,6 +886,9 @@ struct QuantizedActivations {
     row_stats: Vec<f32>,
     /// Columns holding at least one |x| ≥ threshold.
     outlier_cols: Vec<usize>,
+    /// Some code is −128 (cannot happen for |x| ≤ row absmax, but the SIMD dot products'
+    /// sign trick would wrap on it, so it is checked once here).
+    has_min_code: bool,
     /// `[m, outlier_cols.len()]`: those columns of the original activations.
     outliers: Vec<f32>,
 }
@@ -1000,19 +989,19 @@ impl Int8Matrix {
         let rows = r1 - r0;
         let mut acc = vec![0f64; m * rows];
         #[cfg(target_arch = "x86_64")]
-        let simd = super::has_avx2() && !qa.codes.contains(&i8::MIN);
+        let simd = super::has_avx2() && !qa.has_min_code;
         for (jj, j) in (r0..r1).enumerate() {
             let w = &self.q.codes[j * k..(j + 1) * k];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                for r0 in (0..m).step_by(4) {
+                for g in (0..m).step_by(4) {
                     let mut d = [0i32; 4];
-                    let mr = (m - r0).min(4);
+                    let mg = (m - g).min(4);
                     // SAFETY: AVX2 is available; the activation codes hold no -128 (the sign
                     // trick's one inexact case) and are `[m, K]` like `w` is `[K]`.
-                    unsafe { dots_i8_avx2(w, &qa.codes[r0 * k..(r0 + mr) * k], mr, &mut d) };
-                    for (r, v) in d.iter().take(mr).enumerate() {
-                        acc[(r0 + r) * rows + jj] = *v as f64;
+                    unsafe { dots_i8_avx2(w, &qa.codes[g * k..(g + mg) * k], mg, &mut d) };
+                    for (r, v) in d.iter().take(mg).enumerate() {
+                        acc[(g + r) * rows + jj] = *v as f64;
                     }
                 }
                 continue;
@@ -1113,6 +1102,7 @@ fn quantize_activations(x: &[f32], m: usize, k: usize, threshold: f32) -> Quanti
         outliers.extend(outlier_cols.iter().map(|&c| x[r * k + c]));
     }
     QuantizedActivations {
+        has_min_code: codes.contains(&i8::MIN),
         codes,
         row_stats,
         outlier_cols,
