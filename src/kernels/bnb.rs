@@ -487,6 +487,7 @@ fn gemv_int16_scalar(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [
 mod lookup_int16_avx2 {
     use super::lookup_avx2::hsum;
     use super::{Int16Activations, Int16Rows, INT16_CHUNK};
+    use crate::kernels::{prefetch, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
     /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
@@ -569,6 +570,11 @@ mod lookup_int16_avx2 {
                 for c in b * chunks_per_block..(b + 1) * chunks_per_block {
                     let x = xq.as_ptr().add(c * INT16_CHUNK) as *const __m256i;
                     let xsc = *xs.get_unchecked(c);
+                    if c % 2 == 0 {
+                        // A cache line of each row per two chunks.
+                        prefetch(p0.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                        prefetch(p1.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                    }
                     let w0 = decode64(p0.add(c * 32), tlo, thi);
                     let w1 = decode64(p1.add(c * 32), tlo, thi);
                     acc0 = _mm256_fmadd_ps(dot64(&w0, x), _mm256_set1_ps(am0 * xsc), acc0);
@@ -584,6 +590,9 @@ mod lookup_int16_avx2 {
             for b in 0..nb_row {
                 let am = *absmax.get_unchecked(j * nb_row + b);
                 for c in b * chunks_per_block..(b + 1) * chunks_per_block {
+                    if c % 2 == 0 {
+                        prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                    }
                     let wv = decode64(prow.add(c * 32), tlo, thi);
                     for (r, a) in acc.iter_mut().enumerate() {
                         let x = xq.as_ptr().add(r * k + c * INT16_CHUNK) as *const __m256i;
@@ -707,6 +716,7 @@ mod lookup_avx512 {
 /// The table is not scaled per block; each block's sum is multiplied by its absmax instead.
 #[cfg(target_arch = "x86_64")]
 mod lookup_avx2 {
+    use crate::kernels::{prefetch, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
     /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` activation rows given with each chunk
@@ -793,6 +803,9 @@ mod lookup_avx2 {
                 // The block's sum, scaled into the row sum at its end.
                 let mut blk = [[_mm256_setzero_ps(); CH]; M];
                 for off in (b * bs..(b + 1) * bs).step_by(32) {
+                    if off % 128 == 0 {
+                        prefetch(prow.wrapping_add(off / 2 + PREFETCH_AHEAD));
+                    }
                     let w = decode32(prow.add(off / 2), planes);
                     for r in 0..M {
                         let x = xptr.add(r * k + off);
@@ -932,14 +945,17 @@ impl Int8Matrix {
         m: usize,
         r0: usize,
         r1: usize,
-        acc: &[f64],
+        acc: &[i64],
         out: &mut [f32],
     ) {
         let rows = r1 - r0;
-        for r in 0..m {
-            for (jj, j) in (r0..r1).enumerate() {
-                let s = qa.row_stats[r] * self.q.scb[j];
-                out[r * rows + jj] = (acc[r * rows + jj] as f32 * s) * INT8_MM_SCALE;
+        for ((o, a), sca) in out
+            .chunks_exact_mut(rows)
+            .zip(acc.chunks_exact(rows))
+            .zip(&qa.row_stats[..m])
+        {
+            for ((o, a), scb) in o.iter_mut().zip(a).zip(&self.q.scb[r0..r1]) {
+                *o = (*a as f32 * (sca * scb)) * INT8_MM_SCALE;
             }
         }
         let nc = qa.outlier_cols.len();
@@ -987,9 +1003,17 @@ impl Int8Matrix {
     ) {
         let k = self.q.k;
         let rows = r1 - r0;
-        let mut acc = vec![0f64; m * rows];
+        let mut acc = vec![0i64; m * rows];
         #[cfg(target_arch = "x86_64")]
         let simd = super::has_avx2() && !qa.has_min_code;
+        #[cfg(target_arch = "x86_64")]
+        if simd && m == 1 {
+            // SAFETY: AVX2 is available; the activation codes hold no -128 and are `[K]`; the
+            // weight rows are `[rows, K]`.
+            unsafe { dot_rows_i8_avx2(&self.q.codes[r0 * k..r1 * k], &qa.codes[..k], &mut acc) };
+            self.finish(qa, m, r0, r1, &acc, out);
+            return;
+        }
         for (jj, j) in (r0..r1).enumerate() {
             let w = &self.q.codes[j * k..(j + 1) * k];
             #[cfg(target_arch = "x86_64")]
@@ -1001,20 +1025,20 @@ impl Int8Matrix {
                     // trick's one inexact case) and are `[m, K]` like `w` is `[K]`.
                     unsafe { dots_i8_avx2(w, &qa.codes[g * k..(g + mg) * k], mg, &mut d) };
                     for (r, v) in d.iter().take(mg).enumerate() {
-                        acc[(g + r) * rows + jj] = *v as f64;
+                        acc[(g + r) * rows + jj] = *v as i64;
                     }
                 }
                 continue;
             }
             for r in 0..m {
-                acc[r * rows + jj] = dot_i8(&qa.codes[r * k..(r + 1) * k], w) as f64;
+                acc[r * rows + jj] = dot_i8(&qa.codes[r * k..(r + 1) * k], w) as i64;
             }
         }
         self.finish(qa, m, r0, r1, &acc, out);
     }
 
     /// The same sums for many rows with a float GEMM: each K-chunk of at most 1024 products of
-    /// integers below 2^14 sums exactly in f32, and the chunk sums add exactly in f64.
+    /// integers below 2^14 sums exactly in f32, and the chunk sums add exactly as integers.
     fn int8_gemm_block(
         &self,
         qa: &QuantizedActivations,
@@ -1030,13 +1054,13 @@ impl Int8Matrix {
             .iter()
             .map(|&c| c as f32)
             .collect();
-        let mut acc = vec![0f64; m * rows];
+        let mut acc = vec![0i64; m * rows];
         let mut part = vec![0f32; m * rows];
         for k0 in (0..k).step_by(EXACT_F32_K) {
             let kc = (k - k0).min(EXACT_F32_K);
             gemm_serial(m, rows, kc, &xq[k0..], k, 1, &wf[k0..], 1, k, &mut part);
             for (a, p) in acc.iter_mut().zip(&part) {
-                *a += *p as f64;
+                *a += *p as i64;
             }
         }
         self.finish(qa, m, r0, r1, &acc, out);
@@ -1164,6 +1188,68 @@ unsafe fn dots_i8_avx2(w: &[i8], x: &[i8], m: usize, out: &mut [i32; 4]) {
             .map(|(&a, &b)| a as i32 * b as i32)
             .sum();
         out[r] = _mm_cvtsi128_si32(s) + tail;
+    }
+}
+
+/// `out[j] = Σ w[j] · x` for weight rows `w` (`[rows, K]`) against one row of codes `x`,
+/// exactly (the sign trick of [`dots_i8_avx2`]), four rows per step so each activation load
+/// serves four rows, with the weights prefetched ahead of the stream.
+///
+/// # Safety
+/// AVX2 must be available, and `x` must hold no -128.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_i8_avx2(w: &[i8], x: &[i8], out: &mut [i64]) {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let rows = out.len();
+    debug_assert!(w.len() >= rows * k);
+    let ones = _mm256_set1_epi16(1);
+    let body = k / 32 * 32;
+    let dot = |wv: __m256i, xv: __m256i| {
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)),
+            ones,
+        )
+    };
+    let tail = |j: usize| -> i32 {
+        w[j * k + body..(j + 1) * k]
+            .iter()
+            .zip(&x[body..])
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum()
+    };
+    let quads = rows / 4;
+    for q in 0..quads {
+        let j = 4 * q;
+        let p = w.as_ptr().add(j * k);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for c in (0..body).step_by(32) {
+            // The four rows consume 128 bytes per step: two cache lines.
+            let ahead = (p as *const u8).wrapping_add(4 * c + super::PREFETCH_AHEAD);
+            super::prefetch(ahead);
+            super::prefetch(ahead.wrapping_add(64));
+            let xv = _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(p.add(r * k + c) as *const __m256i);
+                *a = _mm256_add_epi32(*a, dot(wv, xv));
+            }
+        }
+        // Horizontal sums of the four accumulators at once.
+        let s01 = _mm256_hadd_epi32(acc[0], acc[1]);
+        let s23 = _mm256_hadd_epi32(acc[2], acc[3]);
+        let s = _mm256_hadd_epi32(s01, s23);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let mut v = [0i32; 4];
+        _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, s);
+        for r in 0..4 {
+            out[j + r] = (v[r] + if body < k { tail(j + r) } else { 0 }) as i64;
+        }
+    }
+    for j in 4 * quads..rows {
+        let mut d = [0i32; 4];
+        dots_i8_avx2(&w[j * k..(j + 1) * k], x, 1, &mut d);
+        out[j] = d[0] as i64;
     }
 }
 
@@ -1306,6 +1392,34 @@ mod tests {
                         "bs={bs} m={m}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The one-input LLM.int8 kernel (four weight rows per step, prefetching) gives the exact
+    /// integer sums of the portable loop: row counts that are not a multiple of four and a K
+    /// with a tail after the last 32 columns.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int8_row_kernel_sums_exactly() {
+        if !crate::kernels::has_avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        for (rows, k) in [(67, 581), (4, 64), (3, 32), (9, 7)] {
+            let to_i8 = |v: Vec<f32>| -> Vec<i8> {
+                v.iter().map(|x| (x * 254.0).round().clamp(-127.0, 127.0) as i8).collect()
+            };
+            let w = to_i8(values(5, rows * k, 1.0));
+            let mut x = to_i8(values(6, k, 1.0));
+            x[0] = 127;
+            x[k - 1] = -127;
+            let mut got = vec![0i64; rows];
+            // SAFETY: AVX2 checked above; no -128 in `x`; `w` is `[rows, k]`.
+            unsafe { dot_rows_i8_avx2(&w, &x, &mut got) };
+            for (j, g) in got.iter().enumerate() {
+                let want = dot_i8(&x, &w[j * k..(j + 1) * k]) as i64;
+                assert_eq!(*g, want, "rows={rows} k={k} row {j}");
             }
         }
     }

@@ -12,6 +12,26 @@ use rayon::prelude::*;
 /// Below this many activation rows a matrix-vector loop beats a GEMM (which packs its inputs).
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// How far ahead of the bytes being read the decoding kernels ask for weights. Decoding streams
+/// every weight once per token, and on this machine's Zen 3 the hardware prefetcher alone keeps
+/// a single thread at ~4 GB/s of its ~10; asking for the lines ~2 KB ahead lifted 4-bit
+/// decoding by ~30% (measured with `--bnb-4bit-decode int16`, 1 and 2 threads; 1–4 KB all
+/// helped, 2 KB most).
+pub(crate) const PREFETCH_AHEAD: usize = 2048;
+
+/// Ask the CPU to bring the cache line holding `p` into L1. Only a hint: it never faults, so
+/// `p` may lie past the end of its buffer (it is formed with `wrapping_add`, never dereferenced).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Dot product written with independent lane accumulators so LLVM emits wide FMA code.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -417,3 +437,4 @@ pub(crate) fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
 }
+
