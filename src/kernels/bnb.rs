@@ -1321,6 +1321,16 @@ mod tests {
     use super::*;
     use crate::quant::bnb::{quantize_4bit, FourBitType};
 
+    /// Whether the AVX2 kernels can be tested here (says so when not).
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_or_skip() -> bool {
+        let ok = crate::kernels::has_avx2();
+        if !ok {
+            eprintln!("skipped: no AVX2 on this CPU");
+        }
+        ok
+    }
+
     fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
@@ -1337,8 +1347,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int16_portable_and_avx2_decodes_agree() {
-        if !crate::kernels::has_avx2() {
-            eprintln!("skipped: no AVX2 on this CPU");
+        if !avx2_or_skip() {
             return;
         }
         // Blocks that straddle rows (K = 192, blocksize 128) take the exact path.
@@ -1402,8 +1411,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int8_row_kernel_sums_exactly() {
-        if !crate::kernels::has_avx2() {
-            eprintln!("skipped: no AVX2 on this CPU");
+        if !avx2_or_skip() {
             return;
         }
         for (rows, k) in [(67, 581), (4, 64), (3, 32), (9, 7)] {
