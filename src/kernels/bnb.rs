@@ -1153,9 +1153,26 @@ fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     s
 }
 
+/// 32 int8 products `w · x` summed in pairs and fours into 8 i32 lanes, exactly: `vpmaddubsw`
+/// multiplies |w| (unsigned) by x carrying w's sign — pair sums are at most 2 · 128 · 127 < 2^15,
+/// so nothing saturates — and `vpmaddwd` widens to i32.
+///
+/// # Safety
+/// AVX2 must be available, and `x` must hold no -128 (its sign flip would wrap).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot32_i8(
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
 /// `out[r] = Σ w · x[r]` for `m ≤ 4` rows `x` (`[m, K]`) of int8 codes against one weight row,
-/// exactly: `vpmaddubsw` multiplies |w| (unsigned) by x carrying w's sign — pair sums are at
-/// most 2 · 128 · 127 < 2^15, so nothing saturates — and `vpmaddwd` widens to i32.
+/// exactly ([`dot32_i8`]).
 ///
 /// # Safety
 /// AVX2 must be available, and `x` must hold no -128 (its sign flip would wrap).
@@ -1165,16 +1182,13 @@ unsafe fn dots_i8_avx2(w: &[i8], x: &[i8], m: usize, out: &mut [i32; 4]) {
     use std::arch::x86_64::*;
     let k = w.len();
     debug_assert!(m <= 4 && x.len() >= m * k);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_si256(); 4];
     let body = k / 32 * 32;
     for c in (0..body).step_by(32) {
         let wv = _mm256_loadu_si256(w.as_ptr().add(c) as *const __m256i);
-        let wabs = _mm256_abs_epi8(wv);
         for (r, a) in acc.iter_mut().enumerate().take(m) {
             let xv = _mm256_loadu_si256(x.as_ptr().add(r * k + c) as *const __m256i);
-            let pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+            *a = _mm256_add_epi32(*a, dot32_i8(wv, xv));
         }
     }
     for r in 0..m {
@@ -1204,14 +1218,7 @@ unsafe fn dot_rows_i8_avx2(w: &[i8], x: &[i8], out: &mut [i64]) {
     let k = x.len();
     let rows = out.len();
     debug_assert!(w.len() >= rows * k);
-    let ones = _mm256_set1_epi16(1);
     let body = k / 32 * 32;
-    let dot = |wv: __m256i, xv: __m256i| {
-        _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)),
-            ones,
-        )
-    };
     let tail = |j: usize| -> i32 {
         w[j * k + body..(j + 1) * k]
             .iter()
@@ -1232,7 +1239,7 @@ unsafe fn dot_rows_i8_avx2(w: &[i8], x: &[i8], out: &mut [i64]) {
             let xv = _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i);
             for (r, a) in acc.iter_mut().enumerate() {
                 let wv = _mm256_loadu_si256(p.add(r * k + c) as *const __m256i);
-                *a = _mm256_add_epi32(*a, dot(wv, xv));
+                *a = _mm256_add_epi32(*a, dot32_i8(wv, xv));
             }
         }
         // Horizontal sums of the four accumulators at once.
@@ -1243,7 +1250,7 @@ unsafe fn dot_rows_i8_avx2(w: &[i8], x: &[i8], out: &mut [i64]) {
         let mut v = [0i32; 4];
         _mm_storeu_si128(v.as_mut_ptr() as *mut __m128i, s);
         for r in 0..4 {
-            out[j + r] = (v[r] + if body < k { tail(j + r) } else { 0 }) as i64;
+            out[j + r] = (v[r] + tail(j + r)) as i64;
         }
     }
     for j in 4 * quads..rows {
@@ -1416,7 +1423,9 @@ mod tests {
         }
         for (rows, k) in [(67, 581), (4, 64), (3, 32), (9, 7)] {
             let to_i8 = |v: Vec<f32>| -> Vec<i8> {
-                v.iter().map(|x| (x * 254.0).round().clamp(-127.0, 127.0) as i8).collect()
+                v.iter()
+                    .map(|x| (x * 254.0).round().clamp(-127.0, 127.0) as i8)
+                    .collect()
             };
             let w = to_i8(values(5, rows * k, 1.0));
             let mut x = to_i8(values(6, k, 1.0));

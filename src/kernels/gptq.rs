@@ -1686,7 +1686,9 @@ mod avx2 {
                     for b in b0 as usize..b1 as usize {
                         let blk = base.add(b * pbb);
                         for line in (0..pbb).step_by(64) {
-                            crate::kernels::prefetch(blk.wrapping_add(crate::kernels::PREFETCH_AHEAD + line));
+                            crate::kernels::prefetch(
+                                blk.wrapping_add(crate::kernels::PREFETCH_AHEAD + line),
+                            );
                         }
                         let mut acc16 = [[_mm256_setzero_si256(); LIMBS]; 2];
                         for q in 0..8 {

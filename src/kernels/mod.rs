@@ -437,4 +437,3 @@ pub(crate) fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
 }
-
