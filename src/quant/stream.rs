@@ -764,6 +764,8 @@ impl<'a> Streamer<'a> {
                 )));
             }
         }
+        drop(block);
+        crate::eval::memory::release_free_memory();
         self.bars.block_done(&prefix);
         Ok(())
     }
