@@ -1,4 +1,5 @@
-//! Speed of the NF4 table-lookup kernel (`kernels::bnb::FourBitMatrix`) against dense f32 rows.
+//! Speed of the NF4 kernels (`kernels::bnb::FourBitMatrix`, each `FourBitDecode`) against dense
+//! f32 rows.
 //!
 //! `cargo run --release --example bnb_kernel_bench`
 //!
@@ -47,42 +48,58 @@ fn main() {
         (1536, 576, 60),
         (576, 1536, 30),
     ];
-    let (mut t_nf4, mut t_int16, mut t_f32) = (0.0, 0.0, 0.0);
-    println!("shape          nf4 µs  int16 µs  f32 µs  nf4 ns/kw  int16 ns/kw  f32/nf4  f32/int16");
+    let decodes = [
+        ("exact", FourBitDecode::Exact),
+        ("int16", FourBitDecode::Int16),
+        ("int8", FourBitDecode::Int8),
+    ];
+    let mut totals = [0f64; 3];
+    let mut t_f32 = 0.0;
+    println!(
+        "shape          exact µs  int16 µs  int8 µs  f32 µs   ns/kw: exact  int16  int8   f32"
+    );
     for (n, k, count) in shapes {
         let w = weights(n, k);
         let q = quantize_4bit(&w, [n, k], WeightDType::F32, FourBitType::Nf4, 64, false).unwrap();
-        let nf4 = FourBitMatrix::new(q.clone(), WeightDType::F32).unwrap();
-        let int16 = FourBitMatrix::new(q, WeightDType::F32)
-            .unwrap()
-            .with_decode(FourBitDecode::Int16);
         let dense = DenseMatrix::new(n, k, w, WeightDType::F32);
         let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
         let mut out = vec![0f32; n];
         let reps = 2000;
-        let a = best(reps, || nf4.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
-        let i = best(reps, || int16.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
-        let b = best(reps, || dense.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
+        let times: Vec<f64> = decodes
+            .iter()
+            .map(|&(_, decode)| {
+                let m = FourBitMatrix::new(q.clone(), WeightDType::F32)
+                    .unwrap()
+                    .with_decode(decode);
+                best(reps, || m.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64()
+            })
+            .collect();
+        let f = best(reps, || dense.forward_rows(&x, 1, 0..n, &mut out)).as_secs_f64();
         let kw = (n * k) as f64 / 1e3;
         println!(
-            "{n:>5}x{k:<5}  {:>8.1} {:>9.1} {:>7.1} {:>10.2} {:>12.2} {:>8.2} {:>10.2}",
-            a * 1e6,
-            i * 1e6,
-            b * 1e6,
-            a * 1e9 / kw,
-            i * 1e9 / kw,
-            b / a,
-            b / i
+            "{n:>5}x{k:<5}  {:>8.1} {:>9.1} {:>8.1} {:>7.1} {:>13.1} {:>6.1} {:>5.1} {:>5.1}",
+            times[0] * 1e6,
+            times[1] * 1e6,
+            times[2] * 1e6,
+            f * 1e6,
+            times[0] * 1e9 / kw,
+            times[1] * 1e9 / kw,
+            times[2] * 1e9 / kw,
+            f * 1e9 / kw,
         );
-        t_nf4 += a * count as f64;
-        t_int16 += i * count as f64;
-        t_f32 += b * count as f64;
+        for (t, v) in totals.iter_mut().zip(&times) {
+            *t += v * count as f64;
+        }
+        t_f32 += f * count as f64;
     }
+    let per_decode: Vec<String> = decodes
+        .iter()
+        .zip(&totals)
+        .map(|((name, _), t)| format!("nf4 {name} {:.0}", 1.0 / t))
+        .collect();
     println!(
-        "SmolLM2-shaped decode, linears only, 1 thread: nf4 {:.0} tok/s, nf4 int16 decode {:.0} \
-         tok/s, f32 {:.0} tok/s",
-        1.0 / t_nf4,
-        1.0 / t_int16,
+        "SmolLM2-shaped decode, linears only, 1 thread, tok/s: {}, f32 {:.0}",
+        per_decode.join(", "),
         1.0 / t_f32
     );
 

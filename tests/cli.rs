@@ -59,11 +59,13 @@ fn generate_estimate_info_ppl_convert() {
             "--json",
         ])
     };
-    let (exact, int16) = (nf4("exact"), nf4("int16"));
+    let (exact, int16, int8) = (nf4("exact"), nf4("int16"), nf4("int8"));
     assert!(int16["text"].as_str().unwrap().contains("Paris"), "{int16}");
     assert_eq!(exact["generated_ids"], int16["generated_ids"]);
+    // 8-bit activations (~2e-3 relative) may change a late greedy token; the answer stays.
+    assert!(int8["text"].as_str().unwrap().contains("Paris"), "{int8}");
     let (ok, _, err) = run(&["generate", m, "--prompt", "x", "--bnb-4bit-decode", "int4"]);
-    assert!(!ok && err.contains("int16"), "{err}");
+    assert!(!ok && err.contains("int16") && err.contains("int8"), "{err}");
 
     let s = json(&[
         "generate",

@@ -75,10 +75,11 @@ pub struct ModelArgs {
     /// float; llama.cpp's Q4_0 files hold it in Q8_0.
     #[arg(long)]
     pub lm_head_int8: bool,
-    /// How NF4/FP4 layers multiply while decoding: `exact` (bitsandbytes' float arithmetic) or
-    /// `int16` (integer code book and activations, ~1e-4 relative, about twice as fast).
-    /// Prefill and perplexity are exact either way.
-    #[arg(long, default_value = "exact", value_parser = ["exact", "int16"])]
+    /// How NF4/FP4 layers multiply while decoding: `exact` (bitsandbytes' float arithmetic),
+    /// `int16` (integer code book and activations, ~1e-4 relative, about twice as fast) or
+    /// `int8` (7-bit code book, 8-bit activations per 64 as llama.cpp's Q8_0, ~2e-3 relative,
+    /// fastest). Prefill and perplexity are exact either way.
+    #[arg(long, default_value = "exact", value_parser = ["exact", "int16", "int8"])]
     pub bnb_4bit_decode: String,
 }
 

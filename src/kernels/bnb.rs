@@ -77,6 +77,12 @@ pub enum FourBitDecode {
     /// (`vpmaddwd`) scaled by absmax once per 64 weights. About 1e-4 relative from `Exact`,
     /// and about twice as fast.
     Int16,
+    /// Byte arithmetic, as llama.cpp's Q4_0 × Q8_0 and IQ4_NL × Q8_0: the code book as 7-bit
+    /// integers (stored with an offset of 64 so they are unsigned), each 64 activations as
+    /// 8-bit integers with their own scale, exact i32 sums (`vpmaddubsw`). The activation
+    /// rounding makes it about 1e-2 relative from `Exact` (llama.cpp's decoding has the same);
+    /// the fewest instructions per weight.
+    Int8,
 }
 
 impl FourBitDecode {
@@ -84,8 +90,9 @@ impl FourBitDecode {
         match s {
             "exact" => Ok(FourBitDecode::Exact),
             "int16" => Ok(FourBitDecode::Int16),
+            "int8" => Ok(FourBitDecode::Int8),
             _ => Err(crate::error::Error::InvalidArgument(format!(
-                "unknown 4-bit decode '{s}' (expected exact or int16)"
+                "unknown 4-bit decode '{s}' (expected exact, int16 or int8)"
             ))),
         }
     }
@@ -96,8 +103,14 @@ impl FourBitDecode {
 /// 2^31, so the i32 sums are exact.
 const TABLE_INT_MAX: f32 = 8191.0;
 const ACT_INT_MAX: f32 = 16383.0;
-/// Activations sharing one scale in the `Int16` decode (and the weights one step decodes).
-const INT16_CHUNK: usize = 64;
+/// Activations sharing one scale in the integer decodes (and the weights one step decodes).
+const INT_CHUNK: usize = 64;
+/// The `Int8` decode's code book: `round(value / max|value| · 63.5)` in [−64, 64], stored plus
+/// 64 as u8 in [0, 128]. Activations are in [−127, 127], so a `vpmaddubsw` pair sum is at most
+/// 2 · 128 · 127 = 32512 and never saturates i16.
+const TABLE8_HALF_RANGE: f32 = 63.5;
+const TABLE8_OFFSET: i32 = 64;
+const ACT8_MAX: f32 = 127.0;
 
 /// A packed NF4/FP4 weight with its matmul.
 pub struct FourBitMatrix {
@@ -107,6 +120,9 @@ pub struct FourBitMatrix {
     /// The code book as integers for the `Int16` decode, and the factor back to its values.
     table_int: [i16; 16],
     table_scale: f32,
+    /// The same for the `Int8` decode (offset by `TABLE8_OFFSET`).
+    table_u8: [u8; 16],
+    table8_scale: f32,
 }
 
 impl FourBitMatrix {
@@ -120,12 +136,18 @@ impl FourBitMatrix {
             1.0
         };
         let table_int = q.quant_map.map(|v| (v / table_scale).round() as i16);
+        let table8_scale = table_scale * TABLE_INT_MAX / TABLE8_HALF_RANGE;
+        let table_u8 = q
+            .quant_map
+            .map(|v| ((v / table8_scale).round() as i32 + TABLE8_OFFSET) as u8);
         Ok(FourBitMatrix {
             q,
             compute,
             decode: FourBitDecode::Exact,
             table_int,
             table_scale,
+            table_u8,
+            table8_scale,
         })
     }
     /// Choose the decoding arithmetic (see [`FourBitDecode`]).
@@ -211,8 +233,8 @@ impl FourBitMatrix {
     fn rows_kernel(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
         let k = self.k();
         let rows = r1 - r0;
-        if m <= GEMV_MAX_ROWS && self.int16_applies() {
-            self.with_int16_input(x, m, |xa| self.gemv_int16(xa, m, r0, r1, out));
+        if m <= GEMV_MAX_ROWS && self.int_applies() {
+            self.with_int_input(x, m, |xa| self.gemv_int(xa, m, r0, r1, out));
         } else if self.exact_f32() && self.rows_aligned() {
             self.gemv_lookup(x, m, r0, r1, out);
         } else {
@@ -301,15 +323,21 @@ impl FourBitMatrix {
     }
 }
 
-/// Activations prepared for the `Int16` decode.
+/// Activations prepared for an integer decode (`Int16` or `Int8`).
 #[derive(Default)]
-struct Int16Activations {
-    /// The input they were made from (`[m, K]`) and the code book scale folded into `scales`:
-    /// the key under which a thread reuses them.
+struct IntActivations {
+    /// The input they were made from (`[m, K]`), the decode and the code book scale folded
+    /// into `scales`: the key under which a thread reuses them.
     x: Vec<f32>,
+    decode: FourBitDecode,
     table_scale: f32,
-    /// `[m, K]` integers, each chunk of 64 in the kernel's order ([`INT16_ORDER`]).
-    codes: Vec<i16>,
+    /// `Int16`: `[m, K]` integers, each chunk of 64 in the kernel's order ([`INT16_ORDER`]).
+    codes16: Vec<i16>,
+    /// `Int8`: `[m, K]` integers in [−127, 127], each chunk of 64 in [`INT8_ORDER`].
+    codes8: Vec<i8>,
+    /// `Int8`: `[m, K / 64]`, 8 · Σ codes of the chunk: what each of the kernel's 8 i32 lanes
+    /// subtracts to remove the code book's offset (64 · Σ codes in all).
+    offsets: Vec<i32>,
     /// `[m, K / 64]`: chunk scale times the code book's scale (NaN for a chunk holding a
     /// non-finite value, so the output is NaN as in float arithmetic).
     scales: Vec<f32>,
@@ -319,17 +347,17 @@ thread_local! {
     /// The last activations this thread prepared: decoding sends one input through several
     /// projections (q, k, v; gate, up) split into row blocks, and each block would otherwise
     /// prepare it again.
-    static INT16_INPUT: std::cell::RefCell<Int16Activations> =
-        std::cell::RefCell::new(Int16Activations::default());
+    static INT_INPUT: std::cell::RefCell<IntActivations> =
+        std::cell::RefCell::new(IntActivations::default());
 }
 
-/// Position `p` of a prepared 64-chunk holds activation `INT16_ORDER[p]`: the order in which
-/// the AVX2 kernel's nibble split and byte unpacking yield the weights (vector `v` of 16
+/// Position `p` of a prepared `Int16` 64-chunk holds activation `INT16_ORDER[p]`: the order in
+/// which the AVX2 kernel's nibble split and byte unpacking yield the weights (vector `v` of 16
 /// lanes: even (v < 2) or odd elements, of bytes `lane·16 + (v % 2)·8 + i`).
-const INT16_ORDER: [u8; INT16_CHUNK] = {
-    let mut order = [0u8; INT16_CHUNK];
+const INT16_ORDER: [u8; INT_CHUNK] = {
+    let mut order = [0u8; INT_CHUNK];
     let mut p = 0;
-    while p < INT16_CHUNK {
+    while p < INT_CHUNK {
         let (v, lane, i) = (p / 16, (p % 16) / 8, p % 8);
         let byte = lane * 16 + (v % 2) * 8 + i;
         order[p] = (2 * byte + v / 2) as u8;
@@ -338,145 +366,228 @@ const INT16_ORDER: [u8; INT16_CHUNK] = {
     order
 };
 
+/// Position `p` of a prepared `Int8` 64-chunk holds activation `INT8_ORDER[p]`: the 32 even
+/// elements (high nibbles, byte order), then the 32 odd ones.
+const INT8_ORDER: [u8; INT_CHUNK] = {
+    let mut order = [0u8; INT_CHUNK];
+    let mut p = 0;
+    while p < INT_CHUNK {
+        order[p] = if p < 32 { 2 * p } else { 2 * (p - 32) + 1 } as u8;
+        p += 1;
+    }
+    order
+};
+
 impl FourBitMatrix {
-    /// The `Int16` decode runs when chosen, rows are whole blocks, and blocks whole 64-weight
-    /// chunks.
-    fn int16_applies(&self) -> bool {
-        self.decode == FourBitDecode::Int16
+    /// An integer decode runs when chosen, rows are whole blocks, and blocks a power of two of
+    /// 64-weight chunks (bitsandbytes' block sizes all are).
+    fn int_applies(&self) -> bool {
+        self.decode != FourBitDecode::Exact
             && self.rows_aligned()
-            && self.q.blocksize.is_multiple_of(INT16_CHUNK)
+            && self.q.blocksize.is_multiple_of(INT_CHUNK)
+            && (self.q.blocksize / INT_CHUNK).is_power_of_two()
     }
 
-    /// Quantize `[m, K]` activations per 64 to 15-bit integers, reordered for the kernel.
-    fn prepare_int16(&self, x: &[f32], m: usize) -> Int16Activations {
-        let mut xa = Int16Activations::default();
-        self.prepare_int16_into(x, m, &mut xa);
+    /// Quantize `[m, K]` activations per 64 to integers, reordered for the kernel.
+    fn prepare_int(&self, x: &[f32], m: usize) -> IntActivations {
+        let mut xa = IntActivations::default();
+        self.prepare_int_into(x, m, &mut xa);
         xa
     }
 
-    fn prepare_int16_into(&self, x: &[f32], m: usize, xa: &mut Int16Activations) {
+    fn prepare_int_into(&self, x: &[f32], m: usize, xa: &mut IntActivations) {
         let k = self.k();
         let x = &x[..m * k];
+        let int8 = self.decode == FourBitDecode::Int8;
+        let (act_max, table_scale) = if int8 {
+            (ACT8_MAX, self.table8_scale)
+        } else {
+            (ACT_INT_MAX, self.table_scale)
+        };
         xa.x.clear();
         xa.x.extend_from_slice(x);
-        xa.table_scale = self.table_scale;
-        xa.codes.clear();
-        xa.codes.resize(m * k, 0);
+        xa.decode = self.decode;
+        xa.table_scale = table_scale;
+        xa.codes16.clear();
+        xa.codes8.clear();
+        if int8 {
+            xa.codes8.resize(m * k, 0);
+        } else {
+            xa.codes16.resize(m * k, 0);
+        }
+        xa.offsets.clear();
         xa.scales.clear();
         // Adding and subtracting 1.5·2^23 rounds an f32 below 2^22 to the nearest integer
         // (ties to even) without a call into libm.
         const ROUND: f32 = 12_582_912.0;
-        for (xc, cc) in x
-            .chunks_exact(INT16_CHUNK)
-            .zip(xa.codes.chunks_exact_mut(INT16_CHUNK))
-        {
+        for (ci, xc) in x.chunks_exact(INT_CHUNK).enumerate() {
             let amax = xc.iter().fold(0f32, |a, v| a.max(v.abs()));
-            if !xc.iter().all(|v| v.is_finite()) {
-                xa.scales.push(f32::NAN);
-                continue;
+            let (scale, offset) = if !xc.iter().all(|v| v.is_finite()) {
+                (f32::NAN, 0)
+            } else if amax == 0.0 {
+                (0.0, 0)
+            } else {
+                let inv = act_max / amax;
+                let q = |src: u8| (xc[src as usize] * inv + ROUND) - ROUND;
+                let chunk = ci * INT_CHUNK..(ci + 1) * INT_CHUNK;
+                let mut sum = 0i32;
+                if int8 {
+                    for (c, &src) in xa.codes8[chunk].iter_mut().zip(INT8_ORDER.iter()) {
+                        *c = q(src) as i8;
+                        sum += *c as i32;
+                    }
+                } else {
+                    for (c, &src) in xa.codes16[chunk].iter_mut().zip(INT16_ORDER.iter()) {
+                        *c = q(src) as i16;
+                    }
+                }
+                (amax / act_max * table_scale, sum * TABLE8_OFFSET / 8)
+            };
+            xa.scales.push(scale);
+            if int8 {
+                xa.offsets.push(offset);
             }
-            if amax == 0.0 {
-                xa.scales.push(0.0);
-                continue;
-            }
-            let inv = ACT_INT_MAX / amax;
-            for (c, &src) in cc.iter_mut().zip(INT16_ORDER.iter()) {
-                *c = ((xc[src as usize] * inv + ROUND) - ROUND) as i16;
-            }
-            xa.scales.push(amax / ACT_INT_MAX * self.table_scale);
         }
     }
 
-    /// Run `f` on `x` prepared for the `Int16` decode, from this thread's cache when it holds
-    /// the same input.
-    fn with_int16_input<R>(
-        &self,
-        x: &[f32],
-        m: usize,
-        f: impl FnOnce(&Int16Activations) -> R,
-    ) -> R {
+    /// Run `f` on `x` prepared for this matrix's integer decode, from this thread's cache when
+    /// it holds the same input.
+    fn with_int_input<R>(&self, x: &[f32], m: usize, f: impl FnOnce(&IntActivations) -> R) -> R {
         let x = &x[..m * self.k()];
-        INT16_INPUT.with(|cell| match cell.try_borrow_mut() {
+        let table_scale = match self.decode {
+            FourBitDecode::Int8 => self.table8_scale,
+            _ => self.table_scale,
+        };
+        INT_INPUT.with(|cell| match cell.try_borrow_mut() {
             Ok(mut xa) => {
-                let same = xa.table_scale == self.table_scale
+                let same = xa.decode == self.decode
+                    && xa.table_scale == table_scale
                     && bytemuck::cast_slice::<f32, u32>(&xa.x)
                         == bytemuck::cast_slice::<f32, u32>(x);
                 if !same {
-                    self.prepare_int16_into(x, m, &mut xa);
+                    self.prepare_int_into(x, m, &mut xa);
                 }
                 f(&xa)
             }
             // A nested call on this thread (not expected) prepares its own copy.
-            Err(_) => f(&self.prepare_int16(x, m)),
+            Err(_) => f(&self.prepare_int(x, m)),
         })
     }
 
-    /// Rows `r0..r1` of the `Int16` decode for `m ≤ GEMV_MAX_ROWS` inputs, `out`
+    /// Rows `r0..r1` of the integer decode for `m ≤ GEMV_MAX_ROWS` inputs, `out`
     /// `[m, r1 − r0]`.
-    fn gemv_int16(&self, xa: &Int16Activations, m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    fn gemv_int(&self, xa: &IntActivations, m: usize, r0: usize, r1: usize, out: &mut [f32]) {
         assert!(
             m <= GEMV_MAX_ROWS,
-            "the int16 decode takes at most {GEMV_MAX_ROWS} rows"
+            "the integer decodes take at most {GEMV_MAX_ROWS} rows"
         );
         let (k, bs) = (self.k(), self.q.blocksize);
         let absmax = self.rows_absmax(r0 * k / bs..r1 * k / bs);
-        let w = Int16Rows {
-            k,
-            bs,
-            packed: &self.q.packed[r0 * k / 2..r1 * k / 2],
-            absmax: &absmax,
-            table: &self.table_int,
-        };
-        #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
-            // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of 64)
-            // and K/64 scales each, `w` whole rows, `out` m·rows.
-            unsafe { lookup_int16_avx2::gemv(&w, xa, m, out) };
-            return;
+        let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
+        if xa.decode == FourBitDecode::Int8 {
+            let w = IntRows {
+                k,
+                bs,
+                packed,
+                absmax: &absmax,
+                table: &self.table_u8,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if super::has_avx2() {
+                // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of
+                // 64) and K/64 offsets and scales each, `w` whole rows, `out` m·rows.
+                unsafe { lookup_int8_avx2::gemv(&w, xa, m, out) };
+                return;
+            }
+            gemv_int8_scalar(&w, xa, m, out);
+        } else {
+            let w = IntRows {
+                k,
+                bs,
+                packed,
+                absmax: &absmax,
+                table: &self.table_int,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if super::has_avx2() {
+                // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of
+                // 64) and K/64 scales each, `w` whole rows, `out` m·rows.
+                unsafe { lookup_int16_avx2::gemv(&w, xa, m, out) };
+                return;
+            }
+            gemv_int16_scalar(&w, xa, m, out);
         }
-        gemv_int16_scalar(&w, xa, m, out);
     }
 }
 
-/// The weight side of an `Int16` decode: rows of packed codes (`K/2` bytes each), their block
+/// The weight side of an integer decode: rows of packed codes (`K/2` bytes each), their block
 /// statistics and the integer code book.
-struct Int16Rows<'a> {
+struct IntRows<'a, T> {
     k: usize,
     bs: usize,
     packed: &'a [u8],
     absmax: &'a [f32],
-    table: &'a [i16; 16],
+    table: &'a [T; 16],
 }
 
-impl Int16Rows<'_> {
+impl<T> IntRows<'_, T> {
     fn rows(&self) -> usize {
         self.packed.len() * 2 / self.k
     }
+    /// The code of weight `e` (in 0..64) of chunk `c` of row `j`.
+    fn code(&self, j: usize, c: usize, e: u8) -> usize {
+        let byte = self.packed[j * self.k / 2 + c * INT_CHUNK / 2 + e as usize / 2];
+        (if e % 2 == 0 { byte >> 4 } else { byte & 15 }) as usize
+    }
+    /// The absmax of the block holding chunk `c` of row `j`.
+    fn chunk_absmax(&self, j: usize, c: usize) -> f32 {
+        self.absmax[j * (self.k / self.bs) + c * INT_CHUNK / self.bs]
+    }
 }
 
-/// The `Int16` decode without SIMD: the same integer sums, so the same results up to the order
-/// of the float additions.
-fn gemv_int16_scalar(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [f32]) {
-    let (k, rows, nchunk) = (w.k, w.rows(), w.k / INT16_CHUNK);
+/// The integer decodes without SIMD: `chunk_sum(j, r, c)` is the exact integer sum the SIMD
+/// kernel computes, so the results agree up to the order of the float additions.
+fn gemv_int_scalar<T>(
+    w: &IntRows<T>,
+    xa: &IntActivations,
+    m: usize,
+    out: &mut [f32],
+    chunk_sum: impl Fn(usize, usize, usize) -> i32,
+) {
+    let (rows, nchunk) = (w.rows(), w.k / INT_CHUNK);
     for j in 0..rows {
-        let prow = &w.packed[j * k / 2..(j + 1) * k / 2];
         for r in 0..m {
             let mut acc = 0f32;
             for c in 0..nchunk {
-                let xq = &xa.codes[r * k + c * INT16_CHUNK..r * k + (c + 1) * INT16_CHUNK];
-                let pc = &prow[c * INT16_CHUNK / 2..(c + 1) * INT16_CHUNK / 2];
-                let mut s = 0i32;
-                for (&q, &e) in xq.iter().zip(INT16_ORDER.iter()) {
-                    let byte = pc[e as usize / 2];
-                    let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
-                    s += w.table[code as usize] as i32 * q as i32;
-                }
-                let am = w.absmax[j * (k / w.bs) + c * INT16_CHUNK / w.bs];
-                acc += s as f32 * (am * xa.scales[r * nchunk + c]);
+                let s = chunk_sum(j, r, c);
+                acc += s as f32 * (w.chunk_absmax(j, c) * xa.scales[r * nchunk + c]);
             }
             out[r * rows + j] = acc;
         }
     }
+}
+
+fn gemv_int16_scalar(w: &IntRows<i16>, xa: &IntActivations, m: usize, out: &mut [f32]) {
+    gemv_int_scalar(w, xa, m, out, |j, r, c| {
+        let xq = &xa.codes16[r * w.k + c * INT_CHUNK..][..INT_CHUNK];
+        xq.iter()
+            .zip(INT16_ORDER.iter())
+            .map(|(&q, &e)| w.table[w.code(j, c, e)] as i32 * q as i32)
+            .sum()
+    });
+}
+
+fn gemv_int8_scalar(w: &IntRows<u8>, xa: &IntActivations, m: usize, out: &mut [f32]) {
+    let nchunk = w.k / INT_CHUNK;
+    gemv_int_scalar(w, xa, m, out, |j, r, c| {
+        let xq = &xa.codes8[r * w.k + c * INT_CHUNK..][..INT_CHUNK];
+        let s: i32 = xq
+            .iter()
+            .zip(INT8_ORDER.iter())
+            .map(|(&q, &e)| w.table[w.code(j, c, e)] as i32 * q as i32)
+            .sum();
+        s - 8 * xa.offsets[r * nchunk + c]
+    });
 }
 
 /// The `Int16` decode with AVX2: per 64 weights, 32 bytes split into high nibbles (even
@@ -486,23 +597,23 @@ fn gemv_int16_scalar(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [
 #[cfg(target_arch = "x86_64")]
 mod lookup_int16_avx2 {
     use super::lookup_avx2::hsum;
-    use super::{Int16Activations, Int16Rows, INT16_CHUNK};
+    use super::{IntActivations, IntRows, INT_CHUNK};
     use crate::kernels::{prefetch, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
     /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(w: &Int16Rows, xa: &Int16Activations, m: usize, out: &mut [f32]) {
+    pub unsafe fn gemv(w: &IntRows<i16>, xa: &IntActivations, m: usize, out: &mut [f32]) {
         let lo: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[0]);
         let hi: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[1]);
         let lo = _mm_loadu_si128(lo.as_ptr() as *const __m128i);
         let hi = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
         let planes = (_mm256_set_m128i(lo, lo), _mm256_set_m128i(hi, hi));
         match m {
-            1 => gemv_m::<1>(w, &xa.codes, &xa.scales, planes, out),
-            2 => gemv_m::<2>(w, &xa.codes, &xa.scales, planes, out),
-            3 => gemv_m::<3>(w, &xa.codes, &xa.scales, planes, out),
-            _ => gemv_m::<4>(w, &xa.codes, &xa.scales, planes, out),
+            1 => gemv_m::<1>(w, &xa.codes16, &xa.scales, planes, out),
+            2 => gemv_m::<2>(w, &xa.codes16, &xa.scales, planes, out),
+            3 => gemv_m::<3>(w, &xa.codes16, &xa.scales, planes, out),
+            _ => gemv_m::<4>(w, &xa.codes16, &xa.scales, planes, out),
         }
     }
 
@@ -543,66 +654,216 @@ mod lookup_int16_avx2 {
 
     #[inline(always)]
     unsafe fn gemv_m<const M: usize>(
-        w: &Int16Rows,
+        w: &IntRows<i16>,
         xq: &[i16],
         xs: &[f32],
         (tlo, thi): (__m256i, __m256i),
         out: &mut [f32],
     ) {
         let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
-        debug_assert!(k.is_multiple_of(INT16_CHUNK) && bs.is_multiple_of(INT16_CHUNK));
-        debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT16_CHUNK);
+        debug_assert!(k.is_multiple_of(INT_CHUNK) && bs.is_multiple_of(INT_CHUNK));
+        debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT_CHUNK);
         let rows = w.rows();
         let nb_row = k / bs;
-        let chunks_per_block = bs / INT16_CHUNK;
-        let nchunk = k / INT16_CHUNK;
-        // One input row (decoding proper): two weight rows at a time share the input loads and
-        // give the core two independent chains.
+        // Chunk c lies in block c >> shift (blocks are a power of two of chunks).
+        let shift = (bs / INT_CHUNK).trailing_zeros();
+        let nchunk = k / INT_CHUNK;
+        // One input row (decoding proper): two weight rows at a time share the input loads,
+        // two chunks per step (a cache line of each row) give four independent chains.
         let pairs = if M == 1 { rows / 2 } else { 0 };
+        let chunk = |row: *const u8, am: *const f32, c: usize| {
+            let x = xq.as_ptr().add(c * INT_CHUNK) as *const __m256i;
+            let scale = *am.add(c >> shift) * *xs.get_unchecked(c);
+            let d = dot64(&decode64(row.add(c * 32), tlo, thi), x);
+            (d, _mm256_set1_ps(scale))
+        };
         for jp in 0..pairs {
             let j = 2 * jp;
             let p0 = packed.as_ptr().add(j * k / 2);
             let p1 = p0.add(k / 2);
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for b in 0..nb_row {
-                let am0 = *absmax.get_unchecked(j * nb_row + b);
-                let am1 = *absmax.get_unchecked((j + 1) * nb_row + b);
-                for c in b * chunks_per_block..(b + 1) * chunks_per_block {
-                    let x = xq.as_ptr().add(c * INT16_CHUNK) as *const __m256i;
-                    let xsc = *xs.get_unchecked(c);
-                    if c % 2 == 0 {
-                        // A cache line of each row per two chunks.
-                        prefetch(p0.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                        prefetch(p1.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                    }
-                    let w0 = decode64(p0.add(c * 32), tlo, thi);
-                    let w1 = decode64(p1.add(c * 32), tlo, thi);
-                    acc0 = _mm256_fmadd_ps(dot64(&w0, x), _mm256_set1_ps(am0 * xsc), acc0);
-                    acc1 = _mm256_fmadd_ps(dot64(&w1, x), _mm256_set1_ps(am1 * xsc), acc1);
+            let a0 = absmax.as_ptr().add(j * nb_row);
+            let a1 = a0.add(nb_row);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 2 <= nchunk {
+                prefetch(p0.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                prefetch(p1.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                for (t, (row, am)) in [(p0, a0), (p1, a1), (p0, a0), (p1, a1)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let (d, s) = chunk(row, am, c + t / 2);
+                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                }
+                c += 2;
+            }
+            if c < nchunk {
+                for (t, (row, am)) in [(p0, a0), (p1, a1)].into_iter().enumerate() {
+                    let (d, s) = chunk(row, am, c);
+                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
                 }
             }
-            *out.get_unchecked_mut(j) = hsum(acc0);
-            *out.get_unchecked_mut(j + 1) = hsum(acc1);
+            *out.get_unchecked_mut(j) = hsum(_mm256_add_ps(acc[0], acc[2]));
+            *out.get_unchecked_mut(j + 1) = hsum(_mm256_add_ps(acc[1], acc[3]));
         }
+        // Even and odd chunks in separate sums, added as the pair loop adds them: a row gives
+        // the same bits whichever loop computes it (`forward_rows` on any row range agrees with
+        // `forward`).
         for j in 2 * pairs..rows {
             let prow = packed.as_ptr().add(j * k / 2);
-            let mut acc = [_mm256_setzero_ps(); M];
-            for b in 0..nb_row {
-                let am = *absmax.get_unchecked(j * nb_row + b);
-                for c in b * chunks_per_block..(b + 1) * chunks_per_block {
-                    if c % 2 == 0 {
-                        prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                    }
-                    let wv = decode64(prow.add(c * 32), tlo, thi);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let x = xq.as_ptr().add(r * k + c * INT16_CHUNK) as *const __m256i;
-                        let scale = _mm256_set1_ps(am * *xs.get_unchecked(r * nchunk + c));
-                        *a = _mm256_fmadd_ps(dot64(&wv, x), scale, *a);
-                    }
+            let am = absmax.as_ptr().add(j * nb_row);
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for c in 0..nchunk {
+                if c % 2 == 0 {
+                    prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                }
+                let wv = decode64(prow.add(c * 32), tlo, thi);
+                let amc = *am.add(c >> shift);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let x = xq.as_ptr().add(r * k + c * INT_CHUNK) as *const __m256i;
+                    let scale = _mm256_set1_ps(amc * *xs.get_unchecked(r * nchunk + c));
+                    a[c % 2] = _mm256_fmadd_ps(dot64(&wv, x), scale, a[c % 2]);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                *out.get_unchecked_mut(r * rows + j) = hsum(*a);
+                *out.get_unchecked_mut(r * rows + j) = hsum(_mm256_add_ps(a[0], a[1]));
+            }
+        }
+    }
+}
+
+/// The `Int8` decode with AVX2: per 64 weights, 32 bytes split into high nibbles (even
+/// elements) and low nibbles (odd), one `vpshufb` each looks up the unsigned 7-bit code book,
+/// `vpmaddubsw` multiplies by the prepared 8-bit activations (pair sums fit i16, see
+/// `TABLE8_OFFSET`), `vpmaddwd` by ones widens to i32, and the chunk's offset correction makes
+/// the sums those of the signed code book, exactly.
+#[cfg(target_arch = "x86_64")]
+mod lookup_int8_avx2 {
+    use super::lookup_avx2::hsum;
+    use super::{IntActivations, IntRows, INT_CHUNK};
+    use crate::kernels::{prefetch, PREFETCH_AHEAD};
+    use std::arch::x86_64::*;
+
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemv(w: &IntRows<u8>, xa: &IntActivations, m: usize, out: &mut [f32]) {
+        let t = _mm_loadu_si128(w.table.as_ptr() as *const __m128i);
+        let table = _mm256_set_m128i(t, t);
+        match m {
+            1 => gemv_m::<1>(w, xa, table, out),
+            2 => gemv_m::<2>(w, xa, table, out),
+            3 => gemv_m::<3>(w, xa, table, out),
+            _ => gemv_m::<4>(w, xa, table, out),
+        }
+    }
+
+    /// The 64 weights of 32 packed bytes at `p` as unsigned code-book bytes: even elements,
+    /// then odd (order: see `INT8_ORDER`).
+    #[inline(always)]
+    unsafe fn decode64(p: *const u8, table: __m256i) -> [__m256i; 2] {
+        let nib = _mm256_set1_epi8(15);
+        let bytes = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
+        let odd = _mm256_and_si256(bytes, nib);
+        [
+            _mm256_shuffle_epi8(table, even),
+            _mm256_shuffle_epi8(table, odd),
+        ]
+    }
+
+    /// Σ w · x over one 64-chunk, less the offset correction, as f32 lanes (exact in i32).
+    #[inline(always)]
+    unsafe fn dot64(w: &[__m256i; 2], x: *const __m256i, offset: i32) -> __m256 {
+        let ones = _mm256_set1_epi16(1);
+        let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x)), ones);
+        let s1 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+            ones,
+        );
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(
+            _mm256_add_epi32(s0, s1),
+            _mm256_set1_epi32(offset),
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_m<const M: usize>(
+        w: &IntRows<u8>,
+        xa: &IntActivations,
+        table: __m256i,
+        out: &mut [f32],
+    ) {
+        let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
+        let (xq, xo, xs) = (&xa.codes8, &xa.offsets, &xa.scales);
+        debug_assert!(k.is_multiple_of(INT_CHUNK) && bs.is_multiple_of(INT_CHUNK));
+        debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT_CHUNK);
+        debug_assert!(xo.len() == xs.len());
+        let rows = w.rows();
+        let nb_row = k / bs;
+        // Chunk c lies in block c >> shift (blocks are a power of two of chunks).
+        let shift = (bs / INT_CHUNK).trailing_zeros();
+        let nchunk = k / INT_CHUNK;
+        // One input row (decoding proper): two weight rows at a time share the input loads,
+        // two chunks per step (a cache line of each row) give four independent chains.
+        let pairs = if M == 1 { rows / 2 } else { 0 };
+        let chunk = |row: *const u8, am: *const f32, c: usize| {
+            let x = xq.as_ptr().add(c * INT_CHUNK) as *const __m256i;
+            let scale = *am.add(c >> shift) * *xs.get_unchecked(c);
+            let d = dot64(&decode64(row.add(c * 32), table), x, *xo.get_unchecked(c));
+            (d, _mm256_set1_ps(scale))
+        };
+        for jp in 0..pairs {
+            let j = 2 * jp;
+            let p0 = packed.as_ptr().add(j * k / 2);
+            let p1 = p0.add(k / 2);
+            let a0 = absmax.as_ptr().add(j * nb_row);
+            let a1 = a0.add(nb_row);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 2 <= nchunk {
+                prefetch(p0.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                prefetch(p1.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                for (t, (row, am)) in [(p0, a0), (p1, a1), (p0, a0), (p1, a1)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let (d, s) = chunk(row, am, c + t / 2);
+                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                }
+                c += 2;
+            }
+            if c < nchunk {
+                for (t, (row, am)) in [(p0, a0), (p1, a1)].into_iter().enumerate() {
+                    let (d, s) = chunk(row, am, c);
+                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                }
+            }
+            *out.get_unchecked_mut(j) = hsum(_mm256_add_ps(acc[0], acc[2]));
+            *out.get_unchecked_mut(j + 1) = hsum(_mm256_add_ps(acc[1], acc[3]));
+        }
+        // Even and odd chunks in separate sums, added as the pair loop adds them: a row gives
+        // the same bits whichever loop computes it (`forward_rows` on any row range agrees with
+        // `forward`).
+        for j in 2 * pairs..rows {
+            let prow = packed.as_ptr().add(j * k / 2);
+            let am = absmax.as_ptr().add(j * nb_row);
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for c in 0..nchunk {
+                if c % 2 == 0 {
+                    prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
+                }
+                let wv = decode64(prow.add(c * 32), table);
+                let amc = *am.add(c >> shift);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let x = xq.as_ptr().add(r * k + c * INT_CHUNK) as *const __m256i;
+                    let i = r * nchunk + c;
+                    let scale = _mm256_set1_ps(amc * *xs.get_unchecked(i));
+                    a[c % 2] =
+                        _mm256_fmadd_ps(dot64(&wv, x, *xo.get_unchecked(i)), scale, a[c % 2]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                *out.get_unchecked_mut(r * rows + j) = hsum(_mm256_add_ps(a[0], a[1]));
             }
         }
     }
@@ -1348,65 +1609,81 @@ mod tests {
             .collect()
     }
 
-    /// The portable `Int16` decode (used without AVX2) and the AVX2 kernel compute the same
-    /// integer sums: equal up to float summation order, for every m, odd row counts (the AVX2
-    /// kernel pairs rows for one input) and blocks of one and two chunks.
+    /// The portable integer decodes (used without AVX2) and the AVX2 kernels compute the same
+    /// integer sums: equal up to float summation order, for both decodes, every m, odd row
+    /// counts (the AVX2 kernels pair rows for one input) and blocks of one and two chunks.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn int16_portable_and_avx2_decodes_agree() {
+    fn integer_decodes_portable_and_avx2_agree() {
         if !avx2_or_skip() {
             return;
         }
-        // Blocks that straddle rows (K = 192, blocksize 128) take the exact path.
-        let q = quantize_4bit(
-            &values(9, 3 * 192, 0.2),
-            [3, 192],
-            WeightDType::F32,
-            FourBitType::Nf4,
-            128,
-            false,
-        )
-        .unwrap();
-        let straddling = FourBitMatrix::new(q, WeightDType::F32)
-            .unwrap()
-            .with_decode(FourBitDecode::Int16);
-        assert!(!straddling.int16_applies());
-        for (bs, dq) in [(64, false), (128, true)] {
-            let (n, k) = (7, 256);
+        for decode in [FourBitDecode::Int16, FourBitDecode::Int8] {
+            // Blocks that straddle rows (K = 192, blocksize 128) take the exact path.
             let q = quantize_4bit(
-                &values(1, n * k, 0.2),
-                [n, k],
+                &values(9, 3 * 192, 0.2),
+                [3, 192],
                 WeightDType::F32,
                 FourBitType::Nf4,
-                bs,
-                dq,
+                128,
+                false,
             )
             .unwrap();
-            let kern = FourBitMatrix::new(q, WeightDType::F32)
+            let straddling = FourBitMatrix::new(q, WeightDType::F32)
                 .unwrap()
-                .with_decode(FourBitDecode::Int16);
-            assert!(kern.int16_applies());
-            for m in 1..=4 {
-                let mut x = values(2 + m as u32, m * k, 4.0);
-                x[3] = 90.0; // an outlier
-                let xa = kern.prepare_int16(&x, m);
-                let absmax = kern.rows_absmax(0..n * k / bs);
-                let w = Int16Rows {
-                    k,
-                    bs,
-                    packed: &kern.q.packed,
-                    absmax: &absmax,
-                    table: &kern.table_int,
-                };
-                let (mut simd, mut portable) = (vec![0f32; m * n], vec![0f32; m * n]);
-                // SAFETY: AVX2 checked above; shapes as built.
-                unsafe { lookup_int16_avx2::gemv(&w, &xa, m, &mut simd) };
-                gemv_int16_scalar(&w, &xa, m, &mut portable);
-                for (a, b) in simd.iter().zip(&portable) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                        "bs={bs} m={m}: {a} vs {b}"
-                    );
+                .with_decode(decode);
+            assert!(!straddling.int_applies());
+            for (bs, dq, qt) in [
+                (64, false, FourBitType::Nf4),
+                (128, true, FourBitType::Nf4),
+                (64, true, FourBitType::Fp4),
+            ] {
+                let (n, k) = (7, 256);
+                let q = quantize_4bit(&values(1, n * k, 0.2), [n, k], WeightDType::F32, qt, bs, dq)
+                    .unwrap();
+                let kern = FourBitMatrix::new(q, WeightDType::F32)
+                    .unwrap()
+                    .with_decode(decode);
+                assert!(kern.int_applies());
+                for m in 1..=4 {
+                    let mut x = values(2 + m as u32, m * k, 4.0);
+                    x[3] = 90.0; // an outlier
+                    x[70] = -90.0;
+                    let xa = kern.prepare_int(&x, m);
+                    let absmax = kern.rows_absmax(0..n * k / bs);
+                    let (mut simd, mut portable) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    let packed = &kern.q.packed;
+                    if decode == FourBitDecode::Int8 {
+                        // The largest code-book byte is the one that could saturate a pair.
+                        assert_eq!(kern.table_u8.iter().max(), Some(&128));
+                        let w = IntRows {
+                            k,
+                            bs,
+                            packed,
+                            absmax: &absmax,
+                            table: &kern.table_u8,
+                        };
+                        // SAFETY: AVX2 checked above; shapes as built.
+                        unsafe { lookup_int8_avx2::gemv(&w, &xa, m, &mut simd) };
+                        gemv_int8_scalar(&w, &xa, m, &mut portable);
+                    } else {
+                        let w = IntRows {
+                            k,
+                            bs,
+                            packed,
+                            absmax: &absmax,
+                            table: &kern.table_int,
+                        };
+                        // SAFETY: AVX2 checked above; shapes as built.
+                        unsafe { lookup_int16_avx2::gemv(&w, &xa, m, &mut simd) };
+                        gemv_int16_scalar(&w, &xa, m, &mut portable);
+                    }
+                    for (a, b) in simd.iter().zip(&portable) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                            "{decode:?} {qt:?} bs={bs} m={m}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
