@@ -190,6 +190,11 @@ run_autoquant() { # ROUND
         --dtype f16 --bnb-4bit-decode int16
     aq_bench "$r" nf4-int16+i8head "--load-in-4bit --bnb-4bit-decode int16 --lm-head-int8" \
         "$MODEL_Q41" --load-in-4bit --dtype f16 --bnb-4bit-decode int16 --lm-head-int8
+    # --bnb-4bit-decode int8: byte arithmetic with 8-bit activations per 64, Q4_0 × Q8_0's.
+    aq_bench "$r" nf4-int8 "--load-in-4bit --bnb-4bit-decode int8" "$MODEL_Q41" --load-in-4bit \
+        --dtype f16 --bnb-4bit-decode int8
+    aq_bench "$r" nf4-int8+i8head "--load-in-4bit --bnb-4bit-decode int8 --lm-head-int8" \
+        "$MODEL_Q41" --load-in-4bit --dtype f16 --bnb-4bit-decode int8 --lm-head-int8
     aq_bench "$r" gptq4 "on the GPTQ 4-bit g32 checkpoint" "$GPTQ4_DIR" --dtype f16
     aq_bench "$r" gptq4+i8head "on the GPTQ 4-bit g32 checkpoint, --lm-head-int8" "$GPTQ4_DIR" \
         --dtype f16 --lm-head-int8

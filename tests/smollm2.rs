@@ -165,6 +165,7 @@ fn perplexity_matches_transformers() {
             seqlen,
             protocol,
             max_windows,
+            token_by_token: false,
         };
         let got = perplexity(
             p.model.as_ref(),

@@ -33,6 +33,8 @@ EXTRA = [
     ("decode_nf4_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_nf4_int16_vs_llamacpp_q4_0", ("autoquant", "nf4-int16", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_nf4_int16_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4-int16+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    ("decode_nf4_int8_vs_llamacpp_q4_0", ("autoquant", "nf4-int8", "decode"), ("llama.cpp", "Q4_0", "decode")),
+    ("decode_nf4_int8_i8head_vs_llamacpp_q4_0", ("autoquant", "nf4-int8+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_gptq4_i8head_vs_llamacpp_q4_0", ("autoquant", "gptq4+i8head", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("prefill_nf4_vs_llamacpp_q4_0", ("autoquant", "nf4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),
     ("prefill_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "prefill"), ("llama.cpp", "Q4_0", "prefill")),

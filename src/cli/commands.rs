@@ -358,6 +358,7 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
         seqlen: a.seqlen,
         protocol,
         max_windows: a.max_windows,
+        token_by_token: a.token_by_token,
     };
     let mut pb: Option<ProgressBar> = None;
     let r = perplexity::perplexity(
@@ -384,8 +385,9 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
         print_json(&v);
     } else {
         println!(
-            "perplexity {:.4}  ({} protocol, seqlen {}, {} windows, {} scored tokens of {}, tokenizer {}, {:.1}s, {:.0} tok/s)",
-            r.perplexity, r.protocol, r.seqlen, r.windows, r.scored_tokens, r.text_tokens, r.tokenizer, r.seconds, r.tokens_per_second
+            "perplexity {:.4}  ({} protocol{}, seqlen {}, {} windows, {} scored tokens of {}, tokenizer {}, {:.1}s, {:.0} tok/s)",
+            r.perplexity, r.protocol, if r.token_by_token { ", token by token" } else { "" },
+            r.seqlen, r.windows, r.scored_tokens, r.text_tokens, r.tokenizer, r.seconds, r.tokens_per_second
         );
     }
     Ok(())

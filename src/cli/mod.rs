@@ -175,6 +175,10 @@ pub struct PplArgs {
     /// Use only the first K windows.
     #[arg(long)]
     pub max_windows: Option<usize>,
+    /// Feed each window one token at a time through the KV cache, as generation does: the
+    /// perplexity of the decoding arithmetic (`--bnb-4bit-decode`, `--lm-head-int8`), slower.
+    #[arg(long)]
+    pub token_by_token: bool,
     /// Prepend BOS to the text before tokenizing (off: the papers' protocol adds none for Llama-style
     /// tokenizers that do not add BOS).
     #[arg(long)]

@@ -35,6 +35,9 @@ pub struct PplOptions {
     pub seqlen: usize,
     pub protocol: Protocol,
     pub max_windows: Option<usize>,
+    /// Feed each window one token at a time through the KV cache, as generation does: the
+    /// perplexity of the decoding arithmetic (e.g. `FourBitDecode`) instead of the prefill's.
+    pub token_by_token: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -49,6 +52,7 @@ pub struct PplResult {
     pub mean_nll: f64,
     pub perplexity: f64,
     pub window_mean_nll: Vec<f64>,
+    pub token_by_token: bool,
     pub seconds: f64,
     /// Tokens run through the model per second (all window tokens, scored or not).
     pub tokens_per_second: f64,
@@ -138,7 +142,16 @@ pub fn perplexity(
             input[0] = b;
         }
         let mut cache = model.new_cache(1);
-        let logits = model.forward(&ForwardInput::single(&input), &mut cache, LogitsMode::All)?;
+        let logits = if opts.token_by_token {
+            let mut all = Vec::with_capacity(input.len() * vocab);
+            for t in &input {
+                let step = ForwardInput::single(std::slice::from_ref(t));
+                all.extend(model.forward(&step, &mut cache, LogitsMode::Last)?);
+            }
+            all
+        } else {
+            model.forward(&ForwardInput::single(&input), &mut cache, LogitsMode::All)?
+        };
         let count = input.len() - w.score_from;
         let nll: f64 = (w.score_from..input.len())
             .into_par_iter()
@@ -175,6 +188,7 @@ pub fn perplexity(
         mean_nll,
         perplexity: mean_nll.exp(),
         window_mean_nll,
+        token_by_token: opts.token_by_token,
         seconds,
         tokens_per_second: run_tokens as f64 / seconds.max(1e-9),
     })
@@ -231,6 +245,7 @@ mod tests {
                 seqlen: 512,
                 protocol: Protocol::Paper,
                 max_windows: None,
+                token_by_token: false,
             },
         )
         .unwrap();
@@ -246,6 +261,7 @@ mod tests {
                 seqlen: 512,
                 protocol: Protocol::LlamaCpp { bos: None },
                 max_windows: None,
+                token_by_token: false,
             },
         )
         .unwrap();
@@ -261,6 +277,7 @@ mod tests {
                 seqlen: 512,
                 protocol: Protocol::Stride { stride: 256 },
                 max_windows: None,
+                token_by_token: false,
             },
         )
         .unwrap();
@@ -282,6 +299,7 @@ mod tests {
                 seqlen: 512,
                 protocol: Protocol::Paper,
                 max_windows: None,
+                token_by_token: false,
             },
         )
         .unwrap_err();
