@@ -484,38 +484,27 @@ impl FourBitMatrix {
         let (k, bs) = (self.k(), self.q.blocksize);
         let absmax = self.rows_absmax(r0 * k / bs..r1 * k / bs);
         let packed = &self.q.packed[r0 * k / 2..r1 * k / 2];
-        if xa.decode == FourBitDecode::Int8 {
-            let w = IntRows {
-                k,
-                bs,
-                packed,
-                absmax: &absmax,
-                table: &self.table_u8,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if super::has_avx2() {
-                // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of
-                // 64) and K/64 offsets and scales each, `w` whole rows, `out` m·rows.
-                unsafe { lookup_int8_avx2::gemv(&w, xa, m, out) };
-                return;
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = super::has_avx2();
+        // SAFETY (the AVX2 kernels): AVX2/FMA are available; `xa` holds m rows of K codes (K a
+        // multiple of 64) and K/64 scales (and offsets) each, `w` whole rows, `out` m·rows.
+        match xa.decode {
+            FourBitDecode::Int8 => {
+                let w = IntRows::new(k, bs, packed, &absmax, &self.table_u8);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    return unsafe { lookup_int_avx2::gemv8(&w, xa, m, out) };
+                }
+                gemv_int8_scalar(&w, xa, m, out);
             }
-            gemv_int8_scalar(&w, xa, m, out);
-        } else {
-            let w = IntRows {
-                k,
-                bs,
-                packed,
-                absmax: &absmax,
-                table: &self.table_int,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if super::has_avx2() {
-                // SAFETY: AVX2/FMA are available; `xa` holds m rows of K codes (K a multiple of
-                // 64) and K/64 scales each, `w` whole rows, `out` m·rows.
-                unsafe { lookup_int16_avx2::gemv(&w, xa, m, out) };
-                return;
+            _ => {
+                let w = IntRows::new(k, bs, packed, &absmax, &self.table_int);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    return unsafe { lookup_int_avx2::gemv16(&w, xa, m, out) };
+                }
+                gemv_int16_scalar(&w, xa, m, out);
             }
-            gemv_int16_scalar(&w, xa, m, out);
         }
     }
 }
@@ -530,14 +519,27 @@ struct IntRows<'a, T> {
     table: &'a [T; 16],
 }
 
-impl<T> IntRows<'_, T> {
+impl<'a, T> IntRows<'a, T> {
+    fn new(k: usize, bs: usize, packed: &'a [u8], absmax: &'a [f32], table: &'a [T; 16]) -> Self {
+        IntRows {
+            k,
+            bs,
+            packed,
+            absmax,
+            table,
+        }
+    }
     fn rows(&self) -> usize {
         self.packed.len() * 2 / self.k
     }
     /// The code of weight `e` (in 0..64) of chunk `c` of row `j`.
     fn code(&self, j: usize, c: usize, e: u8) -> usize {
         let byte = self.packed[j * self.k / 2 + c * INT_CHUNK / 2 + e as usize / 2];
-        (if e % 2 == 0 { byte >> 4 } else { byte & 15 }) as usize
+        (if e.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 15
+        }) as usize
     }
     /// The absmax of the block holding chunk `c` of row `j`.
     fn chunk_absmax(&self, j: usize, c: usize) -> f32 {
@@ -590,215 +592,178 @@ fn gemv_int8_scalar(w: &IntRows<u8>, xa: &IntActivations, m: usize, out: &mut [f
     });
 }
 
-/// The `Int16` decode with AVX2: per 64 weights, 32 bytes split into high nibbles (even
-/// elements) and low nibbles (odd), two `vpshufb` per half look up the low and high bytes of
-/// the integer code book, unpacking interleaves them into four vectors of 16 i16 weights, and
-/// `vpmaddwd` against the prepared activations sums exactly in i32.
+/// The integer decodes with AVX2. Per 64 weights, 32 packed bytes split into high nibbles (even
+/// elements) and low nibbles (odd), and `vpshufb` looks the codes up in the integer code book:
+/// * `Int16`: two lookups per half (low and high bytes of the 14-bit code book), unpacked into
+///   four vectors of 16 i16 weights; `vpmaddwd` against the 15-bit activations sums exactly in
+///   i32.
+/// * `Int8`: one lookup per half (the 7-bit code book stored +64 as unsigned bytes);
+///   `vpmaddubsw` against the 8-bit activations (pair sums fit i16, see `TABLE8_OFFSET`),
+///   `vpmaddwd` by ones to i32, less the chunk's offset correction: exact signed sums.
+///
+/// Both share one row loop ([`gemv_rows`]); a [`ChunkDot`] says how a chunk is decoded and
+/// multiplied.
 #[cfg(target_arch = "x86_64")]
-mod lookup_int16_avx2 {
+mod lookup_int_avx2 {
     use super::lookup_avx2::hsum;
     use super::{IntActivations, IntRows, INT_CHUNK};
     use crate::kernels::{prefetch, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
-    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
+    /// One integer decode's arithmetic on a 64-weight chunk.
+    trait ChunkDot {
+        type Weights;
+        /// The 64 weights of the 32 packed bytes at `p`.
+        unsafe fn decode(&self, p: *const u8) -> Self::Weights;
+        /// Σ w · x against prepared activation chunk `i` (of the `[m, K/64]` chunks), as f32
+        /// lanes of the exact integer sums.
+        unsafe fn dot(&self, w: &Self::Weights, i: usize) -> __m256;
+    }
+
+    /// The high nibbles (even elements) and low nibbles (odd) of the 32 bytes at `p`.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> (__m256i, __m256i) {
+        let nib = _mm256_set1_epi8(15);
+        let bytes = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
+        (even, _mm256_and_si256(bytes, nib))
+    }
+
+    struct Int16Dot {
+        lo: __m256i,
+        hi: __m256i,
+        codes: *const i16,
+    }
+
+    impl ChunkDot for Int16Dot {
+        type Weights = [__m256i; 4];
+        #[inline(always)]
+        unsafe fn decode(&self, p: *const u8) -> [__m256i; 4] {
+            let (even, odd) = nibbles(p);
+            let (el, eh) = (
+                _mm256_shuffle_epi8(self.lo, even),
+                _mm256_shuffle_epi8(self.hi, even),
+            );
+            let (ol, oh) = (
+                _mm256_shuffle_epi8(self.lo, odd),
+                _mm256_shuffle_epi8(self.hi, odd),
+            );
+            // Order: see `INT16_ORDER`.
+            [
+                _mm256_unpacklo_epi8(el, eh),
+                _mm256_unpackhi_epi8(el, eh),
+                _mm256_unpacklo_epi8(ol, oh),
+                _mm256_unpackhi_epi8(ol, oh),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn dot(&self, w: &[__m256i; 4], i: usize) -> __m256 {
+            let x = self.codes.add(i * INT_CHUNK) as *const __m256i;
+            let s01 = _mm256_add_epi32(
+                _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+            );
+            let s23 = _mm256_add_epi32(
+                _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
+                _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
+            );
+            _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23))
+        }
+    }
+
+    struct Int8Dot {
+        table: __m256i,
+        codes: *const i8,
+        offsets: *const i32,
+    }
+
+    impl ChunkDot for Int8Dot {
+        type Weights = [__m256i; 2];
+        #[inline(always)]
+        unsafe fn decode(&self, p: *const u8) -> [__m256i; 2] {
+            let (even, odd) = nibbles(p);
+            // Order: see `INT8_ORDER`.
+            [
+                _mm256_shuffle_epi8(self.table, even),
+                _mm256_shuffle_epi8(self.table, odd),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn dot(&self, w: &[__m256i; 2], i: usize) -> __m256 {
+            let x = self.codes.add(i * INT_CHUNK) as *const __m256i;
+            let ones = _mm256_set1_epi16(1);
+            let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x)), ones);
+            let s1 = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+                ones,
+            );
+            let offset = _mm256_set1_epi32(*self.offsets.add(i));
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(s0, s1), offset))
+        }
+    }
+
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows, `Int16` decode.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(w: &IntRows<i16>, xa: &IntActivations, m: usize, out: &mut [f32]) {
+    pub unsafe fn gemv16(w: &IntRows<i16>, xa: &IntActivations, m: usize, out: &mut [f32]) {
         let lo: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[0]);
         let hi: [u8; 16] = std::array::from_fn(|v| w.table[v].to_le_bytes()[1]);
         let lo = _mm_loadu_si128(lo.as_ptr() as *const __m128i);
         let hi = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
-        let planes = (_mm256_set_m128i(lo, lo), _mm256_set_m128i(hi, hi));
-        match m {
-            1 => gemv_m::<1>(w, &xa.codes16, &xa.scales, planes, out),
-            2 => gemv_m::<2>(w, &xa.codes16, &xa.scales, planes, out),
-            3 => gemv_m::<3>(w, &xa.codes16, &xa.scales, planes, out),
-            _ => gemv_m::<4>(w, &xa.codes16, &xa.scales, planes, out),
-        }
-    }
-
-    /// The 64 weights of 32 packed bytes at `p` as four vectors of 16 i16 (order: see
-    /// `INT16_ORDER`).
-    #[inline(always)]
-    unsafe fn decode64(p: *const u8, tlo: __m256i, thi: __m256i) -> [__m256i; 4] {
-        let nib = _mm256_set1_epi8(15);
-        let bytes = _mm256_loadu_si256(p as *const __m256i);
-        let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
-        let odd = _mm256_and_si256(bytes, nib);
-        let (el, eh) = (
-            _mm256_shuffle_epi8(tlo, even),
-            _mm256_shuffle_epi8(thi, even),
-        );
-        let (ol, oh) = (_mm256_shuffle_epi8(tlo, odd), _mm256_shuffle_epi8(thi, odd));
-        [
-            _mm256_unpacklo_epi8(el, eh),
-            _mm256_unpackhi_epi8(el, eh),
-            _mm256_unpacklo_epi8(ol, oh),
-            _mm256_unpackhi_epi8(ol, oh),
-        ]
-    }
-
-    /// Σ w · x over one 64-chunk as f32 lanes (the i32 sums are exact; see `TABLE_INT_MAX`).
-    #[inline(always)]
-    unsafe fn dot64(w: &[__m256i; 4], x: *const __m256i) -> __m256 {
-        let s01 = _mm256_add_epi32(
-            _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
-            _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
-        );
-        let s23 = _mm256_add_epi32(
-            _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
-            _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
-        );
-        _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23))
-    }
-
-    #[inline(always)]
-    unsafe fn gemv_m<const M: usize>(
-        w: &IntRows<i16>,
-        xq: &[i16],
-        xs: &[f32],
-        (tlo, thi): (__m256i, __m256i),
-        out: &mut [f32],
-    ) {
-        let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
-        debug_assert!(k.is_multiple_of(INT_CHUNK) && bs.is_multiple_of(INT_CHUNK));
-        debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT_CHUNK);
-        let rows = w.rows();
-        let nb_row = k / bs;
-        // Chunk c lies in block c >> shift (blocks are a power of two of chunks).
-        let shift = (bs / INT_CHUNK).trailing_zeros();
-        let nchunk = k / INT_CHUNK;
-        // One input row (decoding proper): two weight rows at a time share the input loads,
-        // two chunks per step (a cache line of each row) give four independent chains.
-        let pairs = if M == 1 { rows / 2 } else { 0 };
-        let chunk = |row: *const u8, am: *const f32, c: usize| {
-            let x = xq.as_ptr().add(c * INT_CHUNK) as *const __m256i;
-            let scale = *am.add(c >> shift) * *xs.get_unchecked(c);
-            let d = dot64(&decode64(row.add(c * 32), tlo, thi), x);
-            (d, _mm256_set1_ps(scale))
+        let d = Int16Dot {
+            lo: _mm256_set_m128i(lo, lo),
+            hi: _mm256_set_m128i(hi, hi),
+            codes: xa.codes16.as_ptr(),
         };
-        for jp in 0..pairs {
-            let j = 2 * jp;
-            let p0 = packed.as_ptr().add(j * k / 2);
-            let p1 = p0.add(k / 2);
-            let a0 = absmax.as_ptr().add(j * nb_row);
-            let a1 = a0.add(nb_row);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut c = 0;
-            while c + 2 <= nchunk {
-                prefetch(p0.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                prefetch(p1.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                for (t, (row, am)) in [(p0, a0), (p1, a1), (p0, a0), (p1, a1)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let (d, s) = chunk(row, am, c + t / 2);
-                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
-                }
-                c += 2;
-            }
-            if c < nchunk {
-                for (t, (row, am)) in [(p0, a0), (p1, a1)].into_iter().enumerate() {
-                    let (d, s) = chunk(row, am, c);
-                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
-                }
-            }
-            *out.get_unchecked_mut(j) = hsum(_mm256_add_ps(acc[0], acc[2]));
-            *out.get_unchecked_mut(j + 1) = hsum(_mm256_add_ps(acc[1], acc[3]));
-        }
-        // Even and odd chunks in separate sums, added as the pair loop adds them: a row gives
-        // the same bits whichever loop computes it (`forward_rows` on any row range agrees with
-        // `forward`).
-        for j in 2 * pairs..rows {
-            let prow = packed.as_ptr().add(j * k / 2);
-            let am = absmax.as_ptr().add(j * nb_row);
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            for c in 0..nchunk {
-                if c % 2 == 0 {
-                    prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
-                }
-                let wv = decode64(prow.add(c * 32), tlo, thi);
-                let amc = *am.add(c >> shift);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let x = xq.as_ptr().add(r * k + c * INT_CHUNK) as *const __m256i;
-                    let scale = _mm256_set1_ps(amc * *xs.get_unchecked(r * nchunk + c));
-                    a[c % 2] = _mm256_fmadd_ps(dot64(&wv, x), scale, a[c % 2]);
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                *out.get_unchecked_mut(r * rows + j) = hsum(_mm256_add_ps(a[0], a[1]));
-            }
-        }
+        debug_assert!(xa.codes16.len() >= m * w.k);
+        gemv_m(&d, w.k, w.bs, w.packed, w.absmax, &xa.scales, m, out);
     }
-}
 
-/// The `Int8` decode with AVX2: per 64 weights, 32 bytes split into high nibbles (even
-/// elements) and low nibbles (odd), one `vpshufb` each looks up the unsigned 7-bit code book,
-/// `vpmaddubsw` multiplies by the prepared 8-bit activations (pair sums fit i16, see
-/// `TABLE8_OFFSET`), `vpmaddwd` by ones widens to i32, and the chunk's offset correction makes
-/// the sums those of the signed code book, exactly.
-#[cfg(target_arch = "x86_64")]
-mod lookup_int8_avx2 {
-    use super::lookup_avx2::hsum;
-    use super::{IntActivations, IntRows, INT_CHUNK};
-    use crate::kernels::{prefetch, PREFETCH_AHEAD};
-    use std::arch::x86_64::*;
-
-    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows.
+    /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows, `Int8` decode.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(w: &IntRows<u8>, xa: &IntActivations, m: usize, out: &mut [f32]) {
+    pub unsafe fn gemv8(w: &IntRows<u8>, xa: &IntActivations, m: usize, out: &mut [f32]) {
         let t = _mm_loadu_si128(w.table.as_ptr() as *const __m128i);
-        let table = _mm256_set_m128i(t, t);
+        let d = Int8Dot {
+            table: _mm256_set_m128i(t, t),
+            codes: xa.codes8.as_ptr(),
+            offsets: xa.offsets.as_ptr(),
+        };
+        debug_assert!(xa.codes8.len() >= m * w.k && xa.offsets.len() == xa.scales.len());
+        gemv_m(&d, w.k, w.bs, w.packed, w.absmax, &xa.scales, m, out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemv_m<D: ChunkDot>(
+        d: &D,
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        xs: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
         match m {
-            1 => gemv_m::<1>(w, xa, table, out),
-            2 => gemv_m::<2>(w, xa, table, out),
-            3 => gemv_m::<3>(w, xa, table, out),
-            _ => gemv_m::<4>(w, xa, table, out),
+            1 => gemv_rows::<1, D>(d, k, bs, packed, absmax, xs, out),
+            2 => gemv_rows::<2, D>(d, k, bs, packed, absmax, xs, out),
+            3 => gemv_rows::<3, D>(d, k, bs, packed, absmax, xs, out),
+            _ => gemv_rows::<4, D>(d, k, bs, packed, absmax, xs, out),
         }
     }
 
-    /// The 64 weights of 32 packed bytes at `p` as unsigned code-book bytes: even elements,
-    /// then odd (order: see `INT8_ORDER`).
     #[inline(always)]
-    unsafe fn decode64(p: *const u8, table: __m256i) -> [__m256i; 2] {
-        let nib = _mm256_set1_epi8(15);
-        let bytes = _mm256_loadu_si256(p as *const __m256i);
-        let even = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), nib);
-        let odd = _mm256_and_si256(bytes, nib);
-        [
-            _mm256_shuffle_epi8(table, even),
-            _mm256_shuffle_epi8(table, odd),
-        ]
-    }
-
-    /// Σ w · x over one 64-chunk, less the offset correction, as f32 lanes (exact in i32).
-    #[inline(always)]
-    unsafe fn dot64(w: &[__m256i; 2], x: *const __m256i, offset: i32) -> __m256 {
-        let ones = _mm256_set1_epi16(1);
-        let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x)), ones);
-        let s1 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x.add(1))),
-            ones,
-        );
-        _mm256_cvtepi32_ps(_mm256_sub_epi32(
-            _mm256_add_epi32(s0, s1),
-            _mm256_set1_epi32(offset),
-        ))
-    }
-
-    #[inline(always)]
-    unsafe fn gemv_m<const M: usize>(
-        w: &IntRows<u8>,
-        xa: &IntActivations,
-        table: __m256i,
+    unsafe fn gemv_rows<const M: usize, D: ChunkDot>(
+        d: &D,
+        k: usize,
+        bs: usize,
+        packed: &[u8],
+        absmax: &[f32],
+        xs: &[f32],
         out: &mut [f32],
     ) {
-        let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
-        let (xq, xo, xs) = (&xa.codes8, &xa.offsets, &xa.scales);
         debug_assert!(k.is_multiple_of(INT_CHUNK) && bs.is_multiple_of(INT_CHUNK));
-        debug_assert!(xq.len() >= M * k && xs.len() >= M * k / INT_CHUNK);
-        debug_assert!(xo.len() == xs.len());
-        let rows = w.rows();
+        debug_assert!(xs.len() >= M * k / INT_CHUNK);
+        let rows = packed.len() * 2 / k;
         let nb_row = k / bs;
         // Chunk c lies in block c >> shift (blocks are a power of two of chunks).
         let shift = (bs / INT_CHUNK).trailing_zeros();
@@ -807,10 +772,8 @@ mod lookup_int8_avx2 {
         // two chunks per step (a cache line of each row) give four independent chains.
         let pairs = if M == 1 { rows / 2 } else { 0 };
         let chunk = |row: *const u8, am: *const f32, c: usize| {
-            let x = xq.as_ptr().add(c * INT_CHUNK) as *const __m256i;
             let scale = *am.add(c >> shift) * *xs.get_unchecked(c);
-            let d = dot64(&decode64(row.add(c * 32), table), x, *xo.get_unchecked(c));
-            (d, _mm256_set1_ps(scale))
+            (d.dot(&d.decode(row.add(c * 32)), c), _mm256_set1_ps(scale))
         };
         for jp in 0..pairs {
             let j = 2 * jp;
@@ -827,15 +790,15 @@ mod lookup_int8_avx2 {
                     .into_iter()
                     .enumerate()
                 {
-                    let (d, s) = chunk(row, am, c + t / 2);
-                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                    let (s, scale) = chunk(row, am, c + t / 2);
+                    acc[t] = _mm256_fmadd_ps(s, scale, acc[t]);
                 }
                 c += 2;
             }
             if c < nchunk {
                 for (t, (row, am)) in [(p0, a0), (p1, a1)].into_iter().enumerate() {
-                    let (d, s) = chunk(row, am, c);
-                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                    let (s, scale) = chunk(row, am, c);
+                    acc[t] = _mm256_fmadd_ps(s, scale, acc[t]);
                 }
             }
             *out.get_unchecked_mut(j) = hsum(_mm256_add_ps(acc[0], acc[2]));
@@ -852,14 +815,12 @@ mod lookup_int8_avx2 {
                 if c % 2 == 0 {
                     prefetch(prow.wrapping_add(c * 32 + PREFETCH_AHEAD));
                 }
-                let wv = decode64(prow.add(c * 32), table);
+                let wv = d.decode(prow.add(c * 32));
                 let amc = *am.add(c >> shift);
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let x = xq.as_ptr().add(r * k + c * INT_CHUNK) as *const __m256i;
                     let i = r * nchunk + c;
                     let scale = _mm256_set1_ps(amc * *xs.get_unchecked(i));
-                    a[c % 2] =
-                        _mm256_fmadd_ps(dot64(&wv, x, *xo.get_unchecked(i)), scale, a[c % 2]);
+                    a[c % 2] = _mm256_fmadd_ps(d.dot(&wv, i), scale, a[c % 2]);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
@@ -1656,26 +1617,14 @@ mod tests {
                     if decode == FourBitDecode::Int8 {
                         // The largest code-book byte is the one that could saturate a pair.
                         assert_eq!(kern.table_u8.iter().max(), Some(&128));
-                        let w = IntRows {
-                            k,
-                            bs,
-                            packed,
-                            absmax: &absmax,
-                            table: &kern.table_u8,
-                        };
+                        let w = IntRows::new(k, bs, packed, &absmax, &kern.table_u8);
                         // SAFETY: AVX2 checked above; shapes as built.
-                        unsafe { lookup_int8_avx2::gemv(&w, &xa, m, &mut simd) };
+                        unsafe { lookup_int_avx2::gemv8(&w, &xa, m, &mut simd) };
                         gemv_int8_scalar(&w, &xa, m, &mut portable);
                     } else {
-                        let w = IntRows {
-                            k,
-                            bs,
-                            packed,
-                            absmax: &absmax,
-                            table: &kern.table_int,
-                        };
+                        let w = IntRows::new(k, bs, packed, &absmax, &kern.table_int);
                         // SAFETY: AVX2 checked above; shapes as built.
-                        unsafe { lookup_int16_avx2::gemv(&w, &xa, m, &mut simd) };
+                        unsafe { lookup_int_avx2::gemv16(&w, &xa, m, &mut simd) };
                         gemv_int16_scalar(&w, &xa, m, &mut portable);
                     }
                     for (a, b) in simd.iter().zip(&portable) {
