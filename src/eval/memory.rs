@@ -155,8 +155,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Give the heap's free pages back to the system. glibc raises its mmap threshold after the
 /// first large `free`, so later large buffers come from per-thread arenas that keep their freed
 /// pages: without this, a streamed run's RSS climbs over its first blocks to well above the
-/// memory it uses. Called once per streamed block, so its cost (a walk over the arenas) is
-/// negligible. A no-op off glibc.
+/// memory it uses. Called once per streamed block; its cost is the next block faulting those
+/// pages in again (~60 ms per block on tests/gptq_stream.rs's toy model, small next to a real
+/// block's work). A no-op off glibc.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns unused heap pages to the kernel; it takes no pointers.

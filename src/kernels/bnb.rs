@@ -4,7 +4,9 @@
 //!   table lookup on the fly — with AVX-512 the 16-entry code book, scaled by the block's absmax,
 //!   sits in one register and `vpermps` turns 16 codes into 16 weights (exactly
 //!   `quant_map[code] · absmax` in f32, as bitsandbytes dequantizes); for many rows, blocks of
-//!   rows are dequantized into a cache-sized buffer and multiplied with a GEMM.
+//!   rows are dequantized into a cache-sized buffer and multiplied with a GEMM. Decoding may
+//!   instead use integer arithmetic ([`FourBitDecode`]: `Int16`, `Int8`), with activations
+//!   quantized per 64 and exact integer sums, as llama.cpp multiplies its 4-bit formats.
 //!   `compute_dtype` f16/bf16 is emulated by rounding each dequantized weight, the activations
 //!   and each output to it; sums stay f32 (as GPU kernels accumulate). Like bitsandbytes'
 //!   `gemm_4bit`, weights are dequantized straight to the compute dtype, whatever dtype the
