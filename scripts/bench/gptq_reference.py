@@ -228,7 +228,8 @@ def main():
     p.add_argument("--gguf", default=GGUF)
     p.add_argument("--calib", default=CALIB, help="calibration text file")
     p.add_argument("--eval", default=EVAL, help="evaluation text file")
-    p.add_argument("--method", choices=["gptq", "rtn", "fp32"], default="gptq")
+    p.add_argument("--method", choices=["gptq", "rtn", "fp32", "windows"], default="gptq",
+                   help="windows: only sample (or load and shuffle) and --save-windows, then stop")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=-1)
     sym = p.add_mutually_exclusive_group()
@@ -246,6 +247,11 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the result JSON here")
     p.add_argument("--save-windows", help="write the sampled calibration token windows (JSON)")
+    p.add_argument("--windows", help="use these calibration windows (a --save-windows JSON) "
+                   "instead of sampling")
+    p.add_argument("--shuffle-windows", type=int, metavar="SEED",
+                   help="visit the windows in a shuffled order: the Hessians are sums over windows, "
+                   "so only float rounding changes (measures the run-to-run spread)")
     args = p.parse_args()
 
     for path in (args.gguf, args.calib, args.eval):
@@ -253,6 +259,8 @@ def main():
             sys.exit(f"missing {path}; run scripts/fetch_assets.sh first")
     if args.group_size != -1 and args.group_size <= 0:
         sys.exit("--group-size must be positive or -1")
+    if args.method == "windows" and not args.save_windows:
+        sys.exit("--method windows needs --save-windows")
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -273,7 +281,16 @@ def main():
 
     with open(args.calib, encoding="utf-8") as f:
         calib_ids = tok(f.read(), add_special_tokens=False).input_ids
-    windows = sample_windows(calib_ids, args.nsamples, args.seqlen, args.seed)
+    if args.windows:
+        with open(args.windows) as f:
+            windows = json.load(f)["windows"]
+        if not windows or len({len(w) for w in windows}) != 1:
+            sys.exit(f"{args.windows}: needs windows of one length")
+        args.nsamples, args.seqlen = len(windows), len(windows[0])
+    else:
+        windows = sample_windows(calib_ids, args.nsamples, args.seqlen, args.seed)
+    if args.shuffle_windows is not None:
+        random.Random(args.shuffle_windows).shuffle(windows)
     if args.save_windows:
         tmp = args.save_windows + ".tmp"
         with open(tmp, "w") as f:
@@ -283,11 +300,15 @@ def main():
                 "tokenized_with": "transformers AutoTokenizer(gguf_file), add_special_tokens=False",
                 "sampler": "random.seed(seed); i = random.randint(0, len - seqlen - 1)",
                 "seed": args.seed,
+                "from_file": os.path.abspath(args.windows) if args.windows else None,
+                "shuffled_with": args.shuffle_windows,
                 "nsamples": args.nsamples,
                 "seqlen": args.seqlen,
                 "windows": windows,
             }, f)
         os.replace(tmp, args.save_windows)
+    if args.method == "windows":
+        return
 
     load_before = os.getloadavg()[0]
     w0, c0 = time.perf_counter(), time.process_time()
@@ -322,6 +343,8 @@ def main():
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "seed": args.seed,
+        "windows_file": os.path.abspath(args.windows) if args.windows else None,
+        "shuffle_windows": args.shuffle_windows,
         "threads": args.threads,
         "torch": torch.__version__,
         "load_seconds": round(load_s, 2),

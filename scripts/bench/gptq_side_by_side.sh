@@ -3,7 +3,9 @@
 # invocation, on the very same calibration windows, so quality and time compare directly.
 #
 #   scripts/bench/gptq_side_by_side.sh [--bits B] [--group-size G] [--nsamples N] [--seqlen L]
-#                                      [--threads T] [--skip-default] [--reuse-reference] [OUT_DIR]
+#                                      [--threads T] [--skip-default] [--reuse-reference]
+#                                      [--windows FILE] [--shuffle-windows SEED] [--no-reference]
+#                                      [OUT_DIR]
 #   env: AUTOQUANT_BIN=path (skip cargo build), PYTHON=venv python (default: the cached venv)
 #
 # Steps (each timed, wall clock):
@@ -15,9 +17,14 @@
 # Perplexity for every one: Wikipedia evaluation text, seqlen 512, first 40 windows.
 # Time is reported as wall seconds and as CPU seconds (user + system): on a shared machine the
 # CPU seconds are the fairer comparison. --reuse-reference skips step 1 when OUT_DIR already
-# holds its result and windows for these settings.
-# Writes OUT_DIR/side_by_side.json (default target/gptq_side_by_side) and prints a table with
-# the two goals of issue 3: --reference within 1% of the reference, and at most half its time.
+# holds its result and windows for these settings. --windows FILE uses saved windows instead of
+# sampling; --shuffle-windows SEED visits them in a shuffled order (both runs get that order):
+# the Hessians are sums over windows, so only float rounding changes — it measures how far each
+# implementation moves on its own, the yardstick for "within 1%". --no-reference only prepares
+# the windows (the runner with --method windows) and runs ours: the ~1 h reference run skipped.
+# Writes OUT_DIR/side_by_side-TAG.json (OUT_DIR default target/gptq_side_by_side) and prints a
+# table with the two goals of issue 3: --reference within 1% of the reference, and at most half
+# its time.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +37,7 @@ PYTHON=${PYTHON:-$AQ_HOME/venv/bin/python}
 AQ_BIN=${AUTOQUANT_BIN:-$ROOT/target/release/autoquant}
 
 BITS=4 GROUP=64 NSAMPLES=32 SEQLEN=2048 THREADS=2 SKIP_DEFAULT=0 REUSE_REF=0 OUT=""
+WINDOWS_IN="" SHUFFLE="" NO_REF=0
 say() { printf 'side_by_side: %s\n' "$*" >&2; }
 die() { printf 'side_by_side: error: %s\n' "$*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -41,7 +49,10 @@ while [ $# -gt 0 ]; do
         --threads) THREADS=${2:?}; shift ;;
         --skip-default) SKIP_DEFAULT=1 ;;
         --reuse-reference) REUSE_REF=1 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --windows) WINDOWS_IN=${2:?}; shift ;;
+        --shuffle-windows) SHUFFLE=${2:?}; shift ;;
+        --no-reference) NO_REF=1 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) OUT=$1 ;;
     esac
@@ -55,7 +66,10 @@ if [ -z "${AUTOQUANT_BIN:-}" ]; then
     (cd "$ROOT" && cargo build --release --quiet)
 fi
 mkdir -p "$OUT"
-TAG="b${BITS}g${GROUP}n${NSAMPLES}x${SEQLEN}"
+TAG="b${BITS}g${GROUP}n${NSAMPLES}x${SEQLEN}${SHUFFLE:+s$SHUFFLE}"
+REF_WINDOWS=()
+[ -n "$WINDOWS_IN" ] && REF_WINDOWS+=(--windows "$WINDOWS_IN")
+[ -n "$SHUFFLE" ] && REF_WINDOWS+=(--shuffle-windows "$SHUFFLE")
 WINDOWS=$OUT/windows-$TAG.json
 
 # timed TIMES_JSON CMD...: run CMD, record its wall and CPU (user + system) seconds.
@@ -78,10 +92,16 @@ PY
 
 if [ "$REUSE_REF" = 1 ] && [ -f "$OUT/reference-$TAG.json" ] && [ -f "$WINDOWS" ]; then
     say "1/4 reference GPTQ: reusing $OUT/reference-$TAG.json"
+elif [ "$NO_REF" = 1 ]; then
+    say "1/4 reference GPTQ skipped (--no-reference); preparing the windows"
+    rm -f "$OUT/reference-$TAG.json"
+    "$PYTHON" "$SCRIPT_DIR/gptq_reference.py" --method windows --nsamples "$NSAMPLES" \
+        --seqlen "$SEQLEN" ${REF_WINDOWS[@]+"${REF_WINDOWS[@]}"} --save-windows "$WINDOWS" \
+        > "$OUT/windows-$TAG.log" 2>&1 || die "preparing windows failed, see $OUT/windows-$TAG.log"
 else
     say "1/4 reference GPTQ ($TAG, $THREADS threads)"
     "$PYTHON" "$SCRIPT_DIR/gptq_reference.py" --bits "$BITS" --group-size "$GROUP" --sym \
-        --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --threads "$THREADS" \
+        --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --threads "$THREADS" ${REF_WINDOWS[@]+"${REF_WINDOWS[@]}"} \
         --json "$OUT/reference-$TAG.json" --save-windows "$WINDOWS" > "$OUT/reference-$TAG.log" 2>&1 \
         || die "reference run failed, see $OUT/reference-$TAG.log"
 fi
@@ -118,9 +138,11 @@ out, tag = sys.argv[1:]
 def load(p):
     with open(os.path.join(out, p)) as f:
         return json.load(f)
-ref = load(f"reference-{tag}.json")
-rows = [("reference GPTQ (AutoGPTQ 0.7.1, torch CPU)", ref["eval"]["perplexity"],
-         ref["quant_wall_seconds"], ref["quant_cpu_seconds"], None)]
+ref = load(f"reference-{tag}.json") if os.path.exists(os.path.join(out, f"reference-{tag}.json")) else None
+rows = []
+if ref is not None:
+    rows.append(("reference GPTQ (AutoGPTQ 0.7.1, torch CPU)", ref["eval"]["perplexity"],
+                 ref["quant_wall_seconds"], ref["quant_cpu_seconds"], None))
 ours = {}
 for name, label in (("reference", "autoquant gptq --reference"),
                     ("default", "autoquant gptq (default)"), ("rtn", "autoquant rtn")):
@@ -137,12 +159,12 @@ print(f"{'run':44} {'ppl':>9} {'wall s':>8} {'CPU s':>8} {'peak RSS':>9}")
 for label, ppl, secs, cpu, rss in rows:
     r = f"{rss / 2**30:.2f}G" if rss else "-"
     print(f"{label:44} {ppl:9.3f} {secs:8.1f} {cpu:8.1f} {r:>9}")
-summary = {"tag": tag, "reference": {"perplexity": ref["eval"]["perplexity"],
-           "quant_wall_seconds": ref["quant_wall_seconds"],
-           "quant_cpu_seconds": ref["quant_cpu_seconds"],
-           "loadavg_before": ref["loadavg_before"], "loadavg_after": ref["loadavg_after"]},
-           "autoquant": ours}
-if "reference" in ours:
+summary = {"tag": tag, "autoquant": ours}
+if ref is not None:
+    summary["reference"] = {key: ref[key] for key in ("quant_wall_seconds", "quant_cpu_seconds",
+                                                      "loadavg_before", "loadavg_after")}
+    summary["reference"]["perplexity"] = ref["eval"]["perplexity"]
+if ref is not None and "reference" in ours:
     d = ours["reference"]["perplexity"] / ref["eval"]["perplexity"] - 1
     t = ours["reference"]["quant_seconds"] / ref["quant_wall_seconds"]
     c = ours["reference"]["cpu_seconds"] / ref["quant_cpu_seconds"]
