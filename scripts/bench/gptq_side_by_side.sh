@@ -94,7 +94,6 @@ if [ "$REUSE_REF" = 1 ] && [ -f "$OUT/reference-$TAG.json" ] && [ -f "$WINDOWS" 
     say "1/4 reference GPTQ: reusing $OUT/reference-$TAG.json"
 elif [ "$NO_REF" = 1 ]; then
     say "1/4 reference GPTQ skipped (--no-reference); preparing the windows"
-    rm -f "$OUT/reference-$TAG.json"
     "$PYTHON" "$SCRIPT_DIR/gptq_reference.py" --method windows --nsamples "$NSAMPLES" \
         --seqlen "$SEQLEN" ${REF_WINDOWS[@]+"${REF_WINDOWS[@]}"} --save-windows "$WINDOWS" \
         > "$OUT/windows-$TAG.log" 2>&1 || die "preparing windows failed, see $OUT/windows-$TAG.log"
@@ -132,13 +131,15 @@ fi
 say "4/4 autoquant RTN"
 run_ours rtn "${COMMON[@]}" --method rtn
 
-python3 - "$OUT" "$TAG" <<'PY'
+python3 - "$OUT" "$TAG" "$NO_REF" <<'PY'
 import json, os, sys
-out, tag = sys.argv[1:]
+out, tag, no_ref = sys.argv[1:]
 def load(p):
     with open(os.path.join(out, p)) as f:
         return json.load(f)
-ref = load(f"reference-{tag}.json") if os.path.exists(os.path.join(out, f"reference-{tag}.json")) else None
+# With --no-reference, a reference result left in OUT by an earlier run is kept but not used.
+have_ref = no_ref == "0" and os.path.exists(os.path.join(out, f"reference-{tag}.json"))
+ref = load(f"reference-{tag}.json") if have_ref else None
 rows = []
 if ref is not None:
     rows.append(("reference GPTQ (AutoGPTQ 0.7.1, torch CPU)", ref["eval"]["perplexity"],
