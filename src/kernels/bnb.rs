@@ -719,7 +719,7 @@ mod lookup_int_avx2 {
             codes: xa.codes16.as_ptr(),
         };
         debug_assert!(xa.codes16.len() >= m * w.k);
-        gemv_m(&d, w.k, w.bs, w.packed, w.absmax, &xa.scales, m, out);
+        gemv_m(&d, w, &xa.scales, m, out);
     }
 
     /// `out[r, j] = Σ_c W[j, c] · x[r, c]` for `m ≤ 4` prepared input rows, `Int8` decode.
@@ -732,42 +732,31 @@ mod lookup_int_avx2 {
             offsets: xa.offsets.as_ptr(),
         };
         debug_assert!(xa.codes8.len() >= m * w.k && xa.offsets.len() == xa.scales.len());
-        gemv_m(&d, w.k, w.bs, w.packed, w.absmax, &xa.scales, m, out);
+        gemv_m(&d, w, &xa.scales, m, out);
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn gemv_m<D: ChunkDot>(
-        d: &D,
-        k: usize,
-        bs: usize,
-        packed: &[u8],
-        absmax: &[f32],
-        xs: &[f32],
-        m: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn gemv_m<T, D: ChunkDot>(d: &D, w: &IntRows<T>, xs: &[f32], m: usize, out: &mut [f32]) {
         match m {
-            1 => gemv_rows::<1, D>(d, k, bs, packed, absmax, xs, out),
-            2 => gemv_rows::<2, D>(d, k, bs, packed, absmax, xs, out),
-            3 => gemv_rows::<3, D>(d, k, bs, packed, absmax, xs, out),
-            _ => gemv_rows::<4, D>(d, k, bs, packed, absmax, xs, out),
+            1 => gemv_rows::<1, T, D>(d, w, xs, out),
+            2 => gemv_rows::<2, T, D>(d, w, xs, out),
+            3 => gemv_rows::<3, T, D>(d, w, xs, out),
+            _ => gemv_rows::<4, T, D>(d, w, xs, out),
         }
     }
 
+    /// The row loop; `w.table` is unused here (the code book is in `d`).
     #[inline(always)]
-    unsafe fn gemv_rows<const M: usize, D: ChunkDot>(
+    unsafe fn gemv_rows<const M: usize, T, D: ChunkDot>(
         d: &D,
-        k: usize,
-        bs: usize,
-        packed: &[u8],
-        absmax: &[f32],
+        w: &IntRows<T>,
         xs: &[f32],
         out: &mut [f32],
     ) {
+        let (k, bs, packed, absmax) = (w.k, w.bs, w.packed, w.absmax);
         debug_assert!(k.is_multiple_of(INT_CHUNK) && bs.is_multiple_of(INT_CHUNK));
         debug_assert!(xs.len() >= M * k / INT_CHUNK);
-        let rows = packed.len() * 2 / k;
+        let rows = w.rows();
         let nb_row = k / bs;
         // Chunk c lies in block c >> shift (blocks are a power of two of chunks).
         let shift = (bs / INT_CHUNK).trailing_zeros();
