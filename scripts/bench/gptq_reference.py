@@ -269,10 +269,13 @@ def main():
     folder, name = os.path.split(os.path.abspath(args.gguf))
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    model.config.use_cache = False
+    model = None  # --method windows needs only the tokenizer
+    if args.method != "windows":
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                     dtype=torch.float32).eval()
+        model.config.use_cache = False
     load_s = time.perf_counter() - t0
-    if args.group_size != -1:
+    if model is not None and args.group_size != -1:
         for layer in model.model.layers:
             for n, m in layer.named_modules():
                 if isinstance(m, nn.Linear) and m.in_features % args.group_size:
