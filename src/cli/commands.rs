@@ -518,6 +518,8 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     }
     opts.static_groups = a.static_groups;
     opts.true_sequential = !a.no_true_sequential;
+    opts.fresh_groups |= a.fresh_groups;
+    opts.clip_search |= a.clip_search;
     if let Some(w) = a.sink_weight {
         opts.sink_weight = w;
     }

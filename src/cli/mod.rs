@@ -254,6 +254,12 @@ pub struct QuantizeArgs {
     /// Quantize each block's linear groups on float inputs instead of true-sequentially.
     #[arg(long)]
     pub no_true_sequential: bool,
+    /// GPTQ group parameters from the weights as updated inside the lazy block (experimental).
+    #[arg(long)]
+    pub fresh_groups: bool,
+    /// GPTQ scales from a clipping search weighted by the GPTQ loss (experimental).
+    #[arg(long)]
+    pub clip_search: bool,
     /// Hessian weight of each calibration sample's first position (the attention sink) relative
     /// to the other positions [default: 16; 1 with --reference, as the reference GPTQ].
     #[arg(long)]

@@ -249,6 +249,12 @@ pub struct GptqOptions {
     pub desc_act: bool,
     /// Group parameters from the original weight, before any update (only with groups).
     pub static_groups: bool,
+    /// Dynamic group parameters from the weights as updated so far inside the current lazy
+    /// block. The reference reads the outer matrix, which lags by the block's earlier columns.
+    pub fresh_groups: bool,
+    /// Group (or per-channel) scales from a clipping search weighted by each column's GPTQ loss
+    /// factor `1/Hinv[j,j]²` ([`rtn::grid_searched`]) instead of the reference's min/max grid.
+    pub clip_search: bool,
 }
 
 impl GptqOptions {
@@ -260,6 +266,8 @@ impl GptqOptions {
             block_size: 128,
             desc_act: false,
             static_groups: false,
+            fresh_groups: false,
+            clip_search: false,
         }
     }
 }
@@ -406,9 +414,37 @@ pub fn gptq_quantize_factored(
     let sym = params.sym;
     let maxq = rtn::maxq(bits);
 
+    // Clip search: each column's rounding error weighs as in the GPTQ loss, 1/Hinv[j,j]², here
+    // in processing order and in original column order.
+    let loss_weights: Option<Vec<f32>> = opts.clip_search.then(|| {
+        (0..k)
+            .map(|j| {
+                let d = factor.hinv[j * k + j];
+                1.0 / (d * d)
+            })
+            .collect()
+    });
+    let loss_weights_orig: Option<Vec<f32>> = loss_weights.as_ref().map(|lw| match &factor.perm {
+        Some(p) => {
+            let mut o = vec![0f32; k];
+            for (j, &c) in p.iter().enumerate() {
+                o[c] = lw[j];
+            }
+            o
+        }
+        None => lw.clone(),
+    });
+    let grid_of = |v: &[f32], wts: Option<&[f32]>| match wts {
+        Some(wts) => rtn::grid_searched(v, Some(wts), bits, sym),
+        None => rtn::grid(v, bits, sym),
+    };
+
     // Per-channel parameters: from the whole weight, before dead columns are zeroed (reference).
     let row_grid: Vec<(f32, u32)> = if group.is_none() {
-        let g: Vec<(f32, u32)> = w.chunks_exact(k).map(|r| rtn::grid(r, bits, sym)).collect();
+        let g: Vec<(f32, u32)> = w
+            .chunks_exact(k)
+            .map(|r| grid_of(r, loss_weights_orig.as_deref()))
+            .collect();
         for (row, &(s, _)) in g.iter().enumerate() {
             check_scale(s, row, 0, n, k)?;
         }
@@ -432,7 +468,12 @@ pub fn gptq_quantize_factored(
             for gi in 0..groups {
                 for row in 0..n {
                     let v = &wm[row * k + gi * g..row * k + (gi + 1) * g];
-                    let p = rtn::grid(v, bits, sym);
+                    let p = grid_of(
+                        v,
+                        loss_weights_orig
+                            .as_deref()
+                            .map(|lw| &lw[gi * g..(gi + 1) * g]),
+                    );
                     check_scale(p.0, row, gi, n, k)?;
                     out[gi * n + row] = p;
                 }
@@ -468,6 +509,8 @@ pub fn gptq_quantize_factored(
         row_grid: &row_grid,
         static_grid: static_grid.as_deref(),
         perm: perm.map(|p| p.as_slice()),
+        fresh_groups: opts.fresh_groups,
+        loss_weights: loss_weights.as_deref(),
     };
     let chunks: Vec<ChunkOut> = wm
         .par_chunks_mut(chunk_rows * k)
@@ -686,6 +729,10 @@ struct LoopCtx<'a> {
     /// Static group parameters, `[groups, n]`, original column order.
     static_grid: Option<&'a [(f32, u32)]>,
     perm: Option<&'a [usize]>,
+    /// Dynamic group parameters from the block-updated weights ([`GptqOptions::fresh_groups`]).
+    fresh_groups: bool,
+    /// Clip-search weights per column in processing order ([`GptqOptions::clip_search`]).
+    loss_weights: Option<&'a [f32]>,
 }
 
 struct ChunkOut {
@@ -716,6 +763,7 @@ impl LoopCtx<'_> {
         let mut loss = 0f64;
         let mut w1 = Vec::with_capacity(rows * self.block);
         let mut err1 = Vec::with_capacity(rows * self.block);
+        let mut group_buf = Vec::new();
 
         for i1 in (0..k).step_by(self.block) {
             let i2 = (i1 + self.block).min(k);
@@ -738,11 +786,35 @@ impl LoopCtx<'_> {
                             cur.copy_from_slice(&sg[gi * self.n + row0..gi * self.n + row0 + rows]);
                         }
                         None if col % g == 0 => {
-                            // From the outer W: stale inside the block, as in the reference.
+                            // The reference reads the outer W, stale inside the block; fresh
+                            // groups read the block's updated W1 (columns past the block are
+                            // only updated at its end either way).
                             let gi = col / g;
+                            let wts = self.loss_weights.map(|lw| &lw[col..col + g]);
+                            let in_block = if self.fresh_groups {
+                                (col + g).min(i2) - col
+                            } else {
+                                0
+                            };
                             for r in 0..rows {
-                                let v = &wc[r * k + col..r * k + col + g];
-                                let p = rtn::grid(v, self.bits, self.sym);
+                                let v: &[f32] = if in_block == 0 {
+                                    &wc[r * k + col..r * k + col + g]
+                                } else {
+                                    group_buf.clear();
+                                    group_buf.extend_from_slice(
+                                        &w1[r * cnt + i..r * cnt + i + in_block],
+                                    );
+                                    group_buf.extend_from_slice(
+                                        &wc[r * k + col + in_block..r * k + col + g],
+                                    );
+                                    &group_buf
+                                };
+                                let p = match wts {
+                                    Some(wts) => {
+                                        rtn::grid_searched(v, Some(wts), self.bits, self.sym)
+                                    }
+                                    None => rtn::grid(v, self.bits, self.sym),
+                                };
                                 check_scale(p.0, row0 + r, gi, self.n, k)?;
                                 cur[r] = p;
                                 group_grid[gi * rows + r] = p;

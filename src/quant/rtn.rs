@@ -125,6 +125,58 @@ pub fn grid(values: &[f32], bits: u8, sym: bool) -> (f32, u32) {
     (scale, zero)
 }
 
+/// Shrink steps of [`grid_searched`]: scales `s₀·(1 − i/100)` for `i < CLIP_STEPS`, down to 0.21 s₀
+/// (the range the reference's optional `mse` quantizer searches).
+const CLIP_STEPS: usize = 80;
+
+/// Scale and zero point for one group chosen to minimise the weighted squared rounding error
+/// `Σ wⱼ·(Q(xⱼ) − xⱼ)²` (`weights` `None`: all 1) — a clipping search, which the reference's
+/// default grid ([`grid`]) does not do. Candidates shrink the range from its no-clip extent; for
+/// the symmetric grid, whose codes reach `−2^(b−1)` steps below zero but only `2^(b−1) − 1`
+/// above, the no-clip scale is fitted to each side separately (the reference's symmetric scale,
+/// which clips the positive side, is tried too), so a group whose largest magnitude is negative
+/// uses the extra code. Never worse than [`grid`] on this error.
+pub fn grid_searched(values: &[f32], weights: Option<&[f32]>, bits: u8, sym: bool) -> (f32, u32) {
+    let maxq = maxq(bits);
+    let reference = grid(values, bits, sym);
+    let xmin = values.iter().copied().fold(0.0f32, f32::min);
+    let xmax = values.iter().copied().fold(0.0f32, f32::max);
+    if xmin == 0.0 && xmax == 0.0 {
+        return reference;
+    }
+    let error = |(scale, zero): (f32, u32)| -> f64 {
+        let mut e = 0f64;
+        for (j, &x) in values.iter().enumerate() {
+            let q = scale * (quantize_value(x, scale, zero, maxq) as f32 - zero as f32);
+            let d = (q - x) as f64;
+            e += d * d * weights.map_or(1.0, |w| w[j] as f64);
+        }
+        e
+    };
+    let mut best = (error(reference), reference);
+    for i in 0..CLIP_STEPS {
+        let p = 1.0 - i as f32 / 100.0;
+        let candidate = if sym {
+            let zero = 1u32 << (bits - 1);
+            let scale = (xmax / (maxq - zero) as f32).max(-xmin / zero as f32) * p;
+            (scale, zero)
+        } else {
+            let (lo, hi) = (xmin * p, xmax * p);
+            let scale = (hi - lo) / maxq as f32;
+            let zero = (-lo / scale).round_ties_even().clamp(0.0, maxq as f32) as u32;
+            (scale, zero)
+        };
+        if !(candidate.0.is_finite() && candidate.0 > 0.0) {
+            continue;
+        }
+        let e = error(candidate);
+        if e < best.0 {
+            best = (e, candidate);
+        }
+    }
+    best.1
+}
+
 /// Code of one value on a grid: `clamp(round(x / scale) + zero, 0, maxq)` (§1.2 step 6).
 pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u8 {
     let q = (x / scale).round_ties_even() + zero as f32;
@@ -183,6 +235,27 @@ pub fn quantize_rtn(
     k: usize,
     params: &QuantParams,
 ) -> Result<QuantizedLinear> {
+    rtn_on_grid(w, n, k, params, false)
+}
+
+/// [`quantize_rtn`] with each group's scale from the clipping search ([`grid_searched`],
+/// unweighted) instead of the reference's min/max grid.
+pub fn quantize_rtn_clipped(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    params: &QuantParams,
+) -> Result<QuantizedLinear> {
+    rtn_on_grid(w, n, k, params, true)
+}
+
+fn rtn_on_grid(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    params: &QuantParams,
+    clip_search: bool,
+) -> Result<QuantizedLinear> {
     let group = check_weight(w, n, k, params)?.unwrap_or(k);
 
     let groups = k / group;
@@ -194,7 +267,11 @@ pub fn quantize_rtn(
         for g in 0..groups {
             let start = row * k + g * group;
             let values = &w[start..start + group];
-            let (scale, zero) = grid(values, params.bits, params.sym);
+            let (scale, zero) = if clip_search {
+                grid_searched(values, None, params.bits, params.sym)
+            } else {
+                grid(values, params.bits, params.sym)
+            };
             // Finite weights can still overflow (xmax − xmin > f32::MAX) or underflow the scale.
             if !(scale.is_finite() && scale > 0.0) {
                 return Err(Error::InvalidArgument(format!(
@@ -235,6 +312,59 @@ mod tests {
         assert_eq!(z, 7);
         // 2-bit: 1/(2/3 in f32) is exactly 1.5 in f32 and rounds half-to-even to 2.
         assert_eq!(grid(&[0.0; 4], 2, false), (2.0f32 / 3.0, 2));
+    }
+
+    fn weighted_error(v: &[f32], wts: &[f32], (s, z): (f32, u32), bits: u8) -> f64 {
+        v.iter()
+            .zip(wts)
+            .map(|(&x, &w)| {
+                let q = s * (quantize_value(x, s, z, maxq(bits)) as f32 - z as f32);
+                w as f64 * ((q - x) as f64).powi(2)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn searched_grid_uses_the_extra_negative_code() {
+        // 3-bit symmetric codes span −4…3 steps: the reference scale 2·4/7 rounds both values
+        // off the grid, a scale of exactly 1 holds them both.
+        assert_eq!(grid(&[-4.0, 3.0], 3, true), (8.0 / 7.0, 4));
+        assert_eq!(grid_searched(&[-4.0, 3.0], None, 3, true), (1.0, 4));
+        // All zero: the reference's unit range.
+        assert_eq!(
+            grid_searched(&[0.0; 3], None, 4, false),
+            grid(&[0.0; 3], 4, false)
+        );
+    }
+
+    #[test]
+    fn searched_grid_never_loses_to_the_reference_grid() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let mut strictly_better = 0;
+        for case in 0..200 {
+            let bits = [2u8, 3, 4, 8][case % 4];
+            let sym = case % 3 != 0;
+            // Heavy tails (cubes) make clipping worth it in most groups.
+            let v: Vec<f32> = (0..32).map(|_| next().powi(3) + 0.1 * next()).collect();
+            let wts: Vec<f32> = (0..32).map(|_| next().abs() + 0.01).collect();
+            let reference = weighted_error(&v, &wts, grid(&v, bits, sym), bits);
+            let searched = weighted_error(&v, &wts, grid_searched(&v, Some(&wts), bits, sym), bits);
+            assert!(
+                searched <= reference,
+                "case {case}: {searched} > {reference}"
+            );
+            strictly_better += usize::from(searched < 0.999 * reference);
+        }
+        assert!(
+            strictly_better > 100,
+            "only {strictly_better} of 200 improved"
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ use crate::nn::{DenseMatrix, Loader, WeightDType};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
-use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
+use crate::quant::rtn::{
+    check_bits, quantize_rtn, quantize_rtn_clipped, QuantParams, QuantizedLinear,
+};
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -93,6 +95,10 @@ pub struct StreamOptions {
     /// Quantize the groups of a block one after the other, each on inputs that went through the
     /// groups already quantized (reference default). Off: every group sees float inputs.
     pub true_sequential: bool,
+    /// GPTQ group parameters from the block-updated weights ([`GptqOptions::fresh_groups`]).
+    pub fresh_groups: bool,
+    /// GPTQ scales from a loss-weighted clipping search ([`GptqOptions::clip_search`]).
+    pub clip_search: bool,
     /// Weight, in the GPTQ Hessian, of the first position of every calibration sample relative
     /// to the others. 1 is the reference. The first position is the attention sink every later
     /// token reads, so its keys and values matter far more than one row in thousands.
@@ -126,6 +132,8 @@ impl StreamOptions {
             desc_act: matches!(method, Method::Gptq | Method::AwqGptq),
             static_groups: false,
             true_sequential: true,
+            fresh_groups: false,
+            clip_search: false,
             sink_weight: DEFAULT_SINK_WEIGHT,
             awq: AwqOptions::default(),
             awq_search_tokens: Some(DEFAULT_AWQ_SEARCH_TOKENS),
@@ -170,6 +178,8 @@ impl StreamOptions {
             block_size: self.block_size,
             desc_act: self.desc_act,
             static_groups: self.static_groups,
+            fresh_groups: self.fresh_groups,
+            clip_search: self.clip_search,
         }
     }
 
@@ -891,7 +901,12 @@ impl<'a> Streamer<'a> {
                 (q, None, None, 0)
             }
             None => (
-                quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?,
+                if self.opts.clip_search {
+                    quantize_rtn_clipped(&w, n, k, &self.opts.params)
+                } else {
+                    quantize_rtn(&w, n, k, &self.opts.params)
+                }
+                .map_err(in_layer)?,
                 None,
                 None,
                 0,
