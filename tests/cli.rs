@@ -285,6 +285,12 @@ fn quantize_rtn_gptq_and_their_checks() {
     )
     .unwrap();
     assert_eq!(cfg["quantization_config"]["desc_act"], true);
+    // The summary and the checkpoint say how the codes were rounded (our defaults).
+    assert_eq!(gptq["settings"]["desc_act"], true, "{}", gptq["settings"]);
+    assert_eq!(gptq["settings"]["clip_search"], true);
+    assert_eq!(gptq["settings"]["sink_weight"], 16.0);
+    assert_eq!(cfg["quantization_config"]["meta"]["clip_search"], true);
+    assert_eq!(rtn["settings"]["clip_search"], false, "{}", rtn["settings"]);
     assert!(cfg["quantization_config"]["meta"]["calibration"]
         .as_str()
         .unwrap()

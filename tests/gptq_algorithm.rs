@@ -48,7 +48,6 @@ fn opts_of(case: &Value) -> GptqOptions {
         damp_percent: case["damp_percent"].as_f64().unwrap(),
         block_size: case["block_size"].as_u64().unwrap() as usize,
         desc_act: case["desc_act"].as_bool().unwrap(),
-        fresh_groups: false,
         clip_search: false,
         static_groups: case["static_groups"].as_bool().unwrap(),
     }

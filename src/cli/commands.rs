@@ -518,8 +518,9 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     }
     opts.static_groups = a.static_groups;
     opts.true_sequential = !a.no_true_sequential;
-    opts.fresh_groups |= a.fresh_groups;
-    opts.clip_search |= a.clip_search;
+    if a.clip_search || a.no_clip_search {
+        opts.clip_search = a.clip_search;
+    }
     if let Some(w) = a.sink_weight {
         opts.sink_weight = w;
     }
@@ -663,6 +664,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             "group_size": a.group_size,
             "sym": !(a.asym || method == Method::Awq),
             "checkpoint_format": checkpoint_format,
+            "settings": opts.rounding_settings(),
             "seconds": r.seconds,
             "peak_rss_bytes": r.peak_rss_bytes,
             "output_bytes": r.output_bytes,
@@ -687,6 +689,17 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             checkpoint_format,
             r.seconds
         );
+        if opts.runs_gptq() {
+            println!(
+                "GPTQ: act-order {}, sink weight {}, clipping search {}, damp {}",
+                on_off(opts.desc_act),
+                opts.sink_weight,
+                on_off(opts.clip_search),
+                opts.damp_percent
+            );
+        } else if opts.clip_search {
+            println!("clipping search on");
+        }
         println!(
             "output {:.1} MiB; {:.3} bits per quantized weight (scales, zeros, g_idx included); \
              peak RSS {}",
@@ -839,4 +852,12 @@ fn calibration_overlap(
             )
         }),
     )
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }

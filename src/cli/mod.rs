@@ -241,8 +241,8 @@ pub struct QuantizeArgs {
     /// GPTQ without act-order (groups in column order, g_idx trivial).
     #[arg(long)]
     pub no_desc_act: bool,
-    /// Reproduce the reference GPTQ (IST-DASLab / AutoGPTQ): no act-order and sink weight 1,
-    /// unless those flags are given.
+    /// Reproduce the reference GPTQ (IST-DASLab / AutoGPTQ): no act-order, sink weight 1 and
+    /// no clipping search, unless those flags are given.
     #[arg(long)]
     pub reference: bool,
     /// GPTQ static groups: group parameters from the original weights (with --desc-act).
@@ -254,12 +254,13 @@ pub struct QuantizeArgs {
     /// Quantize each block's linear groups on float inputs instead of true-sequentially.
     #[arg(long)]
     pub no_true_sequential: bool,
-    /// GPTQ group parameters from the weights as updated inside the lazy block (experimental).
-    #[arg(long)]
-    pub fresh_groups: bool,
-    /// GPTQ scales from a clipping search weighted by the GPTQ loss (experimental).
-    #[arg(long)]
+    /// Scales from a clipping search (GPTQ: weighted by each column's GPTQ loss factor) instead
+    /// of the min/max grid [default for gptq; off for rtn and with --reference].
+    #[arg(long, conflicts_with = "no_clip_search")]
     pub clip_search: bool,
+    /// The reference's min/max grid: each group's scale spans its largest weight.
+    #[arg(long)]
+    pub no_clip_search: bool,
     /// Hessian weight of each calibration sample's first position (the attention sink) relative
     /// to the other positions [default: 16; 1 with --reference, as the reference GPTQ].
     #[arg(long)]

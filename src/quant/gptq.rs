@@ -249,9 +249,6 @@ pub struct GptqOptions {
     pub desc_act: bool,
     /// Group parameters from the original weight, before any update (only with groups).
     pub static_groups: bool,
-    /// Dynamic group parameters from the weights as updated so far inside the current lazy
-    /// block. The reference reads the outer matrix, which lags by the block's earlier columns.
-    pub fresh_groups: bool,
     /// Group (or per-channel) scales from a clipping search weighted by each column's GPTQ loss
     /// factor `1/Hinv[j,j]²` ([`rtn::grid_searched`]) instead of the reference's min/max grid.
     pub clip_search: bool,
@@ -266,7 +263,6 @@ impl GptqOptions {
             block_size: 128,
             desc_act: false,
             static_groups: false,
-            fresh_groups: false,
             clip_search: false,
         }
     }
@@ -509,7 +505,6 @@ pub fn gptq_quantize_factored(
         row_grid: &row_grid,
         static_grid: static_grid.as_deref(),
         perm: perm.map(|p| p.as_slice()),
-        fresh_groups: opts.fresh_groups,
         loss_weights: loss_weights.as_deref(),
     };
     let chunks: Vec<ChunkOut> = wm
@@ -729,8 +724,6 @@ struct LoopCtx<'a> {
     /// Static group parameters, `[groups, n]`, original column order.
     static_grid: Option<&'a [(f32, u32)]>,
     perm: Option<&'a [usize]>,
-    /// Dynamic group parameters from the block-updated weights ([`GptqOptions::fresh_groups`]).
-    fresh_groups: bool,
     /// Clip-search weights per column in processing order ([`GptqOptions::clip_search`]).
     loss_weights: Option<&'a [f32]>,
 }
@@ -763,7 +756,6 @@ impl LoopCtx<'_> {
         let mut loss = 0f64;
         let mut w1 = Vec::with_capacity(rows * self.block);
         let mut err1 = Vec::with_capacity(rows * self.block);
-        let mut group_buf = Vec::new();
 
         for i1 in (0..k).step_by(self.block) {
             let i2 = (i1 + self.block).min(k);
@@ -786,29 +778,12 @@ impl LoopCtx<'_> {
                             cur.copy_from_slice(&sg[gi * self.n + row0..gi * self.n + row0 + rows]);
                         }
                         None if col % g == 0 => {
-                            // The reference reads the outer W, stale inside the block; fresh
-                            // groups read the block's updated W1 (columns past the block are
-                            // only updated at its end either way).
+                            // From the outer W: stale inside the block, as in the reference
+                            // (reading the block's updated W1 instead measured no better).
                             let gi = col / g;
                             let wts = self.loss_weights.map(|lw| &lw[col..col + g]);
-                            let in_block = if self.fresh_groups {
-                                (col + g).min(i2) - col
-                            } else {
-                                0
-                            };
                             for r in 0..rows {
-                                let v: &[f32] = if in_block == 0 {
-                                    &wc[r * k + col..r * k + col + g]
-                                } else {
-                                    group_buf.clear();
-                                    group_buf.extend_from_slice(
-                                        &w1[r * cnt + i..r * cnt + i + in_block],
-                                    );
-                                    group_buf.extend_from_slice(
-                                        &wc[r * k + col + in_block..r * k + col + g],
-                                    );
-                                    &group_buf
-                                };
+                                let v = &wc[r * k + col..r * k + col + g];
                                 let p = match wts {
                                     Some(wts) => {
                                         rtn::grid_searched(v, Some(wts), self.bits, self.sym)
@@ -918,6 +893,74 @@ mod tests {
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((s - want).abs() < 1e-5, "({i},{j}) = {s}");
             }
+        }
+    }
+
+    /// With a diagonal Hessian GPTQ pushes no error onto other columns, so it is RTN on its own
+    /// group parameters: with the clip search, each group's [`rtn::grid_searched`] weighted by
+    /// the damped diagonal (1/Hinv[j,j]²) — checked grouped in column order and per-channel
+    /// under act-order, where the weights must follow the permutation back to the columns.
+    #[test]
+    fn clip_search_with_diagonal_hessian_is_weighted_searched_rtn() {
+        let (n, k) = (6, 16);
+        let diag: Vec<f32> = (0..k).map(|j| 0.5 + ((j * 7) % 11) as f32).collect();
+        let mut hm = vec![0f32; k * k];
+        for j in 0..k {
+            hm[j * k + j] = diag[j];
+        }
+        let h = Hessian::from_matrix(k, hm, 1).unwrap();
+        let damp = 0.01 * diag.iter().sum::<f32>() / k as f32;
+        let loss_weight: Vec<f32> = diag.iter().map(|d| d + damp).collect();
+        // Heavy-tailed rows, so clipping pays in most groups.
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let t = (((i * 7919) % 997) as f32 / 498.5) - 1.0;
+                t * t * t + 0.05 * t
+            })
+            .collect();
+        for (group, desc_act) in [(Some(8), false), (None, true)] {
+            let params = QuantParams {
+                bits: 3,
+                group_size: group,
+                sym: true,
+            };
+            let opts = GptqOptions {
+                desc_act,
+                clip_search: true,
+                ..GptqOptions::new(params)
+            };
+            let got = gptq_quantize(&w, n, k, &h, &opts).unwrap().quantized;
+            let g = group.unwrap_or(k);
+            for row in 0..n {
+                for gi in 0..k / g {
+                    let cols = gi * g..(gi + 1) * g;
+                    let (s, z) = rtn::grid_searched(
+                        &w[row * k + cols.start..row * k + cols.end],
+                        Some(&loss_weight[cols.clone()]),
+                        3,
+                        true,
+                    );
+                    let stored = gi * n + row;
+                    let rel = (got.scales[stored] - s).abs() / s;
+                    assert!(
+                        rel < 1e-5,
+                        "{group:?} row {row} group {gi}: {} vs {s}",
+                        got.scales[stored]
+                    );
+                    assert_eq!(got.zeros[stored], z);
+                    for c in cols {
+                        let want = rtn::quantize_value(w[row * k + c], s, z, 7);
+                        assert_eq!(got.codes[row * k + c], want, "{group:?} row {row} col {c}");
+                    }
+                }
+            }
+            // And the search changed something against the reference's min/max grid.
+            let plain = GptqOptions {
+                clip_search: false,
+                ..opts
+            };
+            let reference = gptq_quantize(&w, n, k, &h, &plain).unwrap().quantized;
+            assert_ne!(reference.scales, got.scales);
         }
     }
 

@@ -95,9 +95,9 @@ pub struct StreamOptions {
     /// Quantize the groups of a block one after the other, each on inputs that went through the
     /// groups already quantized (reference default). Off: every group sees float inputs.
     pub true_sequential: bool,
-    /// GPTQ group parameters from the block-updated weights ([`GptqOptions::fresh_groups`]).
-    pub fresh_groups: bool,
-    /// GPTQ scales from a loss-weighted clipping search ([`GptqOptions::clip_search`]).
+    /// Scales from a clipping search ([`GptqOptions::clip_search`]; RTN: unweighted) instead of
+    /// the reference's min/max grid. At 3 bits the min/max grid wastes most of its 8 levels on
+    /// a few large weights.
     pub clip_search: bool,
     /// Weight, in the GPTQ Hessian, of the first position of every calibration sample relative
     /// to the others. 1 is the reference. The first position is the attention sink every later
@@ -132,8 +132,7 @@ impl StreamOptions {
             desc_act: matches!(method, Method::Gptq | Method::AwqGptq),
             static_groups: false,
             true_sequential: true,
-            fresh_groups: false,
-            clip_search: false,
+            clip_search: method == Method::Gptq,
             sink_weight: DEFAULT_SINK_WEIGHT,
             awq: AwqOptions::default(),
             awq_search_tokens: Some(DEFAULT_AWQ_SEARCH_TOKENS),
@@ -149,16 +148,40 @@ impl StreamOptions {
     pub fn reference(method: Method, params: QuantParams) -> Self {
         StreamOptions {
             desc_act: false,
+            clip_search: false,
             sink_weight: 1.0,
             ..Self::new(method, params)
         }
     }
 
+    /// Whether the method runs GPTQ's rounding (GPTQ and AWQ+GPTQ).
+    pub fn runs_gptq(&self) -> bool {
+        matches!(self.method, Method::Gptq | Method::AwqGptq)
+    }
+
+    /// The rounding settings that shaped the codes, for run summaries: the GPTQ options for the
+    /// GPTQ methods, the clipping search for RTN, nothing for AWQ (its settings are AutoAWQ's).
+    pub fn rounding_settings(&self) -> serde_json::Value {
+        match self.method {
+            Method::Gptq | Method::AwqGptq => serde_json::json!({
+                "desc_act": self.desc_act,
+                "static_groups": self.static_groups,
+                "true_sequential": self.true_sequential,
+                "damp_percent": self.damp_percent,
+                "sink_weight": self.sink_weight,
+                "clip_search": self.clip_search,
+            }),
+            Method::Rtn => serde_json::json!({ "clip_search": self.clip_search }),
+            Method::Awq => serde_json::json!({}),
+        }
+    }
+
     /// The first-position weight the GPTQ Hessians get (GPTQ and AWQ+GPTQ).
     fn hessian_sink_weight(&self) -> f32 {
-        match self.method {
-            Method::Gptq | Method::AwqGptq => self.sink_weight,
-            _ => 1.0,
+        if self.runs_gptq() {
+            self.sink_weight
+        } else {
+            1.0
         }
     }
 
@@ -178,7 +201,6 @@ impl StreamOptions {
             block_size: self.block_size,
             desc_act: self.desc_act,
             static_groups: self.static_groups,
-            fresh_groups: self.fresh_groups,
             clip_search: self.clip_search,
         }
     }
@@ -232,6 +254,11 @@ impl StreamOptions {
         if self.static_groups && self.params.group_size.is_none() {
             return Err(Error::InvalidArgument(
                 "--static-groups needs a group size (it has no effect per-channel)".into(),
+            ));
+        }
+        if self.method == Method::Awq && self.clip_search {
+            return Err(Error::InvalidArgument(
+                "--clip-search is for RTN and GPTQ rounding; AWQ runs its own clip search".into(),
             ));
         }
         if matches!(self.method, Method::Rtn | Method::Awq) && self.desc_act {
@@ -593,6 +620,9 @@ fn write_gptq_configs(
         if sink_weight != 1.0 {
             meta.insert("sink_weight".into(), (sink_weight as f64).into());
         }
+    }
+    if opts.clip_search {
+        meta.insert("clip_search".into(), true.into());
     }
     let qcfg = GptqConfig {
         bits: opts.params.bits,
