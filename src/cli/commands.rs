@@ -697,8 +697,6 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
                 on_off(opts.clip_search),
                 opts.damp_percent
             );
-        } else if opts.clip_search {
-            println!("clipping search on");
         }
         println!(
             "output {:.1} MiB; {:.3} bits per quantized weight (scales, zeros, g_idx included); \

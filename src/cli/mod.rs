@@ -254,8 +254,8 @@ pub struct QuantizeArgs {
     /// Quantize each block's linear groups on float inputs instead of true-sequentially.
     #[arg(long)]
     pub no_true_sequential: bool,
-    /// Scales from a clipping search (GPTQ: weighted by each column's GPTQ loss factor) instead
-    /// of the min/max grid [default for gptq; off for rtn and with --reference].
+    /// GPTQ scales from a clipping search weighted by each column's GPTQ loss factor instead of
+    /// the min/max grid [default for gptq; off with --reference].
     #[arg(long, conflicts_with = "no_clip_search")]
     pub clip_search: bool,
     /// The reference's min/max grid: each group's scale spans its largest weight.

@@ -235,27 +235,6 @@ pub fn quantize_rtn(
     k: usize,
     params: &QuantParams,
 ) -> Result<QuantizedLinear> {
-    rtn_on_grid(w, n, k, params, false)
-}
-
-/// [`quantize_rtn`] with each group's scale from the clipping search ([`grid_searched`],
-/// unweighted) instead of the reference's min/max grid.
-pub fn quantize_rtn_clipped(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    params: &QuantParams,
-) -> Result<QuantizedLinear> {
-    rtn_on_grid(w, n, k, params, true)
-}
-
-fn rtn_on_grid(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    params: &QuantParams,
-    clip_search: bool,
-) -> Result<QuantizedLinear> {
     let group = check_weight(w, n, k, params)?.unwrap_or(k);
 
     let groups = k / group;
@@ -267,11 +246,7 @@ fn rtn_on_grid(
         for g in 0..groups {
             let start = row * k + g * group;
             let values = &w[start..start + group];
-            let (scale, zero) = if clip_search {
-                grid_searched(values, None, params.bits, params.sym)
-            } else {
-                grid(values, params.bits, params.sym)
-            };
+            let (scale, zero) = grid(values, params.bits, params.sym);
             // Finite weights can still overflow (xmax − xmin > f32::MAX) or underflow the scale.
             if !(scale.is_finite() && scale > 0.0) {
                 return Err(Error::InvalidArgument(format!(

@@ -30,9 +30,7 @@ use crate::nn::{DenseMatrix, Loader, WeightDType};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
-use crate::quant::rtn::{
-    check_bits, quantize_rtn, quantize_rtn_clipped, QuantParams, QuantizedLinear,
-};
+use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -95,9 +93,8 @@ pub struct StreamOptions {
     /// Quantize the groups of a block one after the other, each on inputs that went through the
     /// groups already quantized (reference default). Off: every group sees float inputs.
     pub true_sequential: bool,
-    /// Scales from a clipping search ([`GptqOptions::clip_search`]; RTN: unweighted) instead of
-    /// the reference's min/max grid. At 3 bits the min/max grid wastes most of its 8 levels on
-    /// a few large weights.
+    /// GPTQ scales from a loss-weighted clipping search ([`GptqOptions::clip_search`]) instead
+    /// of the reference's min/max grid.
     pub clip_search: bool,
     /// Weight, in the GPTQ Hessian, of the first position of every calibration sample relative
     /// to the others. 1 is the reference. The first position is the attention sink every later
@@ -160,7 +157,7 @@ impl StreamOptions {
     }
 
     /// The rounding settings that shaped the codes, for run summaries: the GPTQ options for the
-    /// GPTQ methods, the clipping search for RTN, nothing for AWQ (its settings are AutoAWQ's).
+    /// GPTQ methods; nothing for RTN (the reference grid) or AWQ (AutoAWQ's settings).
     pub fn rounding_settings(&self) -> serde_json::Value {
         match self.method {
             Method::Gptq | Method::AwqGptq => serde_json::json!({
@@ -171,8 +168,7 @@ impl StreamOptions {
                 "sink_weight": self.sink_weight,
                 "clip_search": self.clip_search,
             }),
-            Method::Rtn => serde_json::json!({ "clip_search": self.clip_search }),
-            Method::Awq => serde_json::json!({}),
+            Method::Rtn | Method::Awq => serde_json::json!({}),
         }
     }
 
@@ -256,10 +252,12 @@ impl StreamOptions {
                 "--static-groups needs a group size (it has no effect per-channel)".into(),
             ));
         }
-        if self.method == Method::Awq && self.clip_search {
-            return Err(Error::InvalidArgument(
-                "--clip-search is for RTN and GPTQ rounding; AWQ runs its own clip search".into(),
-            ));
+        if self.clip_search && !self.runs_gptq() {
+            return Err(Error::InvalidArgument(format!(
+                "--clip-search is part of GPTQ's rounding; {} has none (AWQ runs its own clip \
+                 search)",
+                self.method.name()
+            )));
         }
         if matches!(self.method, Method::Rtn | Method::Awq) && self.desc_act {
             return Err(Error::InvalidArgument(format!(
@@ -931,12 +929,7 @@ impl<'a> Streamer<'a> {
                 (q, None, None, 0)
             }
             None => (
-                if self.opts.clip_search {
-                    quantize_rtn_clipped(&w, n, k, &self.opts.params)
-                } else {
-                    quantize_rtn(&w, n, k, &self.opts.params)
-                }
-                .map_err(in_layer)?,
+                quantize_rtn(&w, n, k, &self.opts.params).map_err(in_layer)?,
                 None,
                 None,
                 0,
