@@ -196,12 +196,12 @@ fn gptq_options(c: &Value) -> StreamOptions {
         group_size: (gs > 0).then_some(gs as usize),
         sym: c["sym"].as_bool().unwrap(),
     };
-    let mut o = StreamOptions::new(Method::Gptq, params);
+    // The reference's Hessian and grid (sink weight 1, no clipping search).
+    let mut o = StreamOptions::reference(Method::Gptq, params);
     o.desc_act = c["desc_act"].as_bool().unwrap();
     o.true_sequential = c["true_sequential"].as_bool().unwrap();
     o.damp_percent = c["damp_percent"].as_f64().unwrap();
     o.block_size = c["blocksize"].as_u64().unwrap() as usize;
-    o.sink_weight = 1.0; // the reference's Hessian
     o
 }
 
@@ -453,6 +453,7 @@ fn check_recorded_settings(out: &Path, c: &Value, report: &StreamReport) {
         assert_eq!(meta["calibration_samples"], 4, "{name} {what}");
         assert_eq!(meta["calibration_tokens"], 128, "{name} {what}");
         assert!(meta.get("sink_weight").is_none(), "{name} {what}: {meta}");
+        assert!(meta.get("clip_search").is_none(), "{name} {what}: {meta}");
     }
     assert_eq!(q["quant_method"], "gptq");
     assert_eq!(q["format"], format, "{name}");
