@@ -12,7 +12,7 @@
 #   1. reference GPTQ (scripts/bench/gptq_reference.py: AutoGPTQ 0.7.1's GPTQ class in the
 #      IST-DASLab sequential driver, torch on CPU); it samples the windows and saves them;
 #   2. `autoquant quantize --method gptq --reference` on those windows (same algorithm);
-#   3. `autoquant quantize --method gptq` (our default: act-order + sink weight) on them;
+#   3. `autoquant quantize --method gptq` (our default: act-order + sink weight + clipping search) on them;
 #   4. `autoquant quantize --method rtn` (the no-calibration baseline).
 # Perplexity for every one: Wikipedia evaluation text, seqlen 512, first 40 windows.
 # Time is reported as wall seconds and as CPU seconds (user + system): on a shared machine the
