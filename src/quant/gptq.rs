@@ -430,16 +430,12 @@ pub fn gptq_quantize_factored(
         }
         None => lw.clone(),
     });
-    let grid_of = |v: &[f32], wts: Option<&[f32]>| match wts {
-        Some(wts) => rtn::grid_searched(v, Some(wts), bits, sym),
-        None => rtn::grid(v, bits, sym),
-    };
 
     // Per-channel parameters: from the whole weight, before dead columns are zeroed (reference).
     let row_grid: Vec<(f32, u32)> = if group.is_none() {
         let g: Vec<(f32, u32)> = w
             .chunks_exact(k)
-            .map(|r| grid_of(r, loss_weights_orig.as_deref()))
+            .map(|r| group_params(r, loss_weights_orig.as_deref(), bits, sym))
             .collect();
         for (row, &(s, _)) in g.iter().enumerate() {
             check_scale(s, row, 0, n, k)?;
@@ -464,12 +460,8 @@ pub fn gptq_quantize_factored(
             for gi in 0..groups {
                 for row in 0..n {
                     let v = &wm[row * k + gi * g..row * k + (gi + 1) * g];
-                    let p = grid_of(
-                        v,
-                        loss_weights_orig
-                            .as_deref()
-                            .map(|lw| &lw[gi * g..(gi + 1) * g]),
-                    );
+                    let wts = loss_weights_orig.as_deref();
+                    let p = group_params(v, wts.map(|lw| &lw[gi * g..(gi + 1) * g]), bits, sym);
                     check_scale(p.0, row, gi, n, k)?;
                     out[gi * n + row] = p;
                 }
@@ -587,6 +579,15 @@ pub fn gptq_quantize_factored(
         damp_used: factor.damp_used,
         dead_columns: factor.dead.len(),
     })
+}
+
+/// A group's scale and zero: the clipping search weighted by `loss_weights` when given
+/// ([`GptqOptions::clip_search`]), else the reference's min/max grid.
+fn group_params(v: &[f32], loss_weights: Option<&[f32]>, bits: u8, sym: bool) -> (f32, u32) {
+    match loss_weights {
+        Some(w) => rtn::grid_searched(v, Some(w), bits, sym),
+        None => rtn::grid(v, bits, sym),
+    }
 }
 
 fn check_scale(s: f32, row: usize, group: usize, n: usize, k: usize) -> Result<()> {
@@ -784,12 +785,7 @@ impl LoopCtx<'_> {
                             let wts = self.loss_weights.map(|lw| &lw[col..col + g]);
                             for r in 0..rows {
                                 let v = &wc[r * k + col..r * k + col + g];
-                                let p = match wts {
-                                    Some(wts) => {
-                                        rtn::grid_searched(v, Some(wts), self.bits, self.sym)
-                                    }
-                                    None => rtn::grid(v, self.bits, self.sym),
-                                };
+                                let p = group_params(v, wts, self.bits, self.sym);
                                 check_scale(p.0, row0 + r, gi, self.n, k)?;
                                 cur[r] = p;
                                 group_grid[gi * rows + r] = p;
