@@ -420,15 +420,10 @@ pub fn gptq_quantize_factored(
             })
             .collect()
     });
-    let loss_weights_orig: Option<Vec<f32>> = loss_weights.as_ref().map(|lw| match &factor.perm {
-        Some(p) => {
-            let mut o = vec![0f32; k];
-            for (j, &c) in p.iter().enumerate() {
-                o[c] = lw[j];
-            }
-            o
-        }
-        None => lw.clone(),
+    let loss_weights_orig: Option<Vec<f32>> = loss_weights.as_ref().map(|lw| {
+        let mut o = vec![0f32; k];
+        to_column_order(factor.perm.as_deref(), lw, &mut o);
+        o
     });
 
     // Per-channel parameters: from the whole weight, before dead columns are zeroed (reference).
@@ -515,15 +510,11 @@ pub fn gptq_quantize_factored(
         for r in 0..rows {
             let row = ch.row0 + r;
             let src = &ch.codes[r * k..(r + 1) * k];
-            let dst = &mut codes[row * k..(row + 1) * k];
-            match &perm {
-                Some(p) => {
-                    for (j, &c) in p.iter().enumerate() {
-                        dst[c] = src[j];
-                    }
-                }
-                None => dst.copy_from_slice(src),
-            }
+            to_column_order(
+                perm.map(|p| p.as_slice()),
+                src,
+                &mut codes[row * k..(row + 1) * k],
+            );
         }
         loss += ch.loss;
     }
@@ -579,6 +570,19 @@ pub fn gptq_quantize_factored(
         damp_used: factor.damp_used,
         dead_columns: factor.dead.len(),
     })
+}
+
+/// `columns[perm[j]] = processed[j]`: values in act-order processing order back to the
+/// weight's column order (a plain copy without act-order).
+fn to_column_order<T: Copy>(perm: Option<&[usize]>, processed: &[T], columns: &mut [T]) {
+    match perm {
+        Some(p) => {
+            for (&c, &v) in p.iter().zip(processed) {
+                columns[c] = v;
+            }
+        }
+        None => columns.copy_from_slice(processed),
+    }
 }
 
 /// A group's scale and zero: the clipping search weighted by `loss_weights` when given

@@ -153,13 +153,14 @@ pub fn grid_searched(values: &[f32], weights: Option<&[f32]>, bits: u8, sym: boo
         }
         e
     };
+    // Symmetric: the zero is fixed, and the smallest scale that clips neither side.
+    let sym_zero = 1u32 << (bits - 1);
+    let sym_scale = (xmax / (maxq - sym_zero) as f32).max(-xmin / sym_zero as f32);
     let mut best = (error(reference), reference);
     for i in 0..CLIP_STEPS {
         let p = 1.0 - i as f32 / 100.0;
         let candidate = if sym {
-            let zero = 1u32 << (bits - 1);
-            let scale = (xmax / (maxq - zero) as f32).max(-xmin / zero as f32) * p;
-            (scale, zero)
+            (sym_scale * p, sym_zero)
         } else {
             let (lo, hi) = (xmin * p, xmax * p);
             let scale = (hi - lo) / maxq as f32;

@@ -159,17 +159,17 @@ impl StreamOptions {
     /// The rounding settings that shaped the codes, for run summaries: the GPTQ options for the
     /// GPTQ methods; nothing for RTN (the reference grid) or AWQ (AutoAWQ's settings).
     pub fn rounding_settings(&self) -> serde_json::Value {
-        match self.method {
-            Method::Gptq | Method::AwqGptq => serde_json::json!({
-                "desc_act": self.desc_act,
-                "static_groups": self.static_groups,
-                "true_sequential": self.true_sequential,
-                "damp_percent": self.damp_percent,
-                "sink_weight": self.sink_weight,
-                "clip_search": self.clip_search,
-            }),
-            Method::Rtn | Method::Awq => serde_json::json!({}),
+        if !self.runs_gptq() {
+            return serde_json::json!({});
         }
+        serde_json::json!({
+            "desc_act": self.desc_act,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "damp_percent": self.damp_percent,
+            "sink_weight": self.sink_weight,
+            "clip_search": self.clip_search,
+        })
     }
 
     /// The first-position weight the GPTQ Hessians get (GPTQ and AWQ+GPTQ).
