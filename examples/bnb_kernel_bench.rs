@@ -11,8 +11,9 @@
 //! a 32 MB L3, so this reads faster than decoding does, where 88 MB stream past per token).
 
 use autoquant::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
-use autoquant::nn::{DenseMatrix, LinearKernel, WeightDType};
-use autoquant::quant::bnb::{
+use autoquant::kernels::{DenseMatrix, LinearKernel};
+use autoquant::tensor::WeightDType;
+use autoquant::qtypes::bnb::{
     quantize_4bit, quantize_int8, FourBitType, Int8Compute, DEFAULT_INT8_THRESHOLD,
 };
 use std::time::{Duration, Instant};

@@ -15,8 +15,9 @@
 //! q,o 576×576, k,v 192×576, gate,up 1536×576, down 576×1536, plus a 49152×576 lm_head), linears only.
 
 use autoquant::kernels::gptq::GptqMatrix;
-use autoquant::nn::{DenseMatrix, LinearKernel, WeightDType};
-use autoquant::quant::rtn::QuantizedLinear;
+use autoquant::kernels::{DenseMatrix, LinearKernel};
+use autoquant::tensor::WeightDType;
+use autoquant::qtypes::grid::QuantizedLinear;
 use std::time::{Duration, Instant};
 
 struct Rng(u64);

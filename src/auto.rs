@@ -160,7 +160,7 @@ pub fn generation_defaults(
 /// Options for [`save_pretrained`].
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
-    pub dtype: crate::nn::WeightDType,
+    pub dtype: crate::tensor::WeightDType,
     /// Shard past this many bytes (transformers' default is 5 GB).
     pub max_shard_bytes: u64,
     pub overwrite: bool,
@@ -169,7 +169,7 @@ pub struct SaveOptions {
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
-            dtype: crate::nn::WeightDType::F32,
+            dtype: crate::tensor::WeightDType::F32,
             max_shard_bytes: 5_000_000_000,
             overwrite: false,
         }
@@ -224,7 +224,7 @@ pub fn save_pretrained(
 pub fn write_model_files(
     dir: &Path,
     config: &AutoConfig,
-    dtype: crate::nn::WeightDType,
+    dtype: crate::tensor::WeightDType,
     quantization_config: Option<serde_json::Value>,
     tokenizer: Option<&AutoTokenizer>,
     generation: Option<&GenerationConfig>,
@@ -320,7 +320,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub fn write_random_checkpoint(
     config: &AutoConfig,
     seed: u64,
-    dtype: crate::nn::WeightDType,
+    dtype: crate::tensor::WeightDType,
     dir: &Path,
     opts: &SaveOptions,
 ) -> Result<crate::formats::safetensors::SavedSafetensors> {

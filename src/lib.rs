@@ -4,6 +4,7 @@
 //! [`models`] are the Auto classes → [`formats`] read and write checkpoints → [`eval`] measures.
 
 pub mod auto;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
@@ -14,8 +15,10 @@ pub mod hub;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod qtypes;
 pub mod quant;
 pub mod tensor;
+pub mod text;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

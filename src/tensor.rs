@@ -163,3 +163,86 @@ impl RawTensor {
         })
     }
 }
+
+/// Element type used to hold dense weights in memory (`--dtype`). Compute is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(WeightDType::F32),
+            "f16" | "float16" => Ok(WeightDType::F16),
+            "bf16" | "bfloat16" => Ok(WeightDType::BF16),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown dtype `{other}` (use f32, f16 or bf16)"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDType::F32 => "f32",
+            WeightDType::F16 => "f16",
+            WeightDType::BF16 => "bf16",
+        }
+    }
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDType::F32 => "float32",
+            WeightDType::F16 => "float16",
+            WeightDType::BF16 => "bfloat16",
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDType::F32 => 4,
+            _ => 2,
+        }
+    }
+    /// The in-memory dtype of a checkpoint float dtype (`None` for non-float dtypes).
+    pub fn from_storage(dtype: crate::tensor::DType) -> Option<Self> {
+        match dtype {
+            crate::tensor::DType::F32 => Some(WeightDType::F32),
+            crate::tensor::DType::F16 => Some(WeightDType::F16),
+            crate::tensor::DType::BF16 => Some(WeightDType::BF16),
+            _ => None,
+        }
+    }
+    /// Round to this dtype and back (the emulation of a compute or storage dtype).
+    #[inline]
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            WeightDType::F32 => v,
+            WeightDType::F16 => f16::from_f32(v).to_f32(),
+            WeightDType::BF16 => bf16::from_f32(v).to_f32(),
+        }
+    }
+    /// The matching checkpoint dtype.
+    pub fn storage(self) -> crate::tensor::DType {
+        match self {
+            WeightDType::F32 => crate::tensor::DType::F32,
+            WeightDType::F16 => crate::tensor::DType::F16,
+            WeightDType::BF16 => crate::tensor::DType::BF16,
+        }
+    }
+    /// `values` as a checkpoint tensor of this dtype (rounded to nearest).
+    pub fn encode(self, shape: Vec<usize>, values: &[f32]) -> crate::tensor::RawTensor {
+        use crate::tensor::RawTensor;
+        match self {
+            WeightDType::F32 => RawTensor::from_f32(shape, values),
+            WeightDType::F16 => {
+                let h: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+                RawTensor::from_f16(shape, &h)
+            }
+            WeightDType::BF16 => {
+                let h: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+                RawTensor::from_bf16(shape, &h)
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ mod common;
 use common::err_text;
 
 use autoquant::config::AutoConfig;
-use autoquant::formats::awq::{
+use autoquant::checkpoint::awq::{
     gemv_fast_position, layer_tensors, linear_factory, pack_gemm, read_layer, unpack_gemm,
     zeros_width, AwqConfig, AwqMatrix, AwqVersion,
 };
@@ -17,8 +17,8 @@ use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFil
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
 use autoquant::models::{self, CausalLM, ForwardInput, LoadOptions, LogitsMode};
-use autoquant::nn::LinearKernel;
-use autoquant::quant::rtn::QuantizedLinear;
+use autoquant::kernels::LinearKernel;
+use autoquant::qtypes::grid::QuantizedLinear;
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

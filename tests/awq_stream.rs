@@ -21,7 +21,7 @@ use autoquant::models::{
     checkpoint_tensors, load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode,
 };
 use autoquant::quant::calib::CalibData;
-use autoquant::quant::rtn::QuantParams;
+use autoquant::qtypes::grid::QuantParams;
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
 use autoquant::tensor::RawTensor;
 use serde_json::{json, Value};

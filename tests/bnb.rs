@@ -9,12 +9,10 @@ use autoquant::kernels::bnb::{
     int8_quantize_activations, FourBitDecode, FourBitMatrix, Int8Matrix,
 };
 use autoquant::models::{load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode};
-use autoquant::nn::{LinearKernel, WeightDType};
-use autoquant::quant::bnb::{
-    dynamic_map_signed, memory_report, quantize_4bit, quantize_checkpoint, quantize_int8,
-    quantized_state_dict, torch_mean_f32, torch_sum_f32, Absmax, BitsAndBytesConfig,
-    BnbSaveOptions, FourBitType, Int8Compute, FP4_CODE, NF4_CODE,
-};
+use autoquant::kernels::LinearKernel;
+use autoquant::tensor::WeightDType;
+use autoquant::qtypes::bnb::{dynamic_map_signed, quantize_4bit, quantize_int8, torch_mean_f32, torch_sum_f32, Absmax, BitsAndBytesConfig, FourBitType, Int8Compute, FP4_CODE, NF4_CODE};
+use autoquant::quant::bnb::{memory_report, quantize_checkpoint, quantized_state_dict, BnbSaveOptions};
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -164,7 +162,7 @@ fn four_bit_codes_and_statistics_are_bit_exact() {
             assert!(bad.is_empty(), "{key}: packed bytes differ at {bad:?}");
         }
         assert_eq!(
-            autoquant::formats::bnb::quant_state_json(&q),
+            autoquant::checkpoint::bnb::quant_state_json(&q),
             c["quant_state_json"].as_str().unwrap(),
             "{key}: quant state JSON"
         );

@@ -2,7 +2,8 @@
 //! dequantization of every supported type, transformers' GGUF loader for the Hugging Face view
 //! (names, shapes, un-permuted q/k, config), and corrupted files for the error paths.
 
-use autoquant::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufWeights};
+use autoquant::formats::gguf::{GgufFile, GgufValue, GgufWeights};
+use autoquant::qtypes::ggml::GgmlType;
 use autoquant::formats::{read_f32_checked, WeightSource};
 use autoquant::Error;
 use serde_json::Value;

@@ -10,7 +10,8 @@ mod common;
 
 use autoquant::formats::safetensors::SafetensorsFile;
 use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
-use autoquant::quant::rtn::{grid, quantize_rtn, QuantParams};
+use autoquant::qtypes::grid::{grid, QuantParams};
+use autoquant::quant::rtn::quantize_rtn;
 use common::{fixture, read_json, Rng};
 use serde_json::Value;
 

@@ -9,17 +9,18 @@ mod common;
 use common::err_text;
 
 use autoquant::config::AutoConfig;
-use autoquant::formats::gptq::{
+use autoquant::checkpoint::gptq::{
     choose_format, layer_tensors, linear_factory, read_layer, GptqConfig, GptqParams,
 };
-use autoquant::formats::gptq_pack::ZeroFormat;
+use autoquant::checkpoint::gptq_pack::ZeroFormat;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
 use autoquant::models::{
     self, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions, LogitsMode,
 };
-use autoquant::quant::rtn::{quantize_rtn, QuantParams, QuantizedLinear};
+use autoquant::qtypes::grid::{QuantParams, QuantizedLinear};
+use autoquant::quant::rtn::quantize_rtn;
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

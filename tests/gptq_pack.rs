@@ -3,10 +3,11 @@
 //! Expected words and codes below are worked out by hand from the spec text, not taken from our
 //! output: inputs are chosen so that scales are exact in f32 wherever possible.
 
-use autoquant::formats::gptq_pack::{
+use autoquant::checkpoint::gptq_pack::{
     check_loader_shape, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros, ZeroFormat,
 };
-use autoquant::quant::rtn::{grid, quantize_rtn, QuantParams};
+use autoquant::qtypes::grid::{grid, QuantParams};
+use autoquant::quant::rtn::quantize_rtn;
 use proptest::prelude::*;
 
 fn words(hex: &[u32]) -> Vec<i32> {
@@ -282,7 +283,7 @@ fn rtn(
     bits: u8,
     group_size: Option<usize>,
     sym: bool,
-) -> autoquant::quant::rtn::QuantizedLinear {
+) -> autoquant::qtypes::grid::QuantizedLinear {
     quantize_rtn(
         w,
         n,

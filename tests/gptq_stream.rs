@@ -13,7 +13,7 @@ mod common;
 
 use autoquant::auto::{save_pretrained, SaveOptions};
 use autoquant::config::AutoConfig;
-use autoquant::formats::gptq::{read_layer, GptqParams};
+use autoquant::checkpoint::gptq::{read_layer, GptqParams};
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::{open_weights, WeightSource};
@@ -21,9 +21,10 @@ use autoquant::models::{
     checkpoint_tensors, load_dir, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions,
     LogitsMode,
 };
-use autoquant::nn::WeightDType;
+use autoquant::tensor::WeightDType;
 use autoquant::quant::calib::CalibData;
-use autoquant::quant::rtn::{quantize_rtn, QuantParams, QuantizedLinear};
+use autoquant::qtypes::grid::{QuantParams, QuantizedLinear};
+use autoquant::quant::rtn::quantize_rtn;
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
 use autoquant::tensor::RawTensor;
 use serde_json::{json, Value};

@@ -6,7 +6,7 @@ mod common;
 use autoquant::auto::{save_pretrained, SaveOptions};
 use autoquant::config::AutoConfig;
 use autoquant::models::{load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode};
-use autoquant::nn::WeightDType;
+use autoquant::tensor::WeightDType;
 use common::fixture;
 use std::path::Path;
 

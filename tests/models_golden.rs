@@ -4,7 +4,7 @@
 use autoquant::config::AutoConfig;
 use autoquant::generate::{generate, generate_batch, GenerationConfig};
 use autoquant::models::{AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions, LogitsMode};
-use autoquant::nn::WeightDType;
+use autoquant::tensor::WeightDType;
 use serde_json::Value;
 use std::path::PathBuf;
 

@@ -127,7 +127,7 @@ fn perplexity_matches_transformers() {
     let Some(text_path) = asset("text/wiki.eval.txt") else {
         return;
     };
-    let text = autoquant::eval::perplexity::load_text(&text_path).unwrap();
+    let text = autoquant::text::load_text(&text_path).unwrap();
     // transformers' GGUF loader has no rule for the `smollm` pre-tokenizer and skips the digit
     // split, which changes whitespace runs before digits (9 of 281,610 tokens here). Our default
     // follows the original tokenizer; to compare the model on identical inputs we tokenize the

@@ -12,7 +12,7 @@
 #   1. reference GPTQ (scripts/bench/gptq_reference.py: AutoGPTQ 0.7.1's GPTQ class in the
 #      IST-DASLab sequential driver, torch on CPU); it samples the windows and saves them;
 #   2. `autoquant quantize --method gptq --reference` on those windows (same algorithm);
-#   3. `autoquant quantize --method gptq` (our default: act-order + sink weight + clipping search) on them;
+#   3. `autoquant quantize --method gptq` (the default: act-order + sink weight + clipping search) on them;
 #   4. `autoquant quantize --method rtn` (the no-calibration baseline).
 # Perplexity for every one: Wikipedia evaluation text, seqlen 512, first 40 windows.
 # Time is reported as wall seconds and as CPU seconds (user + system): on a shared machine the
@@ -23,8 +23,8 @@
 # implementation moves on its own, the yardstick for "within 1%". --no-reference only prepares
 # the windows (the runner with --method windows) and runs ours: the ~1 h reference run skipped.
 # Writes OUT_DIR/side_by_side-TAG.json (OUT_DIR default target/gptq_side_by_side) and prints a
-# table with the two goals of issue 3: --reference within 1% of the reference, and at most half
-# its time.
+# table with the two goals set for GPTQ: --reference within 1% of the reference, and at most
+# half its time.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

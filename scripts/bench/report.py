@@ -26,7 +26,7 @@ GOALS = [
 EXTRA = [
     ("prefill_f16_vs_llamacpp_f16", ("autoquant", "f16", "prefill"), ("llama.cpp", "F16", "prefill")),
     ("decode_f16_vs_llamacpp_f16", ("autoquant", "f16", "decode"), ("llama.cpp", "F16", "decode")),
-    # Issue 4: 4-bit decoding against llama.cpp Q4_0 (goal: parity).
+    # 4-bit decoding against llama.cpp Q4_0 (goal: parity).
     ("decode_nf4_vs_llamacpp_q4_0", ("autoquant", "nf4", "decode"), ("llama.cpp", "Q4_0", "decode")),
     ("decode_gptq4_vs_llamacpp_q4_0", ("autoquant", "gptq4", "decode"), ("llama.cpp", "Q4_0", "decode")),
     # The same with lm_head in int8 (--lm-head-int8), as llama.cpp's Q4_0 file holds it in Q8_0.

@@ -8,8 +8,8 @@ use autoquant::generate::{generate as run_generate, GenerationConfig};
 use autoquant::hub::HubOptions;
 use autoquant::kernels::bnb::FourBitDecode;
 use autoquant::models::LoadOptions;
-use autoquant::nn::WeightDType;
-use autoquant::quant::bnb::{BitsAndBytesConfig, FourBitType, Int8Compute};
+use autoquant::tensor::WeightDType;
+use autoquant::qtypes::bnb::{BitsAndBytesConfig, FourBitType, Int8Compute};
 use autoquant::tokenizer::ChatMessage;
 use autoquant::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -339,7 +339,7 @@ pub fn ppl(ctx: &Context, a: PplArgs) -> Result<()> {
     if let Some(note) = &calibrated_on_data {
         eprintln!("warning: {note}");
     }
-    let text = perplexity::load_text(&a.data)?;
+    let text = autoquant::text::load_text(&a.data)?;
     let ids = p.tokenizer.encode(&text, a.add_special_tokens)?;
     let protocol = if a.llama_cpp {
         perplexity::Protocol::LlamaCpp {
@@ -460,7 +460,7 @@ pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
 
 pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     use autoquant::quant::calib::{CalibData, CalibOptions};
-    use autoquant::quant::rtn::QuantParams;
+    use autoquant::qtypes::grid::QuantParams;
     use autoquant::quant::stream::{self, Method, StreamOptions};
     let hub = a.hub.options();
     let max_shard_bytes = parse_size(&a.max_shard_size)?;

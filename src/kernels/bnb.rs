@@ -20,8 +20,9 @@
 
 use super::{gemm_serial, GEMV_MAX_ROWS};
 use crate::error::Result;
-use crate::nn::{LinearKernel, WeightDType};
-use crate::quant::bnb::{
+use crate::kernels::LinearKernel;
+use crate::tensor::WeightDType;
+use crate::qtypes::bnb::{
     int8_code, int8_scale, Absmax, FourBitWeight, Int8Compute, Int8Weight, INV_127,
 };
 use half::f16;
@@ -1541,7 +1542,7 @@ impl LinearKernel for Int8Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::bnb::{quantize_4bit, FourBitType};
+    use crate::qtypes::bnb::{quantize_4bit, FourBitType};
 
     /// Whether the AVX2 kernels can be tested here (says so when not).
     #[cfg(target_arch = "x86_64")]

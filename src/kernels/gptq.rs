@@ -45,8 +45,8 @@
 
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::nn::{forward_rows_parallel, LinearKernel};
-use crate::quant::rtn::{check_bits, maxq, QuantizedLinear};
+use crate::kernels::{forward_rows_parallel, LinearKernel};
+use crate::qtypes::grid::{check_bits, maxq, QuantizedLinear};
 use half::f16;
 use std::cell::RefCell;
 use std::ops::Range;

@@ -4,6 +4,9 @@
 
 pub mod bnb;
 pub mod gptq;
+pub mod linear;
+
+pub use linear::{forward_rows_parallel, DenseMatrix, LinearKernel};
 
 use gemm::Parallelism;
 use half::{bf16, f16};

@@ -7,7 +7,8 @@ use super::{
 };
 use crate::config::{AutoConfig, Gpt2Config};
 use crate::error::Result;
-use crate::nn::{activate, add_in_place, DenseMatrix, LayerNorm, Linear, Loader};
+use crate::kernels::DenseMatrix;
+use crate::nn::{activate, add_in_place, LayerNorm, Linear, Loader};
 use std::sync::Arc;
 
 pub struct Gpt2Block {
@@ -288,7 +289,7 @@ impl CausalLM for Gpt2 {
         let mut out = vec![
             (
                 "transformer.wte.weight".to_string(),
-                crate::nn::LinearKernel::to_f32(self.wte.as_ref()),
+                crate::kernels::LinearKernel::to_f32(self.wte.as_ref()),
                 vec![c.vocab_size, e],
             ),
             (

@@ -8,7 +8,8 @@ use super::{
 };
 use crate::config::{AutoConfig, LlamaConfig, RopeScaling};
 use crate::error::Result;
-use crate::nn::{add_in_place, forward_many, DenseMatrix, Linear, Loader, RmsNorm};
+use crate::kernels::DenseMatrix;
+use crate::nn::{add_in_place, forward_many, Linear, Loader, RmsNorm};
 use std::sync::Arc;
 
 pub struct LlamaLayer {
@@ -345,7 +346,7 @@ impl CausalLM for Llama {
         let h = self.cfg.hidden_size;
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
-            crate::nn::LinearKernel::to_f32(self.embed_tokens.as_ref()),
+            crate::kernels::LinearKernel::to_f32(self.embed_tokens.as_ref()),
             vec![self.cfg.vocab_size, h],
         )];
         for (i, l) in self.layers.iter().enumerate() {

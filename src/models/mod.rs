@@ -11,7 +11,9 @@ pub use attention::KvCache;
 use crate::config::{Architecture, AutoConfig};
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
-use crate::nn::{DenseMatrix, Linear, LinearKernel, Loader, WeightDType};
+use crate::kernels::{DenseMatrix, LinearKernel};
+use crate::nn::{Linear, Loader};
+use crate::tensor::WeightDType;
 use crate::tensor::{DType, RawTensor, TensorInfo};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -304,7 +306,7 @@ pub(crate) fn project_logits(x: &[f32], lm_head: Option<&Linear>, embed: &DenseM
 pub struct LoadOptions {
     pub dtype: WeightDType,
     /// Quantize linear layers while loading, bitsandbytes style (`load_in_8bit`/`load_in_4bit`).
-    pub bnb: Option<crate::quant::bnb::BitsAndBytesConfig>,
+    pub bnb: Option<crate::qtypes::bnb::BitsAndBytesConfig>,
     /// Hold the output projection (lm_head, or the tied embedding as lm_head) as LLM.int8
     /// weights: faster decoding at a small perplexity cost. Not what transformers does (it keeps
     /// lm_head in float), so it is opt-in.
@@ -323,7 +325,7 @@ impl AutoModelForCausalLM {
         weights: &dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Box<dyn CausalLM>> {
-        let factory = crate::formats::quantized_linear_factory(&config, opts)?;
+        let factory = crate::checkpoint::quantized_linear_factory(&config, opts.bnb.as_ref(), opts.four_bit_decode)?;
         let ld = Loader::new(weights, opts.dtype)
             .with_factory(factory.as_deref())
             .with_lm_head_int8(opts.lm_head_int8);

@@ -8,7 +8,8 @@ use super::{
 };
 use crate::config::{AutoConfig, OptConfig};
 use crate::error::Result;
-use crate::nn::{activate, add_in_place, forward_many, DenseMatrix, LayerNorm, Linear, Loader};
+use crate::kernels::DenseMatrix;
+use crate::nn::{activate, add_in_place, forward_many, LayerNorm, Linear, Loader};
 use std::sync::Arc;
 
 /// OPT's learned position table starts two rows in (a fairseq leftover).
@@ -392,7 +393,7 @@ impl CausalLM for Opt {
         let mut out = vec![
             (
                 format!("{d}.embed_tokens.weight"),
-                crate::nn::LinearKernel::to_f32(self.embed_tokens.as_ref()),
+                crate::kernels::LinearKernel::to_f32(self.embed_tokens.as_ref()),
                 vec![c.vocab_size, c.word_embed_proj_dim],
             ),
             (

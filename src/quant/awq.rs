@@ -25,7 +25,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::gemm_serial;
-use crate::quant::rtn::QuantizedLinear;
+use crate::qtypes::grid::QuantizedLinear;
 use rayon::prelude::*;
 
 /// Options of the AWQ search and quantizer. `Default` is AutoAWQ's default

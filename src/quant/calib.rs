@@ -57,7 +57,7 @@ impl CalibData {
 
     /// Calibration from a file: plain or WikiText-style text, or JSON lines with a `text` field.
     pub fn from_file(path: &Path, tokenizer: &AutoTokenizer, opts: &CalibOptions) -> Result<Self> {
-        let docs = crate::eval::perplexity::load_records(path)?;
+        let docs = crate::text::load_records(path)?;
         let is_jsonl = matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("jsonl" | "json")

@@ -24,7 +24,7 @@
 //! lazy block update of each chunk is a GEMM.
 
 use crate::error::{Error, Result};
-use crate::quant::rtn::{self, QuantParams, QuantizedLinear};
+use crate::qtypes::grid::{self, QuantParams, QuantizedLinear};
 use rayon::prelude::*;
 
 /// Running Hessian estimate H = 2/n Σ xᵀx for one linear layer's inputs (the reference's
@@ -250,7 +250,7 @@ pub struct GptqOptions {
     /// Group parameters from the original weight, before any update (only with groups).
     pub static_groups: bool,
     /// Group (or per-channel) scales from a clipping search weighted by each column's GPTQ loss
-    /// factor `1/Hinv[j,j]²` ([`rtn::grid_searched`]) instead of the reference's min/max grid.
+    /// factor `1/Hinv[j,j]²` ([`grid::grid_searched`]) instead of the reference's min/max grid.
     pub clip_search: bool,
 }
 
@@ -376,7 +376,7 @@ fn check_inputs(
     hk: usize,
     params: &QuantParams,
 ) -> Result<Option<usize>> {
-    let group = rtn::check_weight(w, n, k, params)?;
+    let group = grid::check_weight(w, n, k, params)?;
     if hk != k {
         return Err(Error::InvalidArgument(format!(
             "Hessian is for K={hk} inputs but the weight [N={n}, K={k}] has K={k}"
@@ -408,7 +408,7 @@ pub fn gptq_quantize_factored(
 
     let bits = params.bits;
     let sym = params.sym;
-    let maxq = rtn::maxq(bits);
+    let maxq = grid::maxq(bits);
 
     // Clip search: each column's rounding error weighs as in the GPTQ loss, 1/Hinv[j,j]², here
     // in processing order and in original column order.
@@ -589,8 +589,8 @@ fn to_column_order<T: Copy>(perm: Option<&[usize]>, processed: &[T], columns: &m
 /// ([`GptqOptions::clip_search`]), else the reference's min/max grid.
 fn group_params(v: &[f32], loss_weights: Option<&[f32]>, bits: u8, sym: bool) -> (f32, u32) {
     match loss_weights {
-        Some(w) => rtn::grid_searched(v, Some(w), bits, sym),
-        None => rtn::grid(v, bits, sym),
+        Some(w) => grid::grid_searched(v, Some(w), bits, sym),
+        None => grid::grid(v, bits, sym),
     }
 }
 
@@ -805,7 +805,7 @@ impl LoopCtx<'_> {
                     let (s, z) = cur[r];
                     let wrow = &mut w1[r * cnt + i..(r + 1) * cnt];
                     let x = wrow[0];
-                    let code = rtn::quantize_value(x, s, z, self.maxq);
+                    let code = grid::quantize_value(x, s, z, self.maxq);
                     let q = s * (code as f32 - z as f32);
                     let diff = x - q;
                     loss += ((diff * diff) / d2 / 2.0) as f64;
@@ -897,7 +897,7 @@ mod tests {
     }
 
     /// With a diagonal Hessian GPTQ pushes no error onto other columns, so it is RTN on its own
-    /// group parameters: with the clip search, each group's [`rtn::grid_searched`] weighted by
+    /// group parameters: with the clip search, each group's [`grid::grid_searched`] weighted by
     /// the damped diagonal (1/Hinv[j,j]²) — checked grouped in column order and per-channel
     /// under act-order, where the weights must follow the permutation back to the columns.
     #[test]
@@ -934,7 +934,7 @@ mod tests {
             for row in 0..n {
                 for gi in 0..k / g {
                     let cols = gi * g..(gi + 1) * g;
-                    let (s, z) = rtn::grid_searched(
+                    let (s, z) = grid::grid_searched(
                         &w[row * k + cols.start..row * k + cols.end],
                         Some(&loss_weight[cols.clone()]),
                         3,
@@ -949,7 +949,7 @@ mod tests {
                     );
                     assert_eq!(got.zeros[stored], z);
                     for c in cols {
-                        let want = rtn::quantize_value(w[row * k + c], s, z, 7);
+                        let want = grid::quantize_value(w[row * k + c], s, z, 7);
                         assert_eq!(got.codes[row * k + c], want, "{group:?} row {row} col {c}");
                     }
                 }

@@ -13,10 +13,10 @@
 use crate::auto::write_model_files;
 use crate::config::{Architecture, AutoConfig};
 use crate::error::{Error, Result};
-use crate::formats::awq::AwqConfig;
-use crate::formats::gptq::{layer_tensors, GptqConfig};
-use crate::formats::gptq_pack::check_loader_shape;
-use crate::formats::gptq_pack::ZeroFormat;
+use crate::checkpoint::awq::AwqConfig;
+use crate::checkpoint::gptq::{layer_tensors, GptqConfig};
+use crate::checkpoint::gptq_pack::check_loader_shape;
+use crate::checkpoint::gptq_pack::ZeroFormat;
 use crate::formats::safetensors::{save_safetensors, TensorSpec};
 use crate::formats::WeightSource;
 use crate::generate::GenerationConfig;
@@ -26,11 +26,14 @@ use crate::models::{
     BlockContext, BlockState, DecoderBlock, ForwardInput, LoadOptions,
 };
 use crate::models::{AwqPrev, BlockState as State};
-use crate::nn::{DenseMatrix, Loader, WeightDType};
+use crate::kernels::DenseMatrix;
+use crate::nn::Loader;
+use crate::tensor::WeightDType;
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
-use crate::quant::rtn::{check_bits, quantize_rtn, QuantParams, QuantizedLinear};
+use crate::qtypes::grid::{check_bits, QuantParams, QuantizedLinear};
+use crate::quant::rtn::quantize_rtn;
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -949,7 +952,7 @@ impl<'a> Streamer<'a> {
         drop(w);
         round_scales_to_f16(&mut q);
         let tensors = if self.opts.writes_awq_gemm() {
-            crate::formats::awq::layer_tensors(&full, &q)?
+            crate::checkpoint::awq::layer_tensors(&full, &q)?
         } else {
             layer_tensors(&full, &q, self.opts.format())?
         };
@@ -1021,7 +1024,7 @@ impl Streamer<'_> {
                 .set_message(format!("scales {}", group.linears.join(",")));
             let stage = group.stages.start;
             let k = widths[stage];
-            let originals: Vec<(std::sync::Arc<dyn crate::nn::LinearKernel>, Vec<f32>, usize)> =
+            let originals: Vec<(std::sync::Arc<dyn crate::kernels::LinearKernel>, Vec<f32>, usize)> =
                 group
                     .linears
                     .iter()

@@ -11,8 +11,10 @@ use crate::config::AutoConfig;
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
-use crate::nn::{LinearFactory, LinearKernel, WeightDType};
-use crate::quant::rtn::QuantizedLinear;
+use crate::kernels::LinearKernel;
+use crate::nn::LinearFactory;
+use crate::tensor::WeightDType;
+use crate::qtypes::grid::QuantizedLinear;
 use crate::tensor::{DType, RawTensor};
 use half::f16;
 use serde_json::{json, Value};
@@ -659,7 +661,7 @@ fn read_gemv_fast(
     })?;
     let words = read_int(src, &qweight_name, &[n / 4, k], DType::I16)?;
     let padded_scales = read_scales(src, &scales_name, &[zw * 8, n])?;
-    let zero_dtype = super::require_shape(
+    let zero_dtype = crate::formats::require_shape(
         src,
         &zeros_name,
         &[zw * 8, n],
@@ -706,7 +708,7 @@ fn read_gemv_fast(
 
 /// Integer tensor of `dtype` (I32 or I16) with `shape`, as i32 values (I16 sign-extended).
 fn read_int(src: &dyn WeightSource, name: &str, shape: &[usize], dtype: DType) -> Result<Vec<i32>> {
-    let info = super::require_shape(src, name, shape, "the layer and AWQ config imply")?;
+    let info = crate::formats::require_shape(src, name, shape, "the layer and AWQ config imply")?;
     if info.dtype != dtype {
         return Err(Error::tensor(
             src.file_of(name),
@@ -734,7 +736,7 @@ fn read_int(src: &dyn WeightSource, name: &str, shape: &[usize], dtype: DType) -
 
 /// Float tensor (F16, BF16 or F32) with `shape`, finite, as f32.
 fn read_scales(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let info = super::require_shape(src, name, shape, "the layer and AWQ config imply")?;
+    let info = crate::formats::require_shape(src, name, shape, "the layer and AWQ config imply")?;
     if !matches!(info.dtype, DType::F16 | DType::BF16 | DType::F32) {
         return Err(Error::tensor(
             src.file_of(name),

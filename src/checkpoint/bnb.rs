@@ -10,8 +10,10 @@ use crate::config::AutoConfig;
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
-use crate::nn::{LinearFactory, LinearKernel, WeightDType};
-use crate::quant::bnb::{
+use crate::kernels::LinearKernel;
+use crate::nn::LinearFactory;
+use crate::tensor::WeightDType;
+use crate::qtypes::bnb::{quantize_4bit, quantize_int8, BitsAndBytesConfig, 
     check_blocksize, Absmax, FourBitType, FourBitWeight, Int8Compute, Int8Weight, NestedAbsmax,
 };
 use crate::tensor::{DType, RawTensor};
@@ -493,7 +495,7 @@ fn check_len(
 }
 
 fn read_required(src: &dyn WeightSource, name: &str) -> Result<RawTensor> {
-    super::require_tensor(src, name)?;
+    crate::formats::require_tensor(src, name)?;
     src.read(name)
 }
 
@@ -601,5 +603,111 @@ mod tests {
         ] {
             assert!(parse_quant_state(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+}
+// ---------------------------------------------------------------------------------------------
+// Quantization at load time
+
+struct LoadTimeFactory {
+    cfg: BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
+}
+
+/// Quantizes every eligible linear layer as it is loaded (transformers' `load_in_4bit` /
+/// `load_in_8bit`): the dense weight is read (GPT-2 Conv1D transposed to `[out, in]`) and
+/// quantized exactly as bitsandbytes would; `lm_head` and `skip_modules` stay dense.
+/// `decode` chooses the 4-bit decoding arithmetic.
+pub fn load_time_factory(
+    cfg: &BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
+) -> Result<Box<dyn LinearFactory>> {
+    cfg.validate()?;
+    Ok(Box::new(LoadTimeFactory {
+        cfg: cfg.clone(),
+        decode,
+    }))
+}
+
+/// Read a dense linear weight as `[out, in]` f32, with the dtype it is stored in.
+pub fn read_dense_linear(
+    src: &dyn WeightSource,
+    prefix: &str,
+    in_features: usize,
+    out_features: usize,
+    conv1d: bool,
+) -> Result<(Vec<f32>, WeightDType)> {
+    let name = format!("{prefix}.weight");
+    let shape = if conv1d {
+        [in_features, out_features]
+    } else {
+        [out_features, in_features]
+    };
+    let w = crate::formats::read_f32_checked(src, &name, &shape)?;
+    let dtype = match src.info(&name).map(|i| i.dtype) {
+        Some(crate::tensor::DType::F16) => WeightDType::F16,
+        Some(crate::tensor::DType::BF16) => WeightDType::BF16,
+        _ => WeightDType::F32,
+    };
+    if !conv1d {
+        return Ok((w, dtype));
+    }
+    let mut t = vec![0f32; w.len()];
+    for i in 0..in_features {
+        for o in 0..out_features {
+            t[o * in_features + i] = w[i * out_features + o];
+        }
+    }
+    Ok((t, dtype))
+}
+
+/// Build the kernel for one weight under `cfg`, 4-bit ones decoding with `decode`.
+pub fn quantize_linear_kernel(
+    w: &[f32],
+    out_features: usize,
+    in_features: usize,
+    dtype: WeightDType,
+    cfg: &BitsAndBytesConfig,
+    decode: crate::kernels::bnb::FourBitDecode,
+) -> Result<Arc<dyn LinearKernel>> {
+    use crate::kernels::bnb::{FourBitMatrix, Int8Matrix};
+    if cfg.load_in_8bit {
+        let q = quantize_int8(w, out_features, in_features)?;
+        Ok(Arc::new(Int8Matrix::new(
+            q,
+            cfg.int8_threshold,
+            cfg.int8_compute,
+        )?))
+    } else {
+        let q = quantize_4bit(
+            w,
+            [out_features, in_features],
+            dtype,
+            cfg.quant_type,
+            cfg.blocksize,
+            cfg.double_quant,
+        )?;
+        Ok(Arc::new(
+            FourBitMatrix::new(q, cfg.compute_dtype)?.with_decode(decode),
+        ))
+    }
+}
+
+impl LinearFactory for LoadTimeFactory {
+    fn load_linear(
+        &self,
+        src: &dyn WeightSource,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        conv1d: bool,
+    ) -> Result<Option<Arc<dyn LinearKernel>>> {
+        if self.cfg.skips(prefix) {
+            return Ok(None);
+        }
+        let (w, dtype) = read_dense_linear(src, prefix, in_features, out_features, conv1d)?;
+        let name = format!("{prefix}.weight");
+        quantize_linear_kernel(&w, out_features, in_features, dtype, &self.cfg, self.decode)
+            .map(Some)
+            .map_err(|e| Error::tensor(src.file_of(&name), name, e.to_string()))
     }
 }

@@ -9,7 +9,7 @@
 //! returned as `i32` because the on-disk dtype is I32; negative values are normal.
 
 use crate::error::{Error, Result};
-use crate::quant::rtn::{check_bits, maxq};
+use crate::qtypes::grid::{check_bits, maxq};
 
 /// How zero points are stored in `qzeros` (`checkpoint_format` in the quantization config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,11 +8,12 @@
 
 use crate::config::AutoConfig;
 use crate::error::{Error, Result};
-use crate::formats::gptq_pack::{self, ZeroFormat};
+use crate::checkpoint::gptq_pack::{self, ZeroFormat};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
-use crate::nn::{LinearFactory, LinearKernel};
-use crate::quant::rtn::{maxq, QuantizedLinear, SUPPORTED_BITS};
+use crate::kernels::LinearKernel;
+use crate::nn::LinearFactory;
+use crate::qtypes::grid::{maxq, QuantizedLinear, SUPPORTED_BITS};
 use crate::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -335,7 +336,7 @@ pub fn read_layer(
 }
 
 fn check_present(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<DType> {
-    Ok(super::require_shape(src, name, shape, "the layer and GPTQ config imply")?.dtype)
+    Ok(crate::formats::require_shape(src, name, shape, "the layer and GPTQ config imply")?.dtype)
 }
 
 fn read_i32(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
