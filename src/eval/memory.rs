@@ -1,6 +1,6 @@
 //! Memory: the estimate from `config.json` alone, and the process's resident memory.
 
-use crate::config::{Architecture, AutoConfig};
+use crate::config::AutoConfig;
 use crate::models::checkpoint_tensors;
 use serde::Serialize;
 
@@ -27,11 +27,11 @@ pub fn count_parameters(config: &AutoConfig) -> ParamCounts {
         other: 0,
         linear_shapes: vec![],
     };
-    let conv1d = matches!(config.arch, Architecture::Gpt2(_));
+    let conv1d = crate::models::family(config).conv1d_weights();
     for (name, shape) in checkpoint_tensors(config) {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
         c.total += n;
-        let in_block = name.contains(".layers.") || name.starts_with("transformer.h.");
+        let in_block = crate::models::block_of(config, &name).is_some();
         if in_block && name.ends_with(".weight") && shape.len() == 2 {
             c.block_linear_weights += n;
             let (out, inp) = if conv1d {

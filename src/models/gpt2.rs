@@ -326,3 +326,24 @@ impl CausalLM for Gpt2 {
         true
     }
 }
+
+impl super::Family for Gpt2Config {
+    fn load(&self, config: AutoConfig, ld: &Loader) -> Result<Box<dyn super::CausalLM>> {
+        Ok(Box::new(Gpt2::load(config, self.clone(), ld)?))
+    }
+    fn load_block(&self, ld: &Loader, i: usize) -> Result<Box<dyn super::DecoderBlock>> {
+        Ok(Box::new(Gpt2Block::load(self, ld, i)?))
+    }
+    fn block_groups(&self) -> &'static [&'static [&'static str]] {
+        GPT2_GROUPS
+    }
+    fn block_prefix(&self, i: usize) -> String {
+        format!("transformer.h.{i}")
+    }
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        tensor_shapes(self)
+    }
+    fn conv1d_weights(&self) -> bool {
+        true
+    }
+}

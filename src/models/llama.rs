@@ -373,3 +373,55 @@ impl CausalLM for Llama {
         &self.embed_tokens
     }
 }
+
+/// Checkpoint tensor names and shapes for a llama-family config.
+pub fn tensor_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, im) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (n, o, inp, bias) in [
+            ("self_attn.q_proj", q, h, c.qkv_bias),
+            ("self_attn.k_proj", kv, h, c.qkv_bias),
+            ("self_attn.v_proj", kv, h, c.qkv_bias),
+            ("self_attn.o_proj", h, q, c.o_bias),
+            ("mlp.gate_proj", im, h, c.mlp_bias),
+            ("mlp.up_proj", im, h, c.mlp_bias),
+            ("mlp.down_proj", h, im, c.mlp_bias),
+        ] {
+            v.push((format!("{p}.{n}.weight"), vec![o, inp]));
+            if bias {
+                v.push((format!("{p}.{n}.bias"), vec![o]));
+            }
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".into(), vec![h]));
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    v
+}
+
+impl super::Family for LlamaConfig {
+    fn load(&self, config: AutoConfig, ld: &Loader) -> Result<Box<dyn super::CausalLM>> {
+        Ok(Box::new(Llama::load(config, self.clone(), ld)?))
+    }
+    fn load_block(&self, ld: &Loader, i: usize) -> Result<Box<dyn super::DecoderBlock>> {
+        Ok(Box::new(LlamaLayer::load(self, ld, i, layer_inv_freq(self))?))
+    }
+    fn block_groups(&self) -> &'static [&'static [&'static str]] {
+        LLAMA_GROUPS
+    }
+    fn block_prefix(&self, i: usize) -> String {
+        format!("model.layers.{i}")
+    }
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        tensor_shapes(self)
+    }
+}

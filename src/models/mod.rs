@@ -329,13 +329,7 @@ impl AutoModelForCausalLM {
         let ld = Loader::new(weights, opts.dtype)
             .with_factory(factory.as_deref())
             .with_lm_head_int8(opts.lm_head_int8);
-        Ok(match config.arch.clone() {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => {
-                Box::new(llama::Llama::load(config, c, &ld)?)
-            }
-            Architecture::Opt(c) => Box::new(opt::Opt::load(config, c, &ld)?),
-            Architecture::Gpt2(c) => Box::new(gpt2::Gpt2::load(config, c, &ld)?),
-        })
+        family(&config).load(config.clone(), &ld)
     }
 
     /// A model with seeded random weights (HF-style init: normal(0, 0.02) matrices, unit norm
@@ -350,34 +344,53 @@ impl AutoModelForCausalLM {
     }
 }
 
+/// Everything the rest of the crate needs to know about one architecture, declared in that
+/// architecture's file (`impl Family for <its typed config>`). Adding an architecture means one
+/// model file, one `Architecture` variant in `config`, and one arm in [`family`].
+pub trait Family: Send + Sync {
+    /// The whole model, read through `ld`.
+    fn load(&self, config: AutoConfig, ld: &Loader) -> Result<Box<dyn CausalLM>>;
+    /// Decoder block `i`, read through `ld` (for layer-by-layer work).
+    fn load_block(&self, ld: &Loader, i: usize) -> Result<Box<dyn DecoderBlock>>;
+    /// The linear layers of every decoder block, grouped by shared input in true-sequential
+    /// order (what [`DecoderBlock::groups`] returns, known without loading).
+    fn block_groups(&self) -> &'static [&'static [&'static str]];
+    /// Checkpoint prefix of decoder block `i` (`model.layers.3`, `transformer.h.3`, ...).
+    fn block_prefix(&self, i: usize) -> String;
+    /// The tensors a checkpoint holds: names and shapes in Hugging Face convention.
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// Linear weights stored `[in, out]` as GPT-2's Conv1D does, instead of `[out, in]`.
+    fn conv1d_weights(&self) -> bool {
+        false
+    }
+    /// Why AWQ cannot fold its scales into this model's blocks, if it cannot.
+    fn awq_refusal(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// The [`Family`] of `config`'s architecture: the one `match` over architectures.
+pub fn family(config: &AutoConfig) -> &dyn Family {
+    match &config.arch {
+        Architecture::Llama(c) | Architecture::Qwen2(c) => c,
+        Architecture::Opt(c) => c,
+        Architecture::Gpt2(c) => c,
+    }
+}
+
 /// Decoder block `i` of `config`, read through `ld` (for layer-by-layer work).
 pub fn load_block(config: &AutoConfig, ld: &Loader, i: usize) -> Result<Box<dyn DecoderBlock>> {
-    Ok(match &config.arch {
-        Architecture::Llama(c) | Architecture::Qwen2(c) => {
-            Box::new(llama::LlamaLayer::load(c, ld, i, llama::layer_inv_freq(c))?)
-        }
-        Architecture::Opt(c) => Box::new(opt::OptLayer::load(c, ld, i)?),
-        Architecture::Gpt2(c) => Box::new(gpt2::Gpt2Block::load(c, ld, i)?),
-    })
+    family(config).load_block(ld, i)
 }
 
-/// The linear layers of every decoder block of `config`, grouped by shared input in
-/// true-sequential order (what [`DecoderBlock::groups`] returns, known without loading).
+/// The linear layers of every decoder block of `config` ([`Family::block_groups`]).
 pub fn block_groups(config: &AutoConfig) -> &'static [&'static [&'static str]] {
-    match &config.arch {
-        Architecture::Llama(_) | Architecture::Qwen2(_) => llama::LLAMA_GROUPS,
-        Architecture::Opt(_) => opt::OPT_GROUPS,
-        Architecture::Gpt2(_) => gpt2::GPT2_GROUPS,
-    }
+    family(config).block_groups()
 }
 
-/// Checkpoint prefix of decoder block `i` (`model.layers.3`, `transformer.h.3`, ...).
+/// Checkpoint prefix of decoder block `i` ([`Family::block_prefix`]).
 pub fn block_prefix(config: &AutoConfig, i: usize) -> String {
-    match &config.arch {
-        Architecture::Llama(_) | Architecture::Qwen2(_) => format!("model.layers.{i}"),
-        Architecture::Opt(_) => format!("model.decoder.layers.{i}"),
-        Architecture::Gpt2(_) => format!("transformer.h.{i}"),
-    }
+    family(config).block_prefix(i)
 }
 
 /// The decoder block a checkpoint tensor belongs to, if any.
@@ -389,46 +402,9 @@ pub fn block_of(config: &AutoConfig, name: &str) -> Option<usize> {
     index.parse().ok()
 }
 
-/// The tensors a checkpoint of `config` holds: names and shapes in Hugging Face convention.
+/// The tensors a checkpoint of `config` holds ([`Family::tensor_shapes`]).
 pub fn checkpoint_tensors(config: &AutoConfig) -> Vec<(String, Vec<usize>)> {
-    match &config.arch {
-        Architecture::Llama(c) | Architecture::Qwen2(c) => llama_tensor_shapes(c),
-        Architecture::Opt(c) => opt::tensor_shapes(c),
-        Architecture::Gpt2(c) => gpt2::tensor_shapes(c),
-    }
-}
-
-fn llama_tensor_shapes(c: &crate::config::LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, im) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let mut v = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![c.vocab_size, h],
-    )];
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for (n, o, inp, bias) in [
-            ("self_attn.q_proj", q, h, c.qkv_bias),
-            ("self_attn.k_proj", kv, h, c.qkv_bias),
-            ("self_attn.v_proj", kv, h, c.qkv_bias),
-            ("self_attn.o_proj", h, q, c.o_bias),
-            ("mlp.gate_proj", im, h, c.mlp_bias),
-            ("mlp.up_proj", im, h, c.mlp_bias),
-            ("mlp.down_proj", h, im, c.mlp_bias),
-        ] {
-            v.push((format!("{p}.{n}.weight"), vec![o, inp]));
-            if bias {
-                v.push((format!("{p}.{n}.bias"), vec![o]));
-            }
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-    }
-    v.push(("model.norm.weight".into(), vec![h]));
-    if !c.tie_word_embeddings {
-        v.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
-    }
-    v
+    family(config).tensor_shapes()
 }
 
 /// Deterministic random tensors for every name of a config's checkpoint, generated on demand

@@ -428,3 +428,27 @@ impl CausalLM for Opt {
         &self.embed_tokens
     }
 }
+
+impl super::Family for OptConfig {
+    fn load(&self, config: AutoConfig, ld: &Loader) -> Result<Box<dyn super::CausalLM>> {
+        Ok(Box::new(Opt::load(config, self.clone(), ld)?))
+    }
+    fn load_block(&self, ld: &Loader, i: usize) -> Result<Box<dyn super::DecoderBlock>> {
+        Ok(Box::new(OptLayer::load(self, ld, i)?))
+    }
+    fn block_groups(&self) -> &'static [&'static [&'static str]] {
+        OPT_GROUPS
+    }
+    fn block_prefix(&self, i: usize) -> String {
+        format!("model.decoder.layers.{i}")
+    }
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        tensor_shapes(self)
+    }
+    fn awq_refusal(&self) -> Option<&'static str> {
+        (!self.do_layer_norm_before).then_some(
+            "AWQ needs pre-norm blocks to fold its scales into; this OPT model is post-norm \
+             (do_layer_norm_before=false)",
+        )
+    }
+}

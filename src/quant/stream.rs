@@ -11,7 +11,7 @@
 //! a time; the first request for a tensor of block `i` triggers the work on block `i`.
 
 use crate::auto::write_model_files;
-use crate::config::{Architecture, AutoConfig};
+use crate::config::AutoConfig;
 use crate::error::{Error, Result};
 use crate::checkpoint::awq::AwqConfig;
 use crate::checkpoint::gptq::{layer_tensors, GptqConfig};
@@ -350,16 +350,15 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
                 .display()
         )));
     }
-    if let Architecture::Opt(c) = &config.arch {
-        if opts.method.uses_awq() && !c.do_layer_norm_before {
+    if let Some(why) = crate::models::family(config).awq_refusal() {
+        if opts.method.uses_awq() {
             return Err(Error::Unsupported(format!(
-                "AWQ needs pre-norm blocks to fold its scales into; this OPT model is post-norm \
-                     (do_layer_norm_before=false), from `{}` on. Use --method gptq or rtn",
+                "{why}, from `{}` on. Use --method gptq or rtn",
                 block_prefix(config, 0)
             )));
         }
     }
-    let conv1d = matches!(config.arch, Architecture::Gpt2(_));
+    let conv1d = crate::models::family(config).conv1d_weights();
     let groups = block_groups(config);
     let bits = opts.params.bits as usize;
     let mut specs = vec![];
