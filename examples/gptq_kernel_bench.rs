@@ -14,6 +14,7 @@
 //! At the end it combines the decode times into SmolLM2-135M-shaped tokens/s (30 layers of
 //! q,o 576×576, k,v 192×576, gate,up 1536×576, down 576×1536, plus a 49152×576 lm_head), linears only.
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::kernels::gptq::GptqMatrix;
 use autoquant::kernels::{DenseMatrix, LinearKernel};
 use autoquant::tensor::WeightDType;
@@ -59,8 +60,8 @@ fn quantized(
         (0..k).map(|i| (i / gs) as u32).collect()
     };
     QuantizedLinear {
-        bits,
-        group_size: group,
+        bits: Bits::new(bits).unwrap(),
+        group_size: GroupSize::from_size(group),
         n,
         k,
         codes: (0..n * k).map(|_| (rng.next() % levels) as u8).collect(),

@@ -1,5 +1,6 @@
 //! Time GPTQ on one large linear layer (Llama-7B shapes by default):
 //! `cargo run --release --example gptq_speed -- [N K]`.
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use autoquant::qtypes::grid::QuantParams;
 use rand::{Rng, SeedableRng};
@@ -27,8 +28,8 @@ fn main() {
         let th = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         let opts = GptqOptions::new(QuantParams {
-            bits: 4,
-            group_size: Some(128),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(128),
             sym: true,
         });
         let r = gptq_quantize(&w, n, k, &h, &opts).expect("gptq");

@@ -8,6 +8,7 @@
 mod common;
 use common::err_text;
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::config::AutoConfig;
 use autoquant::checkpoint::awq::{
     gemv_fast_position, layer_tensors, linear_factory, pack_gemm, read_layer, unpack_gemm,
@@ -64,8 +65,8 @@ fn random_layer(n: usize, k: usize, g: usize, seed: u64) -> QuantizedLinear {
     let mut r = Lcg(seed);
     let groups = k / g;
     QuantizedLinear {
-        bits: 4,
-        group_size: Some(g),
+        bits: Bits::B4,
+        group_size: GroupSize::Size(g),
         n,
         k,
         codes: (0..n * k).map(|_| (r.next() % 16) as u8).collect(),
@@ -203,8 +204,8 @@ fn pack_cases() -> (SafetensorsFile, Vec<PackCase>) {
             let zeros = i32s(&src.read(&format!("{name}.zeros")).unwrap());
             let scales = src.read(&format!("{name}.scales_f32")).unwrap().to_f32();
             let input = QuantizedLinear {
-                bits: 4,
-                group_size: Some(g),
+                bits: Bits::B4,
+                group_size: GroupSize::Size(g),
                 n,
                 k,
                 codes,
@@ -791,21 +792,21 @@ fn writer_refuses_what_the_layout_cannot_hold() {
     };
     refuse(
         QuantizedLinear {
-            bits: 3,
+            bits: Bits::B3,
             ..base.clone()
         },
         "3-bit",
     );
     refuse(
         QuantizedLinear {
-            group_size: Some(48),
+            group_size: GroupSize::Size(48),
             ..base.clone()
         },
         "group size 48",
     );
     refuse(
         QuantizedLinear {
-            group_size: None,
+            group_size: GroupSize::PerChannel,
             ..base.clone()
         },
         "per-channel",
@@ -838,8 +839,8 @@ fn awq_grid(values: &[f32]) -> (f32, u32) {
 fn quantize_awq(w: &[f32], n: usize, k: usize, g: usize) -> QuantizedLinear {
     let groups = k / g;
     let mut q = QuantizedLinear {
-        bits: 4,
-        group_size: Some(g),
+        bits: Bits::B4,
+        group_size: GroupSize::Size(g),
         n,
         k,
         codes: vec![0; n * k],

@@ -14,6 +14,7 @@
 
 mod common;
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::save_safetensors_in_memory;
 use autoquant::formats::{open_weights, WeightSource};
@@ -195,8 +196,8 @@ fn options(method: Method, bits: u8, group_size: Option<usize>) -> StreamOptions
     StreamOptions::new(
         method,
         QuantParams {
-            bits,
-            group_size,
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::from_size(group_size),
             sym: false,
         },
     )

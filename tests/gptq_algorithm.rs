@@ -8,6 +8,7 @@
 
 mod common;
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::formats::safetensors::SafetensorsFile;
 use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use autoquant::qtypes::grid::{grid, QuantParams};
@@ -42,8 +43,8 @@ fn i32s(st: &SafetensorsFile, name: &str) -> Vec<i32> {
 fn opts_of(case: &Value) -> GptqOptions {
     GptqOptions {
         params: QuantParams {
-            bits: case["bits"].as_u64().unwrap() as u8,
-            group_size: case["group_size"].as_u64().map(|g| g as usize),
+            bits: Bits::new(case["bits"].as_u64().unwrap() as u8).unwrap(),
+            group_size: GroupSize::from_size(case["group_size"].as_u64().map(|g| g as usize)),
             sym: case["sym"].as_bool().unwrap(),
         },
         damp_percent: case["damp_percent"].as_f64().unwrap(),
@@ -269,8 +270,8 @@ fn gptq_output_error_beats_rtn_on_correlated_inputs() {
         (2, Some(32), false, false),
     ] {
         let params = QuantParams {
-            bits,
-            group_size: group,
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::from_size(group),
             sym,
         };
         let mut opts = GptqOptions::new(params);
@@ -312,8 +313,8 @@ fn dead_columns_are_zeroed_and_counted() {
     let before = h.matrix().to_vec();
     for sym in [true, false] {
         let params = QuantParams {
-            bits: 4,
-            group_size: None,
+            bits: Bits::B4,
+            group_size: GroupSize::PerChannel,
             sym,
         };
         let g = gptq_quantize(&w, n, k, &h, &GptqOptions::new(params)).unwrap();
@@ -352,8 +353,8 @@ fn desc_act_is_equivariant_under_input_permutation() {
         .collect();
     let hp = Hessian::from_matrix(k, hp, h.samples()).unwrap();
     let mut opts = GptqOptions::new(QuantParams {
-        bits: 3,
-        group_size: Some(16),
+        bits: Bits::B3,
+        group_size: GroupSize::from_size(Some(16)),
         sym: false,
     });
     opts.desc_act = true;
@@ -415,8 +416,8 @@ fn weighted_samples_count_rows_by_weight() {
 #[test]
 fn damping_retries_until_cholesky_succeeds() {
     let params = QuantParams {
-        bits: 4,
-        group_size: None,
+        bits: Bits::B4,
+        group_size: GroupSize::PerChannel,
         sym: true,
     };
     let w = vec![0.1f32, -0.2, 0.3, 0.05];
@@ -449,9 +450,9 @@ fn bad_input_is_rejected_with_clear_errors() {
     let x: Vec<f32> = (0..3 * k).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
     let mut h = Hessian::new(k);
     h.add_sample(&x, 3);
-    let p = |bits, group_size| QuantParams {
-        bits,
-        group_size,
+    let p = |bits: u8, group_size: Option<usize>| QuantParams {
+        bits: Bits::new(bits).unwrap(),
+        group_size: GroupSize::from_size(group_size),
         sym: false,
     };
     let run = |w: &[f32], h: &Hessian, params| {
@@ -464,7 +465,8 @@ fn bad_input_is_rejected_with_clear_errors() {
     let mut wn = w.clone();
     wn[9] = f32::NAN;
     assert!(run(&wn, &h, p(4, None)).contains("non-finite weight"));
-    assert!(run(&w, &h, p(5, None)).contains("unsupported bit width 5"));
+    // A bit width outside the grid cannot reach the algorithm: the type refuses it.
+    assert!(Bits::new(5).unwrap_err().to_string().contains("unsupported bit width 5"));
     assert!(run(&w, &h, p(4, Some(3))).contains("does not divide"));
     assert!(run(&w, &h, p(4, Some(0))).contains("group size"));
     let e = gptq_quantize(&w, n, k, &Hessian::new(16), &GptqOptions::new(p(4, None)));
@@ -513,8 +515,8 @@ fn speed_smollm2_sizes() {
         let per = t.elapsed().as_secs_f64() / 4.0;
         let w: Vec<f32> = (0..n * k).map(|_| 0.02 * rng.normal()).collect();
         let mut opts = GptqOptions::new(QuantParams {
-            bits: 4,
-            group_size: Some(64),
+            bits: Bits::B4,
+            group_size: GroupSize::from_size(Some(64)),
             sym: true,
         });
         let t = std::time::Instant::now();

@@ -8,6 +8,7 @@
 mod common;
 use common::err_text;
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::config::AutoConfig;
 use autoquant::checkpoint::gptq::{
     choose_format, layer_tensors, linear_factory, read_layer, GptqConfig, GptqParams,
@@ -40,7 +41,7 @@ fn i32s(t: &RawTensor) -> Vec<i32> {
         .collect()
 }
 
-fn params(bits: u8, group_size: Option<usize>, format: ZeroFormat) -> GptqParams {
+fn params(bits: Bits, group_size: GroupSize, format: ZeroFormat) -> GptqParams {
     GptqParams {
         bits,
         group_size,
@@ -96,8 +97,8 @@ fn rtn_act_order(
         n,
         k,
         &QuantParams {
-            bits,
-            group_size: Some(group),
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::Size(group),
             sym,
         },
     )
@@ -174,8 +175,8 @@ fn pack_cases() -> (SafetensorsFile, Vec<PackCase>) {
         let codes = src.read(&format!("{name}.codes")).unwrap();
         assert_eq!(codes.dtype, DType::U8);
         let input = QuantizedLinear {
-            bits,
-            group_size,
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::from_size(group_size),
             n,
             k,
             codes: codes.data.clone(),
@@ -224,7 +225,7 @@ fn layer_tensors_match_autogptq_pack_byte_for_byte() {
 fn reading_autogptq_pack_recovers_the_inputs() {
     let (src, cases) = pack_cases();
     for c in cases.iter().filter(|c| !c.name.ends_with("wrap")) {
-        let p = params(c.bits, c.group_size, ZeroFormat::V1);
+        let p = params(Bits::new(c.bits).unwrap(), GroupSize::from_size(c.group_size), ZeroFormat::V1);
         let q = read_layer(&src, &c.name, c.k, c.n, &p).unwrap().unwrap();
         assert_eq!(q, c.input, "{}", c.name);
     }
@@ -239,7 +240,7 @@ fn v1_zero_point_zero_reads_as_vllm_does() {
     assert!(msg.contains("gptq_v2"), "{msg}");
     // ...and AutoGPTQ's (written in the top field of a word, so nothing else was corrupted)
     // reads back as Z = 16: what qlinear_cuda (act-order path), exllama and vLLM compute.
-    let p = params(4, Some(32), ZeroFormat::V1);
+    let p = params(Bits::B4, GroupSize::Size(32), ZeroFormat::V1);
     let q = read_layer(&src, &c.name, c.k, c.n, &p).unwrap().unwrap();
     let mut want = c.input.zeros.clone();
     let mut wrapped = 0;
@@ -400,8 +401,8 @@ fn round_trip_every_width_and_layout() {
                 n,
                 k,
                 &QuantParams {
-                    bits,
-                    group_size: group,
+                    bits: Bits::new(bits).unwrap(),
+                    group_size: GroupSize::from_size(group),
                     sym,
                 },
             )
@@ -431,7 +432,7 @@ fn round_trip_every_width_and_layout() {
             // Through the factory: the kernel computes with the same weights.
             p.desc_act = true;
             let qcfg = json!({"quant_method": "gptq", "bits": q.bits,
-                "group_size": q.group_size.map_or(-1, |g| g as i64), "desc_act": true,
+                "group_size": q.group_size.to_i64(), "desc_act": true,
                 "sym": false, "checkpoint_format": format.as_str()});
             let config = tiny_llama_config();
             let factory = linear_factory(&config, &qcfg).unwrap();
@@ -457,8 +458,8 @@ fn choose_format_rule() {
         32,
         64,
         &QuantParams {
-            bits: 4,
-            group_size: Some(32),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(32),
             sym: true,
         },
     )
@@ -468,8 +469,8 @@ fn choose_format_rule() {
         32,
         64,
         &QuantParams {
-            bits: 4,
-            group_size: Some(32),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(32),
             sym: false,
         },
     )
@@ -498,8 +499,8 @@ fn tiny_llama_config() -> AutoConfig {
 #[test]
 fn written_configs_parse_back_and_carry_the_keys() {
     let cfg = GptqConfig {
-        bits: 3,
-        group_size: None,
+        bits: Bits::B3,
+        group_size: GroupSize::PerChannel,
         desc_act: true,
         sym: false,
         static_groups: false,
@@ -534,7 +535,7 @@ fn written_configs_parse_back_and_carry_the_keys() {
     let p = GptqParams::from_config(&qc, Path::new("config.json")).unwrap();
     assert_eq!(
         (p.bits, p.group_size, p.desc_act, p.sym, p.format),
-        (3, None, true, false, ZeroFormat::V2)
+        (Bits::B3, GroupSize::PerChannel, true, false, ZeroFormat::V2)
     );
 
     let ac = cfg.quantize_config_json();
@@ -568,8 +569,8 @@ fn good_layer() -> (QuantizedLinear, Vec<(String, RawTensor)>) {
             32,
             64,
             &QuantParams {
-                bits: 4,
-                group_size: Some(32),
+                bits: Bits::B4,
+                group_size: GroupSize::Size(32),
                 sym: true,
             },
         )
@@ -585,7 +586,7 @@ fn replace(t: &mut [(String, RawTensor)], name: &str, new: RawTensor) {
 
 #[test]
 fn bad_tensors_are_named() {
-    let p = params(4, Some(32), ZeroFormat::V1);
+    let p = params(Bits::B4, GroupSize::Size(32), ZeroFormat::V1);
     let read = |t: Vec<(String, RawTensor)>| {
         err_text(read_layer(
             &MemoryWeights::new("mem.safetensors", t),
@@ -652,7 +653,7 @@ fn bad_tensors_are_named() {
 
     // Group size not dividing K: named with the tensor and the config file.
     let (_, t) = good_layer();
-    let p48 = params(4, Some(48), ZeroFormat::V1);
+    let p48 = params(Bits::B4, GroupSize::Size(48), ZeroFormat::V1);
     let msg = err_text(read_layer(
         &MemoryWeights::new("mem.safetensors", t),
         "layer",
@@ -738,7 +739,7 @@ fn bad_configs_name_the_file() {
     .unwrap();
     assert_eq!(
         (p.bits, p.group_size, p.desc_act, p.sym, p.format),
-        (8, None, true, true, ZeroFormat::V1)
+        (Bits::B8, GroupSize::PerChannel, true, true, ZeroFormat::V1)
     );
 }
 
@@ -846,8 +847,8 @@ fn write_checkpoint(model: &dyn CausalLM, v: &WriteVariant, dir: &Path) -> ZeroF
                 n,
                 k,
                 &QuantParams {
-                    bits: v.bits,
-                    group_size: v.group_size,
+                    bits: Bits::new(v.bits).unwrap(),
+                    group_size: GroupSize::from_size(v.group_size),
                     sym: v.sym,
                 },
             )
@@ -858,8 +859,8 @@ fn write_checkpoint(model: &dyn CausalLM, v: &WriteVariant, dir: &Path) -> ZeroF
     let refs: Vec<&QuantizedLinear> = layers.iter().map(|(_, q, _)| q).collect();
     let format = choose_format(v.sym, &refs);
     let cfg = GptqConfig {
-        bits: v.bits,
-        group_size: v.group_size,
+        bits: Bits::new(v.bits).unwrap(),
+        group_size: GroupSize::from_size(v.group_size),
         desc_act: v.act_order,
         sym: v.sym,
         static_groups: false,

@@ -3,6 +3,7 @@
 //! Expected words and codes below are worked out by hand from the spec text, not taken from our
 //! output: inputs are chosen so that scales are exact in f32 wherever possible.
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::checkpoint::gptq_pack::{
     check_loader_shape, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros, ZeroFormat,
 };
@@ -265,7 +266,7 @@ proptest! {
         bits in bits_strategy(),
         w in proptest::collection::vec(-4.0f32..4.0, 2 * 16),
     ) {
-        let q = quantize_rtn(&w, 2, 16, &QuantParams { bits, group_size: Some(8), sym: false }).unwrap();
+        let q = quantize_rtn(&w, 2, 16, &QuantParams { bits: Bits::new(bits).unwrap(), group_size: GroupSize::Size(8), sym: false }).unwrap();
         let dq = q.dequantize();
         for (i, (&x, &y)) in w.iter().zip(&dq).enumerate() {
             let scale = q.scales[q.g_idx[i % 16] as usize * 2 + i / 16];
@@ -289,8 +290,8 @@ fn rtn(
         n,
         k,
         &QuantParams {
-            bits,
-            group_size,
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::from_size(group_size),
             sym,
         },
     )
@@ -405,16 +406,13 @@ fn rtn_codes_survive_packing() {
 #[test]
 fn rtn_errors() {
     let w = vec![0.5f32; 8];
-    let p = |bits, group_size| QuantParams {
-        bits,
-        group_size,
+    let p = |bits: u8, group_size: Option<usize>| QuantParams {
+        bits: Bits::new(bits).unwrap(),
+        group_size: GroupSize::from_size(group_size),
         sym: false,
     };
     for bits in [0u8, 1, 5, 6, 7, 16] {
-        assert!(
-            quantize_rtn(&w, 2, 4, &p(bits, None)).is_err(),
-            "bits {bits}"
-        );
+        assert!(Bits::new(bits).is_err(), "bits {bits}");
     }
     let e = quantize_rtn(&w, 2, 4, &p(4, Some(3)))
         .unwrap_err()

@@ -11,6 +11,7 @@
 
 mod common;
 
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::auto::{save_pretrained, SaveOptions};
 use autoquant::config::AutoConfig;
 use autoquant::checkpoint::gptq::{read_layer, GptqParams};
@@ -193,8 +194,8 @@ impl FloatModel {
 fn gptq_options(c: &Value) -> StreamOptions {
     let gs = c["group_size"].as_i64().unwrap();
     let params = QuantParams {
-        bits: c["bits"].as_u64().unwrap() as u8,
-        group_size: (gs > 0).then_some(gs as usize),
+        bits: Bits::new(c["bits"].as_u64().unwrap() as u8).unwrap(),
+        group_size: GroupSize::from_size((gs > 0).then_some(gs as usize)),
         sym: c["sym"].as_bool().unwrap(),
     };
     // The reference's Hessian and grid (sink weight 1, no clipping search).
@@ -609,24 +610,24 @@ fn rtn_stream_is_quantize_rtn_of_each_weight() {
         (
             "llama",
             QuantParams {
-                bits: 4,
-                group_size: Some(32),
+                bits: Bits::B4,
+                group_size: GroupSize::Size(32),
                 sym: false,
             },
         ),
         (
             "opt",
             QuantParams {
-                bits: 3,
-                group_size: None,
+                bits: Bits::B3,
+                group_size: GroupSize::PerChannel,
                 sym: true,
             },
         ),
         (
             "gpt2",
             QuantParams {
-                bits: 2,
-                group_size: Some(64),
+                bits: Bits::B2,
+                group_size: GroupSize::Size(64),
                 sym: false,
             },
         ),
@@ -700,8 +701,8 @@ fn gptq_4bit_g32() -> StreamOptions {
     StreamOptions::new(
         Method::Gptq,
         QuantParams {
-            bits: 4,
-            group_size: Some(32),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(32),
             sym: true,
         },
     )
@@ -747,8 +748,8 @@ fn group_size_must_divide_every_layer() {
         let opts = StreamOptions::new(
             method,
             QuantParams {
-                bits: 4,
-                group_size: Some(128),
+                bits: Bits::B4,
+                group_size: GroupSize::Size(128),
                 sym: true,
             },
         );
@@ -762,8 +763,8 @@ fn group_size_must_divide_every_layer() {
     let opts = StreamOptions::new(
         Method::Rtn,
         QuantParams {
-            bits: 4,
-            group_size: Some(48),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(48),
             sym: true,
         },
     );
@@ -791,8 +792,8 @@ fn nan_in_block_1_names_the_tensor_and_leaves_nothing() {
             StreamOptions::new(
                 Method::Rtn,
                 QuantParams {
-                    bits: 4,
-                    group_size: Some(32),
+                    bits: Bits::B4,
+                    group_size: GroupSize::Size(32),
                     sym: false,
                 },
             ),
@@ -817,8 +818,8 @@ fn existing_output_is_refused_and_kept() {
     let opts = StreamOptions::new(
         Method::Rtn,
         QuantParams {
-            bits: 4,
-            group_size: Some(32),
+            bits: Bits::B4,
+            group_size: GroupSize::Size(32),
             sym: true,
         },
     );

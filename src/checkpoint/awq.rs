@@ -8,6 +8,7 @@
 //! how the codes, zeros and scales are laid out, and all of them share the GPTQ kernel.
 
 use crate::config::AutoConfig;
+use crate::qtypes::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bits of every AWQ layout.
-pub const AWQ_BITS: u8 = 4;
+pub const AWQ_BITS: Bits = Bits::B4;
 /// Nibble i of a GEMM word holds output column `8c + ORDER[i]` (`AWQ_ORDER` in AutoAWQ).
 pub const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 /// Output column j of a GEMM word is in nibble `REVERSE_ORDER[j]`.
@@ -54,7 +55,7 @@ impl AwqVersion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AwqConfig {
     /// Always 4 (checked when parsing).
-    pub bits: u8,
+    pub bits: Bits,
     /// Input channels per group (positive; AutoAWQ cannot pack `-1`, see [`AwqConfig::from_config`]).
     pub group_size: usize,
     /// Always true in loadable checkpoints (AutoAWQ and llm-awq assert it).
@@ -119,8 +120,8 @@ impl AwqConfig {
                 ));
             }
         }
-        let bits = int("bits")?.or(int("w_bit")?).unwrap_or(AWQ_BITS as i64);
-        if bits != AWQ_BITS as i64 {
+        let bits = int("bits")?.or(int("w_bit")?).unwrap_or(AWQ_BITS.get() as i64);
+        if bits != AWQ_BITS.get() as i64 {
             return Err(Error::Unsupported(format!(
                 "{file}: AWQ bits = {bits} is not supported; every AWQ layout (GEMM, GEMV, \
                  GEMV_FAST) packs 4-bit codes"
@@ -307,7 +308,7 @@ pub fn layer_tensors(prefix: &str, q: &QuantizedLinear) -> Result<Vec<(String, R
         return Err(bad(format!("empty weight [N={n}, K={k}]")));
     }
     let g =
-        match q.group_size {
+        match q.group_size.size() {
             Some(g) if g > 0 && k.is_multiple_of(g) => g,
             Some(g) => {
                 return Err(bad(format!(
@@ -454,7 +455,7 @@ impl AwqMatrix {
     pub fn new(q: &QuantizedLinear, version: AwqVersion) -> Result<Self> {
         Ok(AwqMatrix {
             inner: GptqMatrix::from_quantized(q)?,
-            group_size: q.group_size.unwrap_or(q.k),
+            group_size: q.group_size.channels(q.k),
             version,
         })
     }
@@ -529,7 +530,7 @@ pub fn read_layer(
     };
     Ok(Some(QuantizedLinear {
         bits: AWQ_BITS,
-        group_size: Some(g),
+        group_size: GroupSize::Size(g),
         n,
         k,
         codes,

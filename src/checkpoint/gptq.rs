@@ -7,13 +7,14 @@
 //! which zero format to use is decided by [`choose_format`].
 
 use crate::config::AutoConfig;
+use crate::qtypes::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::checkpoint::gptq_pack::{self, ZeroFormat};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
 use crate::kernels::LinearKernel;
 use crate::nn::LinearFactory;
-use crate::qtypes::grid::{maxq, QuantizedLinear, SUPPORTED_BITS};
+use crate::qtypes::grid::QuantizedLinear;
 use crate::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -24,9 +25,9 @@ use std::sync::Arc;
 /// `quantize_config.json`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptqParams {
-    pub bits: u8,
+    pub bits: Bits,
     /// `None` is per-channel (`group_size: -1`).
-    pub group_size: Option<usize>,
+    pub group_size: GroupSize,
     pub desc_act: bool,
     pub sym: bool,
     pub format: ZeroFormat,
@@ -82,11 +83,8 @@ impl GptqParams {
             (Some(b), _) | (None, Some(b)) => b,
             (None, None) => return Err(Error::format(config_file, "GPTQ config has no `bits`")),
         };
-        if !SUPPORTED_BITS.iter().any(|&s| s as i64 == bits) {
-            return Err(Error::Unsupported(format!(
-                "{file}: GPTQ bits = {bits} is not supported (2, 3, 4 and 8 are)"
-            )));
-        }
+        let bits = Bits::from_i64(bits)
+            .map_err(|e| Error::Unsupported(format!("{file}: GPTQ checkpoint: {e}")))?;
         // Defaults differ by tool (transformers 128, AutoGPTQ -1), so a missing value is refused.
         let group_size = match (int("group_size")?, int("q_group_size")?) {
             (Some(g), _) | (None, Some(g)) => g,
@@ -97,16 +95,8 @@ impl GptqParams {
                 ))
             }
         };
-        let group_size = match group_size {
-            -1 => None,
-            g if g > 0 => Some(g as usize),
-            g => {
-                return Err(Error::format(
-                    config_file,
-                    format!("GPTQ group_size = {g} is invalid (use a positive size or -1)"),
-                ))
-            }
-        };
+        let group_size = GroupSize::from_i64(group_size)
+            .map_err(|e| Error::format(config_file, format!("GPTQ {e}")))?;
 
         // `checkpoint_format` (AutoGPTQ, transformers, vLLM) and `format` (GPTQModel, newer
         // optimum) name the same thing; transformers lets `checkpoint_format` win.
@@ -160,7 +150,7 @@ impl GptqParams {
             }
         }
         Ok(GptqParams {
-            bits: bits as u8,
+            bits,
             group_size,
             desc_act: boolean("desc_act", false)?,
             sym: boolean("sym", true)?,
@@ -215,7 +205,7 @@ impl LinearFactory for GptqFactory {
             return Ok(None);
         };
         let p = &self.params;
-        let top = 1u32 << p.bits;
+        let top = 1u32 << p.bits.get();
         // Only v1 adds 1, so only v1 can produce Z = 2^b; warn once per checkpoint.
         if q.zeros.contains(&top) && !self.warned_wrap.swap(true, Ordering::Relaxed) {
             eprintln!(
@@ -224,12 +214,12 @@ impl LinearFactory for GptqFactory {
                  written; tools disagree on reading it. Reading it as Z = {top}, as vLLM and exllama do. \
                  Re-quantize and save as gptq_v2 to avoid the ambiguity.",
                 p.config_file.display(),
-                maxq(p.bits),
+                p.bits.maxq(),
                 p.bits,
             );
         }
         if !p.desc_act && !self.warned_g_idx.load(Ordering::Relaxed) {
-            let g = p.group_size.unwrap_or(in_features);
+            let g = p.group_size.channels(in_features);
             if q.g_idx
                 .iter()
                 .enumerate()
@@ -264,7 +254,7 @@ pub fn read_layer(
     if src.info(&qweight_name).is_none() {
         return Ok(None);
     }
-    let (n, k, bits) = (out_features, in_features, params.bits);
+    let (n, k, bits) = (out_features, in_features, params.bits.get());
     let err = |name: &str, msg: String| Error::tensor(src.file_of(name), name, msg);
     let cfg = params.config_file.display();
 
@@ -286,7 +276,7 @@ pub fn read_layer(
             ),
         ));
     }
-    let groups = match params.group_size {
+    let groups = match params.group_size.size() {
         None => 1,
         Some(g) if k.is_multiple_of(g) => k / g,
         Some(g) => {
@@ -308,7 +298,7 @@ pub fn read_layer(
     let g_idx_name = format!("{prefix}.g_idx");
     let g_idx = match src.info(&g_idx_name) {
         None => {
-            let g = params.group_size.unwrap_or(k);
+            let g = params.group_size.channels(k);
             (0..k).map(|c| (c / g) as u32).collect()
         }
         Some(_) => read_g_idx(src, &g_idx_name, k, groups)?,
@@ -324,7 +314,7 @@ pub fn read_layer(
         ZeroFormat::V2 => fields,
     };
     Ok(Some(QuantizedLinear {
-        bits,
+        bits: params.bits,
         group_size: params.group_size,
         n,
         k,
@@ -424,9 +414,9 @@ fn read_g_idx(src: &dyn WeightSource, name: &str, k: usize, groups: usize) -> Re
 /// Settings recorded in a GPTQ checkpoint we write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptqConfig {
-    pub bits: u8,
+    pub bits: Bits,
     /// `None` is per-channel (`-1` on disk).
-    pub group_size: Option<usize>,
+    pub group_size: GroupSize,
     pub desc_act: bool,
     pub sym: bool,
     pub static_groups: bool,
@@ -440,7 +430,7 @@ pub struct GptqConfig {
 
 impl GptqConfig {
     fn group_size_value(&self) -> i64 {
-        self.group_size.map_or(-1, |g| g as i64)
+        self.group_size.size().map_or(-1, |g| g as i64)
     }
 
     fn meta_with_quantizer(&self) -> Value {
@@ -525,10 +515,10 @@ pub fn layer_tensors(
     q: &QuantizedLinear,
     format: ZeroFormat,
 ) -> Result<Vec<(String, RawTensor)>> {
-    let (n, k, bits) = (q.n, q.k, q.bits);
+    let (n, k, bits) = (q.n, q.k, q.bits.get());
     let bad = |msg: String| Error::InvalidArgument(format!("GPTQ layer `{prefix}`: {msg}"));
     gptq_pack::check_loader_shape(n, k, bits).map_err(|e| bad(e.to_string()))?;
-    let groups = match q.group_size {
+    let groups = match q.group_size.size() {
         None => 1,
         Some(g) if g > 0 && k.is_multiple_of(g) => k / g,
         Some(g) => {

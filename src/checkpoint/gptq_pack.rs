@@ -9,7 +9,8 @@
 //! returned as `i32` because the on-disk dtype is I32; negative values are normal.
 
 use crate::error::{Error, Result};
-use crate::qtypes::grid::{check_bits, maxq};
+use crate::qtypes::grid::maxq;
+use crate::qtypes::Bits;
 
 /// How zero points are stored in `qzeros` (`checkpoint_format` in the quantization config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub fn packed_len(len: usize, bits: u8) -> usize {
 }
 
 fn check_packable(len: usize, bits: u8, what: &str) -> Result<()> {
-    check_bits(bits)?;
+    Bits::new(bits)?;
     let run = run_len(bits);
     if !len.is_multiple_of(run) {
         return Err(Error::InvalidArgument(format!(
@@ -212,7 +213,7 @@ pub fn unpack_qzeros(
 /// The shape rules AutoGPTQ's and GPTQModel's packers assume (formats.md §1.1): K divisible by 32
 /// for every width, N by 32/b (by 32 for 3-bit). Stricter than what [`pack_qweight`] needs.
 pub fn check_loader_shape(n: usize, k: usize, bits: u8) -> Result<()> {
-    check_bits(bits)?;
+    Bits::new(bits)?;
     if !k.is_multiple_of(32) {
         return Err(Error::InvalidArgument(format!(
             "in_features K={k} is not a multiple of 32, which GPTQ packers and loaders assume"

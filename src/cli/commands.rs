@@ -201,12 +201,7 @@ pub fn estimate(ctx: &Context, a: EstimateArgs) -> Result<()> {
             None => autoquant::config::AutoConfig::from_pretrained(&files.dir)?,
         }
     };
-    let group = if a.group_size <= 0 {
-        0
-    } else {
-        a.group_size as usize
-    };
-    let e = memory::estimate(&config, group);
+    let e = memory::estimate(&config, a.group_size);
     if ctx.json {
         print_json(&json!(e));
         return Ok(());
@@ -489,19 +484,10 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
             "--double-quant applies to --method bnb-nf4/bnb-fp4".into(),
         ));
     }
-    let group_size = match a.group_size {
-        -1 => None,
-        g if g > 0 => Some(g as usize),
-        g => {
-            return Err(Error::InvalidArgument(format!(
-                "--group-size must be positive or -1 (per-channel), got {g}"
-            )))
-        }
-    };
     // AWQ's own grid is asymmetric (zero point per group).
     let params = QuantParams {
         bits: a.bits,
-        group_size,
+        group_size: a.group_size,
         sym: !(a.asym || method == Method::Awq),
     };
     let awq_calib = method == Method::Awq || method == Method::AwqGptq;

@@ -3,6 +3,7 @@
 mod commands;
 
 use clap::{Args, Parser, Subcommand};
+use autoquant::qtypes::{Bits, GroupSize};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -119,8 +120,8 @@ pub struct EstimateArgs {
     /// A model folder, config.json, .gguf file or hub id.
     pub model: String,
     /// Group size assumed for the int4 row (-1 for per-channel).
-    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
-    pub group_size: i64,
+    #[arg(long, default_value = "128", allow_hyphen_values = true)]
+    pub group_size: GroupSize,
     #[arg(long)]
     pub offline: bool,
 }
@@ -222,12 +223,12 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "gptq")]
     pub method: String,
     /// Bits per weight (rtn/gptq: 2, 3, 4 or 8).
-    #[arg(long, default_value_t = 4)]
-    pub bits: u8,
+    #[arg(long, default_value = "4")]
+    pub bits: Bits,
     /// Input channels per group; -1 for one group per output channel. Must divide every
     /// layer's in_features.
-    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
-    pub group_size: i64,
+    #[arg(long, default_value = "128", allow_hyphen_values = true)]
+    pub group_size: GroupSize,
     /// Symmetric grid (the default; zero point fixed at the middle).
     #[arg(long, conflicts_with = "asym")]
     pub sym: bool,

@@ -1,6 +1,7 @@
 //! Memory: the estimate from `config.json` alone, and the process's resident memory.
 
 use crate::config::AutoConfig;
+use crate::qtypes::GroupSize;
 use crate::models::checkpoint_tensors;
 use serde::Serialize;
 
@@ -76,7 +77,7 @@ pub fn gib(bytes: u64) -> f64 {
 
 /// Bytes for every storage scheme. Quantized schemes keep embeddings, lm_head and norms in
 /// 16 bits, as GPTQ/AWQ/bitsandbytes checkpoints do.
-pub fn estimate(config: &AutoConfig, group_size: usize) -> Estimate {
+pub fn estimate(config: &AutoConfig, group_size: GroupSize) -> Estimate {
     let p = count_parameters(config);
     let mut rows = vec![];
     for (name, bytes) in [("f32", 4u64), ("f16", 2), ("bf16", 2)] {
@@ -111,7 +112,7 @@ pub fn estimate(config: &AutoConfig, group_size: usize) -> Estimate {
         ),
     });
     // int4 GPTQ layout: 4-bit codes, per group an f16 scale and a 4-bit zero, an int32 g_idx per input.
-    let g = group_size as u64;
+    let g = group_size.size().unwrap_or(0) as u64;
     let mut overhead = 0u64;
     for &(o, i) in &p.linear_shapes {
         let groups = if g == 0 { 1 } else { i.div_ceil(g) };
@@ -191,7 +192,7 @@ mod tests {
         // + 3*576*1536 + 2*576 norms = 3,540,096; ×30 = 106,202,880; final norm 576.
         assert_eq!(p.total, 28_311_552 + 106_202_880 + 576);
         assert_eq!(p.embeddings_and_head, 28_311_552);
-        let e = estimate(&cfg, 128);
+        let e = estimate(&cfg, crate::qtypes::GroupSize::Size(128));
         assert_eq!(e.rows[0].bytes, p.total * 4);
     }
 }

@@ -46,7 +46,8 @@
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::{forward_rows_parallel, LinearKernel};
-use crate::qtypes::grid::{check_bits, maxq, QuantizedLinear};
+use crate::qtypes::grid::{maxq, QuantizedLinear};
+use crate::qtypes::{Bits, GroupSize};
 use half::f16;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -234,7 +235,9 @@ impl Zeros {
 /// and other integer-grid formats share this kernel.
 pub struct GptqMatrix {
     bits: u8,
-    group_size: Option<usize>,
+    /// `bits` as the validated type it came from.
+    width: Bits,
+    group_size: GroupSize,
     n: usize,
     /// `ceil(N / 16)`.
     panels: usize,
@@ -259,10 +262,10 @@ impl GptqMatrix {
     /// `2^bits`, a `g_idx` entry ≥ G, or a scale that is not finite in f16.
     pub fn from_quantized(q: &QuantizedLinear) -> Result<Self> {
         validate(q)?;
-        let (n, k, bits) = (q.n, q.k, q.bits);
+        let (n, k, bits) = (q.n, q.k, q.bits.get());
         let g_count = q.scales.len() / n;
         let layout = SlotLayout::new(&q.g_idx, g_count)?;
-        let irregular_g_idx = match q.group_size {
+        let irregular_g_idx = match q.group_size.size() {
             Some(gs) => q
                 .g_idx
                 .iter()
@@ -311,6 +314,7 @@ impl GptqMatrix {
         };
         Ok(GptqMatrix {
             bits,
+            width: q.bits,
             group_size: q.group_size,
             n,
             panels,
@@ -366,7 +370,7 @@ impl GptqMatrix {
             }
         }
         QuantizedLinear {
-            bits: self.bits,
+            bits: self.width,
             group_size: self.group_size,
             n,
             k,
@@ -972,7 +976,7 @@ impl LinearKernel for GptqMatrix {
     }
     fn storage_name(&self) -> String {
         let mut name = format!("gptq-{}bit", self.bits);
-        if let Some(g) = self.group_size {
+        if let GroupSize::Size(g) = self.group_size {
             name += &format!("-g{g}");
         }
         if self.irregular_g_idx {
@@ -987,8 +991,7 @@ impl LinearKernel for GptqMatrix {
 
 /// Checks of [`GptqMatrix::from_quantized`], each naming what is wrong.
 fn validate(q: &QuantizedLinear) -> Result<()> {
-    let (n, k, bits) = (q.n, q.k, q.bits);
-    check_bits(bits)?;
+    let (n, k, bits) = (q.n, q.k, q.bits.get());
     let bad = |msg: String| {
         Err(Error::InvalidArgument(format!(
             "quantized weight [N={n}, K={k}]: {msg}"
@@ -997,7 +1000,7 @@ fn validate(q: &QuantizedLinear) -> Result<()> {
     if n == 0 || k == 0 {
         return bad("empty shape".into());
     }
-    if q.group_size == Some(0) {
+    if q.group_size == GroupSize::Size(0) {
         return bad("group size 0 (use per-channel instead)".into());
     }
     if n.checked_mul(k) != Some(q.codes.len()) {
@@ -1940,8 +1943,8 @@ mod tests {
             (0..k).map(|i| (i / gs) as u32).collect()
         };
         QuantizedLinear {
-            bits,
-            group_size,
+            bits: Bits::new(bits).unwrap(),
+            group_size: GroupSize::from_size(group_size),
             n,
             k,
             codes,
@@ -2152,9 +2155,8 @@ mod tests {
         assert!(GptqMatrix::from_quantized(&good).is_ok());
         type Edit = Box<dyn Fn(&mut QuantizedLinear)>;
         let cases: Vec<(&str, Edit)> = vec![
-            ("unsupported bit width", Box::new(|q| q.bits = 5)),
             ("empty shape", Box::new(|q| q.n = 0)),
-            ("group size 0", Box::new(|q| q.group_size = Some(0))),
+            ("group size 0", Box::new(|q| q.group_size = GroupSize::Size(0))),
             (
                 "codes",
                 Box::new(|q| {
@@ -2322,8 +2324,8 @@ mod tests {
         let k = 70_000;
         let n = 3;
         let q = QuantizedLinear {
-            bits: 8,
-            group_size: None,
+            bits: Bits::B8,
+            group_size: GroupSize::PerChannel,
             n,
             k,
             codes: vec![255; n * k],

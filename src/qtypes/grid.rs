@@ -5,25 +5,24 @@
 //! produce checkpoints that differ only in the codes. Arithmetic is f32 because the reference runs
 //! its quantizer on `W.float()`, and rounding is half-to-even as `torch.round` does.
 
+use super::{Bits, GroupSize};
 use crate::error::{Error, Result};
 
-/// Bit widths that GPTQ checkpoints can store (formats.md §1.1).
-pub const SUPPORTED_BITS: [u8; 4] = [2, 3, 4, 8];
 
 /// How to quantize one linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantParams {
-    pub bits: u8,
-    /// Input channels per group; `None` is per-channel (one group spanning all of K, `-1` on disk).
-    pub group_size: Option<usize>,
+    pub bits: Bits,
+    /// Input channels per group, or per-channel (one group spanning all of K, `-1` on disk).
+    pub group_size: GroupSize,
     pub sym: bool,
 }
 
 /// A quantized `[N, K]` weight with everything a GPTQ checkpoint needs, unpacked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedLinear {
-    pub bits: u8,
-    pub group_size: Option<usize>,
+    pub bits: Bits,
+    pub group_size: GroupSize,
     /// Output features.
     pub n: usize,
     /// Input features.
@@ -84,20 +83,10 @@ pub fn maxq(bits: u8) -> u32 {
     (1u32 << bits) - 1
 }
 
-/// Refuse bit widths that GPTQ checkpoints cannot hold.
-pub fn check_bits(bits: u8) -> Result<()> {
-    if SUPPORTED_BITS.contains(&bits) {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "unsupported bit width {bits}; GPTQ checkpoints store 2, 3, 4 or 8 bits"
-        )))
-    }
-}
 
 /// Scale and zero point for one row (or one group of a row), formats.md §1.2 steps 1–5.
 ///
-/// `bits` must be one of [`SUPPORTED_BITS`] (checked by the callers that take user input).
+/// `bits` is a grid width ([`crate::qtypes::Bits`]: 2, 3, 4 or 8).
 pub fn grid(values: &[f32], bits: u8, sym: bool) -> (f32, u32) {
     let maxq = maxq(bits);
     // The range always contains 0, so a zero weight is exactly representable.
@@ -188,7 +177,6 @@ pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u8 {
 /// length `n·k` with neither zero, a group size that is positive and divides K (loaders need it
 /// to divide `in_features`), and only finite values. Returns the group size (`None`: per-channel).
 pub fn check_weight(w: &[f32], n: usize, k: usize, params: &QuantParams) -> Result<Option<usize>> {
-    check_bits(params.bits)?;
     if w.len() != n * k {
         return Err(Error::InvalidArgument(format!(
             "weight has {} values but its shape [N={n}, K={k}] needs {}",
@@ -201,7 +189,7 @@ pub fn check_weight(w: &[f32], n: usize, k: usize, params: &QuantParams) -> Resu
             "cannot quantize an empty weight [N={n}, K={k}]"
         )));
     }
-    let group = match params.group_size {
+    let group = match params.group_size.size() {
         None => None,
         Some(0) => {
             return Err(Error::InvalidArgument(

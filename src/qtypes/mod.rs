@@ -54,6 +54,12 @@ impl Bits {
     }
 }
 
+impl serde::Serialize for Bits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u8(self.0)
+    }
+}
+
 impl fmt::Display for Bits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
@@ -99,6 +105,11 @@ impl GroupSize {
         }
     }
 
+    /// Input channels per group for a layer of `k` inputs (`k` for per-channel).
+    pub fn channels(self, k: usize) -> usize {
+        self.size().unwrap_or(k)
+    }
+
     pub fn from_size(size: Option<usize>) -> GroupSize {
         size.map_or(GroupSize::PerChannel, GroupSize::Size)
     }
@@ -109,6 +120,12 @@ impl GroupSize {
             GroupSize::PerChannel => -1,
             GroupSize::Size(g) => g as i64,
         }
+    }
+}
+
+impl serde::Serialize for GroupSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_i64(self.to_i64())
     }
 }
 

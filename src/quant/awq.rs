@@ -23,6 +23,7 @@
 //!   storage with the weights it then scales in place, so every ratio after the first is
 //!   evaluated on `W·s₀·s`); we follow the algorithm as it runs on a GPU.
 
+use crate::qtypes::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::kernels::gemm_serial;
 use crate::qtypes::grid::QuantizedLinear;
@@ -237,8 +238,8 @@ pub fn pseudo_quantize(
         }
     }
     Ok(QuantizedLinear {
-        bits,
-        group_size: (opts.group_size != 0).then_some(group),
+        bits: Bits::new(bits)?,
+        group_size: GroupSize::from_size((opts.group_size != 0).then_some(group)),
         n,
         k,
         codes,

@@ -406,7 +406,7 @@ pub fn gptq_quantize_factored(
         ));
     }
 
-    let bits = params.bits;
+    let bits = params.bits.get();
     let sym = params.sym;
     let maxq = grid::maxq(bits);
 
@@ -557,7 +557,7 @@ pub fn gptq_quantize_factored(
 
     Ok(GptqResult {
         quantized: QuantizedLinear {
-            bits,
+            bits: params.bits,
             group_size: params.group_size,
             n,
             k,
@@ -860,6 +860,7 @@ impl LoopCtx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qtypes::{Bits, GroupSize};
 
     /// U from the reversal trick satisfies UᵀU·A = I.
     #[test]
@@ -920,8 +921,8 @@ mod tests {
             .collect();
         for (group, desc_act) in [(Some(8), false), (None, true)] {
             let params = QuantParams {
-                bits: 3,
-                group_size: group,
+                bits: Bits::B3,
+                group_size: GroupSize::from_size(group),
                 sym: true,
             };
             let opts = GptqOptions {

@@ -16,7 +16,7 @@ pub fn quantize_rtn(
     let group = check_weight(w, n, k, params)?.unwrap_or(k);
 
     let groups = k / group;
-    let maxq = maxq(params.bits);
+    let maxq = params.bits.maxq();
     let mut codes = vec![0u8; n * k];
     let mut scales = vec![0f32; groups * n];
     let mut zeros = vec![0u32; groups * n];
@@ -24,7 +24,7 @@ pub fn quantize_rtn(
         for g in 0..groups {
             let start = row * k + g * group;
             let values = &w[start..start + group];
-            let (scale, zero) = grid(values, params.bits, params.sym);
+            let (scale, zero) = grid(values, params.bits.get(), params.sym);
             // Finite weights can still overflow (xmax − xmin > f32::MAX) or underflow the scale.
             if !(scale.is_finite() && scale > 0.0) {
                 return Err(Error::InvalidArgument(format!(

@@ -32,7 +32,8 @@ use crate::tensor::WeightDType;
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
-use crate::qtypes::grid::{check_bits, QuantParams, QuantizedLinear};
+use crate::qtypes::grid::{QuantParams, QuantizedLinear};
+use crate::qtypes::{Bits, GroupSize};
 use crate::quant::rtn::quantize_rtn;
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
@@ -187,8 +188,8 @@ impl StreamOptions {
     /// The AWQ search settings with this run's bits and group size.
     pub fn awq_options(&self) -> AwqOptions {
         AwqOptions {
-            bits: self.params.bits,
-            group_size: self.params.group_size.unwrap_or(0),
+            bits: self.params.bits.get(),
+            group_size: self.params.group_size.channels(0),
             ..self.awq
         }
     }
@@ -219,7 +220,7 @@ impl StreamOptions {
     /// AWQ kernel) holds 4-bit codes only, so AWQ at other widths is written as a GPTQ
     /// checkpoint (asymmetric, `gptq_v2`), which stores the same grid: `(q − zero) · scale`.
     pub fn writes_awq_gemm(&self) -> bool {
-        self.method == Method::Awq && self.params.bits == 4
+        self.method == Method::Awq && self.params.bits == Bits::B4
     }
 
     /// The checkpoint layout's name: "awq-gemm", "gptq" or "gptq_v2".
@@ -232,8 +233,7 @@ impl StreamOptions {
     }
 
     fn check(&self) -> Result<()> {
-        check_bits(self.params.bits)?;
-        if self.params.group_size == Some(0) {
+        if self.params.group_size == GroupSize::Size(0) {
             return Err(Error::InvalidArgument(
                 "group size must be positive, or -1 for per-channel".into(),
             ));
@@ -250,7 +250,7 @@ impl StreamOptions {
                 self.sink_weight
             )));
         }
-        if self.static_groups && self.params.group_size.is_none() {
+        if self.static_groups && (self.params.group_size == GroupSize::PerChannel) {
             return Err(Error::InvalidArgument(
                 "--static-groups needs a group size (it has no effect per-channel)".into(),
             ));
@@ -269,7 +269,7 @@ impl StreamOptions {
             )));
         }
         if self.method.uses_awq() {
-            if self.params.group_size.is_none() {
+            if self.params.group_size == GroupSize::PerChannel {
                 return Err(Error::InvalidArgument(
                     "AWQ needs a group size (its checkpoints have no per-channel layout)".into(),
                 ));
@@ -360,7 +360,7 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
     }
     let conv1d = crate::models::family(config).conv1d_weights();
     let groups = block_groups(config);
-    let bits = opts.params.bits as usize;
+    let bits = opts.params.bits.get() as usize;
     let mut specs = vec![];
     let mut quantized = BTreeMap::new();
     let (mut quantized_params, mut quantized_bytes) = (0u64, 0u64);
@@ -384,7 +384,7 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
         } else {
             (shape[0], shape[1])
         };
-        let g = match opts.params.group_size {
+        let g = match opts.params.group_size.size() {
             None => 1,
             Some(gs) if k.is_multiple_of(gs) => k / gs,
             Some(gs) => {
@@ -414,7 +414,7 @@ pub fn plan(config: &AutoConfig, src: &dyn WeightSource, opts: &StreamOptions) -
                 TensorSpec::new(format!("{layer}.scales"), DType::F16, vec![g, n]),
             ]
         } else {
-            check_loader_shape(n, k, opts.params.bits)
+            check_loader_shape(n, k, opts.params.bits.get())
                 .map_err(|e| Error::InvalidArgument(format!("`{layer}` [N={n}, K={k}]: {e}")))?;
             vec![
                 TensorSpec::new(
@@ -568,7 +568,7 @@ pub fn quantize_to_gptq(
     warnings.append(&mut streamer.warnings);
 
     if opts.writes_awq_gemm() {
-        let awq = AwqConfig::new(opts.params.group_size.unwrap_or(0));
+        let awq = AwqConfig::new(opts.params.group_size.channels(0));
         write_model_files(
             out.path(),
             config,
