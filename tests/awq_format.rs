@@ -111,7 +111,7 @@ fn tensors_of(path: &Path) -> Vec<(String, RawTensor)> {
 
 #[test]
 fn gemm_interleave_is_autoawq_order() {
-    // Column j of each group of 8 goes to nibble [0, 4, 1, 5, 2, 6, 3, 7][j] (formats.md §2.1).
+    // Column j of each group of 8 goes to nibble [0, 4, 1, 5, 2, 6, 3, 7][j] (docs/formats.md §2.1).
     let values: Vec<u8> = (0..8).collect();
     let w = pack_gemm(&values, 1, 8)[0] as u32;
     let nibbles: Vec<u32> = (0..8).map(|i| (w >> (4 * i)) & 0xF).collect();
@@ -827,7 +827,7 @@ fn writer_refuses_what_the_layout_cannot_hold() {
 // ---------------------------------------------------------------------------------------------
 // Writing a whole checkpoint (and the Rust half of scripts/interop/check_awq.py)
 
-/// AWQ's zero-point grid for one group (formats.md §2.7, without the scale search): the range is
+/// AWQ's zero-point grid for one group (docs/formats.md §2.7, without the scale search): the range is
 /// the group's own min/max, scale rounded to f16.
 fn awq_grid(values: &[f32]) -> (f32, u32) {
     let mx = values.iter().copied().fold(f32::MIN, f32::max);

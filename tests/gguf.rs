@@ -631,7 +631,7 @@ fn smollm2_config_tensors_and_speed() {
 
     let config = weights.hf_config().unwrap();
     assert_config_matches(&config, &golden["config"]);
-    // The values assets.md lists.
+    // The values docs/assets.md lists.
     for (key, value) in [
         ("num_hidden_layers", 30.0),
         ("hidden_size", 576.0),

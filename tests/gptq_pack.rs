@@ -1,4 +1,4 @@
-//! GPTQ packing (formats.md §1.3/§1.4) and the RTN grid (§1.2).
+//! GPTQ packing (docs/formats.md §1.3/§1.4) and the RTN grid (§1.2).
 //!
 //! Expected words and codes below are worked out by hand from the spec text, not taken from our
 //! output: inputs are chosen so that scales are exact in f32 wherever possible.
@@ -89,7 +89,7 @@ fn qweight_3bit_second_run_uses_rows_3_to_5() {
 
 #[test]
 fn symmetric_constant_words() {
-    // formats.md §1.3 table: every zero is 2^(b-1); v1 stores 2^(b-1)-1.
+    // docs/formats.md §1.3 table: every zero is 2^(b-1); v1 stores 2^(b-1)-1.
     let table: [(u8, [u32; 3], [u32; 3]); 4] = [
         (2, [0x5555_5555; 3], [0xAAAA_AAAA; 3]),
         (

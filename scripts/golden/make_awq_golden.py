@@ -15,7 +15,7 @@ Writes into tests/fixtures/awq/:
       tiny AWQ checkpoints of a tiny random Llama (llama_gemm_g32: 2 layers, GEMM, group 32, config
       from AutoAWQ's AwqConfig; llama_gemv_g64_skip_down: 1 layer, GEMV, group 64, down_proj left
       dense via modules_to_not_convert, config from transformers 5's AwqConfig): every decoder linear (except those matching
-      modules_to_not_convert) quantized with AWQ's pseudo-quantizer (formats.md §2.7, no scale or
+      modules_to_not_convert) quantized with AWQ's pseudo-quantizer (docs/formats.md §2.7, no scale or
       clip search: the loader does not care how the grid was chosen) and packed by from_linear;
       other tensors float16. Expected logits come from transformers' LlamaForCausalLM (float32,
       eager) whose quantized linears hold AutoAWQ's `dequantize_gemm` of the packed tensors
@@ -99,7 +99,7 @@ AUTOAWQ_CONFIG, PACKING, GEMM, GEMV, GEMV_FAST = load_autoawq()
 
 
 # ------------------------------------------------------------------------------------------
-# AWQ's pseudo-quantizer (formats.md §2.7, zero_point=True), written from the spec and run in
+# AWQ's pseudo-quantizer (docs/formats.md §2.7, zero_point=True), written from the spec and run in
 # float16 like AutoAWQ (`_apply_quant` casts the layer to half first).
 
 def awq_grid(w, group):

@@ -13,7 +13,7 @@ Writes into tests/fixtures/gptq/:
   <variant>/config.json, model.safetensors (or AutoGPTQ's file name), [quantize_config.json],
   expected.json
       (b) tiny GPTQ checkpoints: a tiny Llama (and the committed tiny GPT-2) whose decoder linears
-      are RTN-quantized on the reference grid (formats.md §1.2) and packed by QuantLinear.pack;
+      are RTN-quantized on the reference grid (docs/formats.md §1.2) and packed by QuantLinear.pack;
       expected logits from transformers with every quantized Linear replaced by QuantLinear
       (scripts/interop/autogptq_ref.py; gptq_v2 goes through AutoGPTQ's unpackers).
 
@@ -49,7 +49,7 @@ INPUT_IDS = [
 
 
 # ------------------------------------------------------------------------------------------
-# The quantization grid (formats.md §1.2), written from the spec; scales are rounded to float16
+# The quantization grid (docs/formats.md §1.2), written from the spec; scales are rounded to float16
 # first so codes, stored scales and AutoGPTQ's re-derived codes all agree exactly.
 
 def grid(x, bits, sym):

@@ -1,4 +1,4 @@
-//! AWQ checkpoints (formats.md §2): reading AutoAWQ's GEMM, GEMV and GEMV_FAST layouts (and
+//! AWQ checkpoints (docs/formats.md §2): reading AutoAWQ's GEMM, GEMV and GEMV_FAST layouts (and
 //! llm-awq's, which is GEMV_FAST) into packed [`GptqMatrix`] kernels, and writing the GEMM layout
 //! byte for byte as AutoAWQ's `WQLinear_GEMM.from_linear` does.
 //!
@@ -624,7 +624,7 @@ fn read_gemv(
 }
 
 /// Position of `q[k, n]` in a GEMV_FAST `qweight [N/4, K]` (int16 words of 4 nibbles): returns
-/// (row, column, nibble). Derived from AutoAWQ's `pack_intweight` (formats.md §2.3): within each
+/// (row, column, nibble). Derived from AutoAWQ's `pack_intweight` (docs/formats.md §2.3): within each
 /// 32 input channels, channel `8d + 2gq + e` sits at position `8gq + 4e + d`; every 64 such
 /// positions of 4 consecutive output rows are interleaved nibble by nibble.
 pub fn gemv_fast_position(k: usize, n: usize) -> (usize, usize, usize) {

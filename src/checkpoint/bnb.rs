@@ -1,4 +1,4 @@
-//! bitsandbytes checkpoints as transformers writes them (formats.md §3): reading them into
+//! bitsandbytes checkpoints as transformers writes them (docs/formats.md §3): reading them into
 //! packed kernels, and the per-layer tensors a writer produces.
 //!
 //! 4-bit layers (`Linear4bit`) are recognised by `<p>.weight.quant_state.bitsandbytes__nf4|fp4`,

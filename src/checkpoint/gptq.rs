@@ -1,4 +1,4 @@
-//! GPTQ checkpoints (formats.md §1): reading them into packed [`GptqMatrix`] kernels, and the
+//! GPTQ checkpoints (docs/formats.md §1): reading them into packed [`GptqMatrix`] kernels, and the
 //! pure pieces a writer needs (per-layer tensors, `quantization_config`, `quantize_config.json`).
 //!
 //! Reading accepts what AutoGPTQ, GPTQModel and optimum write: v1 (`"gptq"`, zero fields hold
@@ -489,7 +489,7 @@ impl GptqConfig {
     }
 }
 
-/// The zero-point format to save `layers` in (issue 3 item 5): v1, which every loader reads,
+/// The zero-point format to save `layers` in: v1, which every loader reads,
 /// unless some zero point is 0, which v1 cannot store (it holds `Z − 1`). Symmetric layers
 /// always have `Z = 2^(b−1)`, so they always get v1; asymmetric ones get `gptq_v2` only when
 /// needed. A streaming writer that cannot see every layer first should pass `sym` only and

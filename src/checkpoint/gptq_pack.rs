@@ -1,4 +1,4 @@
-//! Bit packing of GPTQ `qweight` and `qzeros` (formats.md §1.3, §1.4).
+//! Bit packing of GPTQ `qweight` and `qzeros` (docs/formats.md §1.3, §1.4).
 //!
 //! Every layout in §1.3 — 2/4/8-bit fields and the 3-bit "32 codes → 3 words" runs — is the same
 //! thing seen as a little-endian bit stream: code i of a run occupies stream bits `[b·i, b·i + b)`,
@@ -210,7 +210,7 @@ pub fn unpack_qzeros(
     Ok(zeros)
 }
 
-/// The shape rules AutoGPTQ's and GPTQModel's packers assume (formats.md §1.1): K divisible by 32
+/// The shape rules AutoGPTQ's and GPTQModel's packers assume (docs/formats.md §1.1): K divisible by 32
 /// for every width, N by 32/b (by 32 for 3-bit). Stricter than what [`pack_qweight`] needs.
 pub fn check_loader_shape(n: usize, k: usize, bits: u8) -> Result<()> {
     Bits::new(bits)?;

@@ -1,4 +1,4 @@
-//! bitsandbytes-style quantization without calibration (formats.md §3): NF4/FP4 blockwise
+//! bitsandbytes-style quantization without calibration (docs/formats.md §3): NF4/FP4 blockwise
 //! 4-bit with optional double quantization of the block statistics, and LLM.int8 row-wise 8-bit
 //! weights with outlier decomposition at run time.
 //!

@@ -1,7 +1,7 @@
 //! Round-to-nearest (RTN) quantization on the GPTQ grid.
 //!
 //! The grid is the one shared by the IST-DASLab reference, AutoGPTQ and GPTQModel
-//! (formats.md §1.2); GPTQ reuses [`grid`] for its own per-group parameters, so the two methods
+//! (docs/formats.md §1.2); GPTQ reuses [`grid`] for its own per-group parameters, so the two methods
 //! produce checkpoints that differ only in the codes. Arithmetic is f32 because the reference runs
 //! its quantizer on `W.float()`, and rounding is half-to-even as `torch.round` does.
 
@@ -84,7 +84,7 @@ pub fn maxq(bits: u8) -> u32 {
 }
 
 
-/// Scale and zero point for one row (or one group of a row), formats.md §1.2 steps 1–5.
+/// Scale and zero point for one row (or one group of a row), docs/formats.md §1.2 steps 1–5.
 ///
 /// `bits` is a grid width ([`crate::qtypes::Bits`]: 2, 3, 4 or 8).
 pub fn grid(values: &[f32], bits: u8, sym: bool) -> (f32, u32) {

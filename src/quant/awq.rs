@@ -1,5 +1,5 @@
 //! AWQ (activation-aware weight quantization) as AutoAWQ 0.2.7 implements it
-//! (`awq/quantize/quantizer.py`, `awq/quantize/scale.py`; formats.md §2.7): the per-channel
+//! (`awq/quantize/quantizer.py`, `awq/quantize/scale.py`; docs/formats.md §2.7): the per-channel
 //! scale search, the clip search and the pseudo-quantizer, as pure functions over f32 slices.
 //!
 //! Layouts: weights are `[n_out, k_in]` row-major (the PyTorch `Linear` layout), activations

@@ -46,7 +46,7 @@ pub struct BnbSaveReport {
 /// Quantize every eligible linear layer of a dense model and write a folder that transformers
 /// (with bitsandbytes) and autoquant load: `config.json` with `quantization_config`,
 /// `generation_config.json`, tokenizer files, and safetensors holding the tensors exactly as
-/// `Linear4bit` / `Linear8bitLt` serialize them (formats.md §3). Written atomically.
+/// `Linear4bit` / `Linear8bitLt` serialize them (docs/formats.md §3). Written atomically.
 ///
 /// The model should be loaded dense (its linears' `to_f32` are the weights quantized).
 pub fn quantize_checkpoint(

@@ -2,7 +2,7 @@
 //! columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
 //!
 //! This follows the reference (IST-DASLab `gptq.py` `fasterquant`, and AutoGPTQ 0.7.1, which adds
-//! `static_groups` and returns `g_idx`; formats.md §4) step by step, including its quirks, so that
+//! `static_groups` and returns `g_idx`; docs/formats.md §4) step by step, including its quirks, so that
 //! `tests/gptq_algorithm.rs` can compare codes against it:
 //!
 //! * per-channel parameters come from the whole weight *before* dead columns are zeroed;

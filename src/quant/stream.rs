@@ -1,4 +1,4 @@
-//! Layer-by-layer quantization of a checkpoint into a GPTQ checkpoint (issue 3).
+//! Layer-by-layer quantization of a checkpoint into a GPTQ checkpoint.
 //!
 //! Only one decoder block's weights and the calibration activations are in memory at a time:
 //! the embeddings turn the calibration samples into the first block's input; each block is read
