@@ -83,8 +83,11 @@ impl GptqParams {
             (Some(b), _) | (None, Some(b)) => b,
             (None, None) => return Err(Error::format(config_file, "GPTQ config has no `bits`")),
         };
-        let bits = Bits::from_i64(bits)
-            .map_err(|e| Error::Unsupported(format!("{file}: GPTQ checkpoint: {e}")))?;
+        let bits = Bits::from_i64(bits).map_err(|_| {
+            Error::Unsupported(format!(
+                "{file}: GPTQ bits = {bits} is not supported (the integer grid holds 2, 3, 4 or 8 bits)"
+            ))
+        })?;
         // Defaults differ by tool (transformers 128, AutoGPTQ -1), so a missing value is refused.
         let group_size = match (int("group_size")?, int("q_group_size")?) {
             (Some(g), _) | (None, Some(g)) => g,
@@ -95,8 +98,15 @@ impl GptqParams {
                 ))
             }
         };
-        let group_size = GroupSize::from_i64(group_size)
-            .map_err(|e| Error::format(config_file, format!("GPTQ {e}")))?;
+        let group_size = GroupSize::from_i64(group_size).map_err(|_| {
+            Error::format(
+                config_file,
+                format!(
+                    "GPTQ group_size = {group_size} is invalid (a positive size, or -1 for one \
+                     group per output channel)"
+                ),
+            )
+        })?;
 
         // `checkpoint_format` (AutoGPTQ, transformers, vLLM) and `format` (GPTQModel, newer
         // optimum) name the same thing; transformers lets `checkpoint_format` win.
