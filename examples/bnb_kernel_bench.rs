@@ -12,10 +12,10 @@
 
 use autoquant::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
 use autoquant::kernels::{DenseMatrix, LinearKernel};
-use autoquant::tensor::WeightDType;
 use autoquant::qtypes::bnb::{
     quantize_4bit, quantize_int8, FourBitType, Int8Compute, DEFAULT_INT8_THRESHOLD,
 };
+use autoquant::tensor::WeightDType;
 use std::time::{Duration, Instant};
 
 fn weights(n: usize, k: usize) -> Vec<f32> {

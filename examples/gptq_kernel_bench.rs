@@ -14,11 +14,11 @@
 //! At the end it combines the decode times into SmolLM2-135M-shaped tokens/s (30 layers of
 //! q,o 576×576, k,v 192×576, gate,up 1536×576, down 576×1536, plus a 49152×576 lm_head), linears only.
 
-use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::kernels::gptq::GptqMatrix;
 use autoquant::kernels::{DenseMatrix, LinearKernel};
-use autoquant::tensor::WeightDType;
 use autoquant::qtypes::grid::QuantizedLinear;
+use autoquant::qtypes::{Bits, GroupSize};
+use autoquant::tensor::WeightDType;
 use std::time::{Duration, Instant};
 
 struct Rng(u64);

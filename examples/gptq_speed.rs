@@ -1,8 +1,8 @@
 //! Time GPTQ on one large linear layer (Llama-7B shapes by default):
 //! `cargo run --release --example gptq_speed -- [N K]`.
+use autoquant::qtypes::grid::QuantParams;
 use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
-use autoquant::qtypes::grid::QuantParams;
 use rand::{Rng, SeedableRng};
 
 fn main() {

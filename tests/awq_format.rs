@@ -8,18 +8,18 @@
 mod common;
 use common::err_text;
 
-use autoquant::qtypes::{Bits, GroupSize};
-use autoquant::config::AutoConfig;
 use autoquant::checkpoint::awq::{
     gemv_fast_position, layer_tensors, linear_factory, pack_gemm, read_layer, unpack_gemm,
     zeros_width, AwqConfig, AwqMatrix, AwqVersion,
 };
+use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
-use autoquant::models::{self, CausalLM, ForwardInput, LoadOptions, LogitsMode};
 use autoquant::kernels::LinearKernel;
+use autoquant::models::{self, CausalLM, ForwardInput, LoadOptions, LogitsMode};
 use autoquant::qtypes::grid::QuantizedLinear;
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -14,15 +14,15 @@
 
 mod common;
 
-use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::save_safetensors_in_memory;
 use autoquant::formats::{open_weights, WeightSource};
 use autoquant::models::{
     checkpoint_tensors, load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode,
 };
-use autoquant::quant::calib::CalibData;
 use autoquant::qtypes::grid::QuantParams;
+use autoquant::qtypes::{Bits, GroupSize};
+use autoquant::quant::calib::CalibData;
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
 use autoquant::tensor::RawTensor;
 use serde_json::{json, Value};

@@ -8,11 +8,16 @@ use autoquant::formats::WeightSource;
 use autoquant::kernels::bnb::{
     int8_quantize_activations, FourBitDecode, FourBitMatrix, Int8Matrix,
 };
-use autoquant::models::{load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode};
 use autoquant::kernels::LinearKernel;
+use autoquant::models::{load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode};
+use autoquant::qtypes::bnb::{
+    dynamic_map_signed, quantize_4bit, quantize_int8, torch_mean_f32, torch_sum_f32, Absmax,
+    BitsAndBytesConfig, FourBitType, Int8Compute, FP4_CODE, NF4_CODE,
+};
+use autoquant::quant::bnb::{
+    memory_report, quantize_checkpoint, quantized_state_dict, BnbSaveOptions,
+};
 use autoquant::tensor::WeightDType;
-use autoquant::qtypes::bnb::{dynamic_map_signed, quantize_4bit, quantize_int8, torch_mean_f32, torch_sum_f32, Absmax, BitsAndBytesConfig, FourBitType, Int8Compute, FP4_CODE, NF4_CODE};
-use autoquant::quant::bnb::{memory_report, quantize_checkpoint, quantized_state_dict, BnbSaveOptions};
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

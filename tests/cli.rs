@@ -474,18 +474,34 @@ fn token_by_token_perplexity_measures_the_decoding_arithmetic() {
     );
 }
 
-/// Bit width and group size are checked once, when the command line is parsed, with one rule
-/// for per-channel (-1) in every command; the message names the rule and no model is read.
+/// Method, bit width and group size are checked once, when the command line is parsed, with one
+/// rule for per-channel (-1) in every command; the message names the rule and no model is read.
 #[test]
 fn bits_and_group_size_are_refused_at_the_command_line() {
     let missing = "no-such-model-folder";
     for (args, rule) in [
         (vec!["quantize", missing, "--bits", "5"], "2, 3, 4 or 8"),
         (vec!["quantize", missing, "--bits", "four"], "2, 3, 4 or 8"),
-        (vec!["quantize", missing, "--group-size", "0"], "-1 for one group per output channel"),
-        (vec!["quantize", missing, "--group-size", "-2"], "-1 for one group per output channel"),
-        (vec!["estimate", missing, "--group-size", "0"], "-1 for one group per output channel"),
-        (vec!["estimate", missing, "--group-size", "-128"], "-1 for one group per output channel"),
+        (
+            vec!["quantize", missing, "--group-size", "0"],
+            "-1 for one group per output channel",
+        ),
+        (
+            vec!["quantize", missing, "--group-size", "-2"],
+            "-1 for one group per output channel",
+        ),
+        (
+            vec!["estimate", missing, "--group-size", "0"],
+            "-1 for one group per output channel",
+        ),
+        (
+            vec!["estimate", missing, "--group-size", "-128"],
+            "-1 for one group per output channel",
+        ),
+        (
+            vec!["quantize", missing, "--method", "fp8"],
+            "possible values: rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4, bnb-int8",
+        ),
     ] {
         let (ok, _, err) = run(&args);
         assert!(!ok, "{args:?} was accepted");

@@ -3,8 +3,8 @@
 //! (names, shapes, un-permuted q/k, config), and corrupted files for the error paths.
 
 use autoquant::formats::gguf::{GgufFile, GgufValue, GgufWeights};
-use autoquant::qtypes::ggml::GgmlType;
 use autoquant::formats::{read_f32_checked, WeightSource};
+use autoquant::qtypes::ggml::GgmlType;
 use autoquant::Error;
 use serde_json::Value;
 use std::collections::BTreeSet;

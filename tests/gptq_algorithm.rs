@@ -8,10 +8,10 @@
 
 mod common;
 
-use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::formats::safetensors::SafetensorsFile;
-use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use autoquant::qtypes::grid::{grid, QuantParams};
+use autoquant::qtypes::{Bits, GroupSize};
+use autoquant::quant::gptq::{gptq_quantize, GptqOptions, Hessian};
 use autoquant::quant::rtn::quantize_rtn;
 use common::{fixture, read_json, Rng};
 use serde_json::Value;
@@ -466,7 +466,10 @@ fn bad_input_is_rejected_with_clear_errors() {
     wn[9] = f32::NAN;
     assert!(run(&wn, &h, p(4, None)).contains("non-finite weight"));
     // A bit width outside the grid cannot reach the algorithm: the type refuses it.
-    assert!(Bits::new(5).unwrap_err().to_string().contains("unsupported bit width 5"));
+    assert!(Bits::new(5)
+        .unwrap_err()
+        .to_string()
+        .contains("unsupported bit width 5"));
     assert!(run(&w, &h, p(4, Some(3))).contains("does not divide"));
     assert!(run(&w, &h, p(4, Some(0))).contains("group size"));
     let e = gptq_quantize(&w, n, k, &Hessian::new(16), &GptqOptions::new(p(4, None)));

@@ -8,12 +8,11 @@
 mod common;
 use common::err_text;
 
-use autoquant::qtypes::{Bits, GroupSize};
-use autoquant::config::AutoConfig;
 use autoquant::checkpoint::gptq::{
     choose_format, layer_tensors, linear_factory, read_layer, GptqConfig, GptqParams,
 };
 use autoquant::checkpoint::gptq_pack::ZeroFormat;
+use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::WeightSource;
@@ -21,6 +20,7 @@ use autoquant::models::{
     self, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions, LogitsMode,
 };
 use autoquant::qtypes::grid::{QuantParams, QuantizedLinear};
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::rtn::quantize_rtn;
 use autoquant::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
@@ -225,7 +225,11 @@ fn layer_tensors_match_autogptq_pack_byte_for_byte() {
 fn reading_autogptq_pack_recovers_the_inputs() {
     let (src, cases) = pack_cases();
     for c in cases.iter().filter(|c| !c.name.ends_with("wrap")) {
-        let p = params(Bits::new(c.bits).unwrap(), GroupSize::from_size(c.group_size), ZeroFormat::V1);
+        let p = params(
+            Bits::new(c.bits).unwrap(),
+            GroupSize::from_size(c.group_size),
+            ZeroFormat::V1,
+        );
         let q = read_layer(&src, &c.name, c.k, c.n, &p).unwrap().unwrap();
         assert_eq!(q, c.input, "{}", c.name);
     }

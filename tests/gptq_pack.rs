@@ -3,11 +3,11 @@
 //! Expected words and codes below are worked out by hand from the spec text, not taken from our
 //! output: inputs are chosen so that scales are exact in f32 wherever possible.
 
-use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::checkpoint::gptq_pack::{
     check_loader_shape, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros, ZeroFormat,
 };
 use autoquant::qtypes::grid::{grid, QuantParams};
+use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::rtn::quantize_rtn;
 use proptest::prelude::*;
 

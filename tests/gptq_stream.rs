@@ -11,10 +11,9 @@
 
 mod common;
 
-use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::auto::{save_pretrained, SaveOptions};
-use autoquant::config::AutoConfig;
 use autoquant::checkpoint::gptq::{read_layer, GptqParams};
+use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::{open_weights, WeightSource};
@@ -22,12 +21,13 @@ use autoquant::models::{
     checkpoint_tensors, load_dir, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions,
     LogitsMode,
 };
-use autoquant::tensor::WeightDType;
-use autoquant::quant::calib::CalibData;
 use autoquant::qtypes::grid::{QuantParams, QuantizedLinear};
+use autoquant::qtypes::{Bits, GroupSize};
+use autoquant::quant::calib::CalibData;
 use autoquant::quant::rtn::quantize_rtn;
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
 use autoquant::tensor::RawTensor;
+use autoquant::tensor::WeightDType;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,14 +8,14 @@
 //! how the codes, zeros and scales are laid out, and all of them share the GPTQ kernel.
 
 use crate::config::AutoConfig;
-use crate::qtypes::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
 use crate::kernels::LinearKernel;
 use crate::nn::LinearFactory;
-use crate::tensor::WeightDType;
 use crate::qtypes::grid::QuantizedLinear;
+use crate::qtypes::{Bits, GroupSize};
+use crate::tensor::WeightDType;
 use crate::tensor::{DType, RawTensor};
 use half::f16;
 use serde_json::{json, Value};
@@ -120,7 +120,9 @@ impl AwqConfig {
                 ));
             }
         }
-        let bits = int("bits")?.or(int("w_bit")?).unwrap_or(AWQ_BITS.get() as i64);
+        let bits = int("bits")?
+            .or(int("w_bit")?)
+            .unwrap_or(AWQ_BITS.get() as i64);
         if bits != AWQ_BITS.get() as i64 {
             return Err(Error::Unsupported(format!(
                 "{file}: AWQ bits = {bits} is not supported; every AWQ layout (GEMM, GEMV, \

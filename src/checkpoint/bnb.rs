@@ -1,5 +1,6 @@
 //! bitsandbytes checkpoints as transformers writes them (docs/formats.md §3): reading them into
-//! packed kernels, and the per-layer tensors a writer produces.
+//! packed kernels, the per-layer tensors a writer produces, and the factory that quantizes dense
+//! layers while they load (`load_in_4bit` / `load_in_8bit`).
 //!
 //! 4-bit layers (`Linear4bit`) are recognised by `<p>.weight.quant_state.bitsandbytes__nf4|fp4`,
 //! 8-bit layers (`Linear8bitLt`) by `<p>.SCB`; anything else loads dense (skipped modules,
@@ -12,10 +13,11 @@ use crate::formats::WeightSource;
 use crate::kernels::bnb::{FourBitDecode, FourBitMatrix, Int8Matrix};
 use crate::kernels::LinearKernel;
 use crate::nn::LinearFactory;
-use crate::tensor::WeightDType;
-use crate::qtypes::bnb::{quantize_4bit, quantize_int8, BitsAndBytesConfig, 
-    check_blocksize, Absmax, FourBitType, FourBitWeight, Int8Compute, Int8Weight, NestedAbsmax,
+use crate::qtypes::bnb::{
+    check_blocksize, quantize_4bit, quantize_int8, Absmax, BitsAndBytesConfig, FourBitType,
+    FourBitWeight, Int8Compute, Int8Weight, NestedAbsmax,
 };
+use crate::tensor::WeightDType;
 use crate::tensor::{DType, RawTensor};
 use serde_json::Value;
 use std::path::PathBuf;

@@ -6,15 +6,15 @@
 //! `g_idx` (any order), `scales` in f16/bf16/f32. Writing produces exactly AutoGPTQ's packing;
 //! which zero format to use is decided by [`choose_format`].
 
-use crate::config::AutoConfig;
-use crate::qtypes::{Bits, GroupSize};
-use crate::error::{Error, Result};
 use crate::checkpoint::gptq_pack::{self, ZeroFormat};
+use crate::config::AutoConfig;
+use crate::error::{Error, Result};
 use crate::formats::WeightSource;
 use crate::kernels::gptq::GptqMatrix;
 use crate::kernels::LinearKernel;
 use crate::nn::LinearFactory;
 use crate::qtypes::grid::QuantizedLinear;
+use crate::qtypes::{Bits, GroupSize};
 use crate::tensor::{DType, RawTensor};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

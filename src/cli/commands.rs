@@ -8,8 +8,8 @@ use autoquant::generate::{generate as run_generate, GenerationConfig};
 use autoquant::hub::HubOptions;
 use autoquant::kernels::bnb::FourBitDecode;
 use autoquant::models::LoadOptions;
-use autoquant::tensor::WeightDType;
 use autoquant::qtypes::bnb::{BitsAndBytesConfig, FourBitType, Int8Compute};
+use autoquant::tensor::WeightDType;
 use autoquant::tokenizer::ChatMessage;
 use autoquant::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -454,8 +454,8 @@ pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
 }
 
 pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
-    use autoquant::quant::calib::{CalibData, CalibOptions};
     use autoquant::qtypes::grid::QuantParams;
+    use autoquant::quant::calib::{CalibData, CalibOptions};
     use autoquant::quant::stream::{self, Method, StreamOptions};
     let hub = a.hub.options();
     let max_shard_bytes = parse_size(&a.max_shard_size)?;
@@ -465,18 +465,13 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         ));
     }
     let out_dtype = WeightDType::parse(&a.out_dtype)?;
-    if let Some(kind) = a.method.strip_prefix("bnb-") {
-        return quantize_bnb(ctx, &a, kind, &hub, out_dtype, max_shard_bytes);
-    }
-    let method = match a.method.as_str() {
-        "rtn" => Method::Rtn,
-        "gptq" => Method::Gptq,
-        "awq" => Method::Awq,
-        "awq-gptq" => Method::AwqGptq,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown --method `{other}` (rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4, bnb-int8)"
-            )))
+    let method = match a.method {
+        QuantMethod::Rtn => Method::Rtn,
+        QuantMethod::Gptq => Method::Gptq,
+        QuantMethod::Awq => Method::Awq,
+        QuantMethod::AwqGptq => Method::AwqGptq,
+        QuantMethod::BnbNf4 | QuantMethod::BnbFp4 | QuantMethod::BnbInt8 => {
+            return quantize_bnb(ctx, &a, &hub, out_dtype, max_shard_bytes)
         }
     };
     if a.double_quant {
@@ -700,25 +695,20 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
 fn quantize_bnb(
     ctx: &Context,
     a: &QuantizeArgs,
-    kind: &str,
     hub: &HubOptions,
     out_dtype: WeightDType,
     max_shard_bytes: u64,
 ) -> Result<()> {
     use autoquant::quant::bnb::{quantize_checkpoint, BnbSaveOptions};
-    let config = match kind {
-        "nf4" | "fp4" => BitsAndBytesConfig::four_bit(FourBitType::parse(kind)?, a.double_quant),
-        "int8" if !a.double_quant => BitsAndBytesConfig::eight_bit(6.0),
-        "int8" => {
+    let config = match a.method {
+        QuantMethod::BnbNf4 => BitsAndBytesConfig::four_bit(FourBitType::Nf4, a.double_quant),
+        QuantMethod::BnbFp4 => BitsAndBytesConfig::four_bit(FourBitType::Fp4, a.double_quant),
+        _ if a.double_quant => {
             return Err(Error::InvalidArgument(
                 "--double-quant applies to 4-bit methods only".into(),
             ))
         }
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown --method bnb-{other} (bnb-nf4, bnb-fp4, bnb-int8)"
-            )))
-        }
+        _ => BitsAndBytesConfig::eight_bit(6.0),
     };
     let output = a
         .output
@@ -742,7 +732,7 @@ fn quantize_bnb(
     if ctx.json {
         print_json(&json!({
             "output": r.dir.display().to_string(),
-            "method": a.method,
+            "method": a.method.name(),
             "seconds": seconds,
             "peak_rss_bytes": peak_rss(),
             "quantized_layers": r.quantized_layers,
@@ -757,7 +747,7 @@ fn quantize_bnb(
         println!(
             "wrote {} ({}, {} layers quantized, {} kept: {}) in {seconds:.1}s",
             r.dir.display(),
-            a.method,
+            a.method.name(),
             r.quantized_layers,
             r.skipped_layers.len(),
             r.skipped_layers.join(", ")

@@ -2,8 +2,8 @@
 
 mod commands;
 
-use clap::{Args, Parser, Subcommand};
 use autoquant::qtypes::{Bits, GroupSize};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -213,15 +213,42 @@ pub struct ConvertArgs {
     pub max_shard_size: String,
 }
 
+/// `quantize --method`: parsed once here; the streamed methods map to
+/// [`autoquant::quant::stream::Method`], the bitsandbytes ones to a bitsandbytes config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QuantMethod {
+    Rtn,
+    Gptq,
+    Awq,
+    AwqGptq,
+    BnbNf4,
+    BnbFp4,
+    BnbInt8,
+}
+
+impl QuantMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMethod::Rtn => "rtn",
+            QuantMethod::Gptq => "gptq",
+            QuantMethod::Awq => "awq",
+            QuantMethod::AwqGptq => "awq-gptq",
+            QuantMethod::BnbNf4 => "bnb-nf4",
+            QuantMethod::BnbFp4 => "bnb-fp4",
+            QuantMethod::BnbInt8 => "bnb-int8",
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
     /// A float model: folder, .gguf file or hub id `org/name[@revision]`.
     pub model: String,
     #[command(flatten)]
     pub hub: HubArgs,
-    /// rtn, gptq, awq, awq-gptq, bnb-nf4, bnb-fp4 or bnb-int8.
-    #[arg(long, default_value = "gptq")]
-    pub method: String,
+    /// The quantization method.
+    #[arg(long, value_enum, default_value_t = QuantMethod::Gptq)]
+    pub method: QuantMethod,
     /// Bits per weight (rtn/gptq: 2, 3, 4 or 8).
     #[arg(long, default_value = "4")]
     pub bits: Bits,

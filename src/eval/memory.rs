@@ -1,8 +1,8 @@
 //! Memory: the estimate from `config.json` alone, and the process's resident memory.
 
 use crate::config::AutoConfig;
-use crate::qtypes::GroupSize;
 use crate::models::checkpoint_tensors;
+use crate::qtypes::GroupSize;
 use serde::Serialize;
 
 /// Parameter counts by role, from the config (no weights needed).

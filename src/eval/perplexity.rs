@@ -193,7 +193,6 @@ pub fn perplexity(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,4 +266,3 @@ mod tests {
         assert!(e.to_string().contains("100 tokens"));
     }
 }
-

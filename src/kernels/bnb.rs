@@ -21,10 +21,10 @@
 use super::{gemm_serial, GEMV_MAX_ROWS};
 use crate::error::Result;
 use crate::kernels::LinearKernel;
-use crate::tensor::WeightDType;
 use crate::qtypes::bnb::{
     int8_code, int8_scale, Absmax, FourBitWeight, Int8Compute, Int8Weight, INV_127,
 };
+use crate::tensor::WeightDType;
 use half::f16;
 use rayon::prelude::*;
 

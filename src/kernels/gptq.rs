@@ -2156,7 +2156,10 @@ mod tests {
         type Edit = Box<dyn Fn(&mut QuantizedLinear)>;
         let cases: Vec<(&str, Edit)> = vec![
             ("empty shape", Box::new(|q| q.n = 0)),
-            ("group size 0", Box::new(|q| q.group_size = GroupSize::Size(0))),
+            (
+                "group size 0",
+                Box::new(|q| q.group_size = GroupSize::Size(0)),
+            ),
             (
                 "codes",
                 Box::new(|q| {

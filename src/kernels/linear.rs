@@ -24,7 +24,6 @@ pub trait LinearKernel: Send + Sync {
     fn to_f32(&self) -> Vec<f32>;
 }
 
-
 /// A dense `[rows, cols]` matrix held in f32, f16 or bf16.
 pub enum DenseMatrix {
     F32 {

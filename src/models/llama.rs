@@ -413,7 +413,12 @@ impl super::Family for LlamaConfig {
         Ok(Box::new(Llama::load(config, self.clone(), ld)?))
     }
     fn load_block(&self, ld: &Loader, i: usize) -> Result<Box<dyn super::DecoderBlock>> {
-        Ok(Box::new(LlamaLayer::load(self, ld, i, layer_inv_freq(self))?))
+        Ok(Box::new(LlamaLayer::load(
+            self,
+            ld,
+            i,
+            layer_inv_freq(self),
+        )?))
     }
     fn block_groups(&self) -> &'static [&'static [&'static str]] {
         LLAMA_GROUPS

@@ -325,7 +325,11 @@ impl AutoModelForCausalLM {
         weights: &dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Box<dyn CausalLM>> {
-        let factory = crate::checkpoint::quantized_linear_factory(&config, opts.bnb.as_ref(), opts.four_bit_decode)?;
+        let factory = crate::checkpoint::quantized_linear_factory(
+            &config,
+            opts.bnb.as_ref(),
+            opts.four_bit_decode,
+        )?;
         let ld = Loader::new(weights, opts.dtype)
             .with_factory(factory.as_deref())
             .with_lm_head_int8(opts.lm_head_int8);

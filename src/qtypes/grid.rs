@@ -8,7 +8,6 @@
 use super::{Bits, GroupSize};
 use crate::error::{Error, Result};
 
-
 /// How to quantize one linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantParams {
@@ -82,7 +81,6 @@ impl QuantizedLinear {
 pub fn maxq(bits: u8) -> u32 {
     (1u32 << bits) - 1
 }
-
 
 /// Scale and zero point for one row (or one group of a row), docs/formats.md §1.2 steps 1–5.
 ///

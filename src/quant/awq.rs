@@ -23,10 +23,10 @@
 //!   storage with the weights it then scales in place, so every ratio after the first is
 //!   evaluated on `W·s₀·s`); we follow the algorithm as it runs on a GPU.
 
-use crate::qtypes::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::kernels::gemm_serial;
 use crate::qtypes::grid::QuantizedLinear;
+use crate::qtypes::{Bits, GroupSize};
 use rayon::prelude::*;
 
 /// Options of the AWQ search and quantizer. `Default` is AutoAWQ's default

@@ -11,30 +11,30 @@
 //! a time; the first request for a tensor of block `i` triggers the work on block `i`.
 
 use crate::auto::write_model_files;
-use crate::config::AutoConfig;
-use crate::error::{Error, Result};
 use crate::checkpoint::awq::AwqConfig;
 use crate::checkpoint::gptq::{layer_tensors, GptqConfig};
 use crate::checkpoint::gptq_pack::check_loader_shape;
 use crate::checkpoint::gptq_pack::ZeroFormat;
+use crate::config::AutoConfig;
+use crate::error::{Error, Result};
 use crate::formats::safetensors::{save_safetensors, TensorSpec};
 use crate::formats::WeightSource;
 use crate::generate::GenerationConfig;
+use crate::kernels::DenseMatrix;
 use crate::models::attention::KvCache;
 use crate::models::{
     block_groups, block_of, block_prefix, checkpoint_tensors, load_block, AutoModelForCausalLM,
     BlockContext, BlockState, DecoderBlock, ForwardInput, LoadOptions,
 };
 use crate::models::{AwqPrev, BlockState as State};
-use crate::kernels::DenseMatrix;
 use crate::nn::Loader;
-use crate::tensor::WeightDType;
+use crate::qtypes::grid::{QuantParams, QuantizedLinear};
+use crate::qtypes::{Bits, GroupSize};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
-use crate::qtypes::grid::{QuantParams, QuantizedLinear};
-use crate::qtypes::{Bits, GroupSize};
 use crate::quant::rtn::quantize_rtn;
+use crate::tensor::WeightDType;
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -1023,15 +1023,18 @@ impl Streamer<'_> {
                 .set_message(format!("scales {}", group.linears.join(",")));
             let stage = group.stages.start;
             let k = widths[stage];
-            let originals: Vec<(std::sync::Arc<dyn crate::kernels::LinearKernel>, Vec<f32>, usize)> =
-                group
-                    .linears
-                    .iter()
-                    .map(|name| {
-                        let l = block.linear_mut(name);
-                        (l.weight.clone(), l.weight.to_f32(), l.out_features())
-                    })
-                    .collect();
+            let originals: Vec<(
+                std::sync::Arc<dyn crate::kernels::LinearKernel>,
+                Vec<f32>,
+                usize,
+            )> = group
+                .linears
+                .iter()
+                .map(|name| {
+                    let l = block.linear_mut(name);
+                    (l.weight.clone(), l.weight.to_f32(), l.out_features())
+                })
+                .collect();
             let weights: Vec<(&[f32], usize)> = originals
                 .iter()
                 .map(|(_, w, n)| (w.as_slice(), *n))

@@ -7,7 +7,6 @@
 //! varying first —, type, offset), padding to `general.alignment` (default 32), then the data
 //! section that the tensor offsets point into.
 
-
 mod config;
 mod names;
 
@@ -110,7 +109,6 @@ impl GgufValue {
         }
     }
 }
-
 
 /// Where one tensor lives in the file and what it holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -578,4 +576,3 @@ fn unsupported_type_error(path: &Path, t: &GgufTensorInfo) -> Error {
         supported_list()
     ))
 }
-

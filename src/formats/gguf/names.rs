@@ -10,7 +10,6 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 /// A GGUF architecture we can map to a Hugging Face model.
 pub(super) struct Arch {
     /// `general.architecture` and the metadata key prefix.
