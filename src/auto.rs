@@ -24,6 +24,17 @@ pub struct Pretrained {
     pub load_seconds: f64,
 }
 
+impl Pretrained {
+    /// Every file the model was read from: the weights, and the folder (or GGUF file) holding
+    /// config and tokenizer.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut v = self.weight_files.clone();
+        v.push(self.files.dir.clone());
+        v.extend(self.files.gguf.clone());
+        v
+    }
+}
+
 /// Config and weights of a model without building it (for `info`, quantization and streaming).
 pub struct Checkpoint {
     pub files: ModelFiles,

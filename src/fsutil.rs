@@ -82,6 +82,58 @@ fn is_empty_dir(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// `path` made absolute with symbolic links and `..` resolved as far as the path exists: the
+/// deepest existing ancestor is canonicalized and the rest appended. With `keep_last`, a final
+/// component that is a symbolic link is not followed (a Hugging Face snapshot's file links to a
+/// blob elsewhere; the link itself is what a folder replacement would delete).
+fn resolved(path: &Path, keep_last: bool) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let (head, tail) = match (keep_last, abs.parent(), abs.file_name()) {
+        (true, Some(parent), Some(name)) => (parent.to_path_buf(), vec![name.to_os_string()]),
+        _ => (abs.clone(), vec![]),
+    };
+    let mut rest = tail;
+    let mut cur = head;
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent.to_path_buf();
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuse to write the folder `output` over the files a run reads: replacing `output` (with
+/// overwrite, or after an error) must never delete an input. Refused when an input is `output`
+/// itself or lies inside it, compared with symbolic links and `..` resolved (and, for a link,
+/// both the link and what it points to).
+pub fn refuse_output_over_inputs(output: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let out = resolved(output, false);
+    for input in inputs {
+        for form in [resolved(input, false), resolved(input, true)] {
+            if form.starts_with(&out) {
+                let what = if form == out { "is" } else { "holds" };
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the output folder {what} the input `{}`; writing it would destroy the \
+                     input. Choose an output outside the model's files",
+                    output.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A folder written under a temporary name and renamed into place by [`AtomicDir::commit`].
 ///
 /// Dropping it without committing deletes the temporary folder and everything in it.
@@ -102,6 +154,12 @@ impl AtomicDir {
     /// Like [`AtomicDir::new`]; with `overwrite`, an existing `final_dir` is replaced at commit.
     pub fn with_overwrite(final_dir: &Path, overwrite: bool) -> Result<Self> {
         // Refuse early so a long job does not run only to fail at the very end.
+        if final_dir.exists() && !final_dir.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: exists and is not a folder; refusing to replace it with one",
+                final_dir.display()
+            )));
+        }
         if !overwrite && final_dir.exists() && !is_empty_dir(final_dir) {
             return Err(Error::InvalidArgument(format!(
                 "{}: already exists; refusing to overwrite it (ask for overwrite explicitly)",
@@ -140,6 +198,11 @@ impl AtomicDir {
         if final_dir.exists() || final_dir.is_symlink() {
             if final_dir.is_dir() && is_empty_dir(&final_dir) {
                 fs::remove_dir(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            } else if !final_dir.is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: exists and is not a folder; refusing to replace it with one",
+                    final_dir.display()
+                )));
             } else if self.overwrite {
                 let aside = hidden_sibling(&final_dir, "old")?;
                 fs::rename(&final_dir, &aside).map_err(|e| Error::io(&final_dir, e))?;
@@ -344,6 +407,56 @@ pub fn safe_join(root: &Path, relative: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_over_inputs_are_refused_through_links_and_dots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blobs = tmp.path().join("blobs");
+        let snap = tmp.path().join("snapshots").join("abc");
+        fs::create_dir_all(&blobs).unwrap();
+        fs::create_dir_all(&snap).unwrap();
+        fs::write(blobs.join("x"), b"w").unwrap();
+        std::os::unix::fs::symlink(blobs.join("x"), snap.join("model.safetensors")).unwrap();
+        let input = vec![snap.join("model.safetensors")];
+        // The snapshot (holding the link), its parents, and the blob folder (holding the
+        // target) are all refused, also when spelled with `..`.
+        for out in [
+            snap.clone(),
+            tmp.path().join("snapshots"),
+            tmp.path().to_path_buf(),
+            blobs.clone(),
+            snap.join("..").join("abc"),
+        ] {
+            let e = refuse_output_over_inputs(&out, &input)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("would destroy the input"),
+                "{}: {e}",
+                out.display()
+            );
+        }
+        // Beside the input, inside a new folder, or inside the snapshot: allowed.
+        for out in [
+            tmp.path().join("out"),
+            snap.join("quantized"),
+            tmp.path().join("new/deep"),
+        ] {
+            refuse_output_over_inputs(&out, &input).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_existing_file_is_never_replaced_by_a_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("f");
+        fs::write(&f, b"keep").unwrap();
+        for overwrite in [false, true] {
+            assert!(AtomicDir::with_overwrite(&f, overwrite).is_err());
+        }
+        assert_eq!(fs::read(&f).unwrap(), b"keep");
+        assert_eq!(entries(tmp.path()), vec!["f".to_string()]);
+    }
 
     fn entries(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)

@@ -509,3 +509,88 @@ fn bits_and_group_size_are_refused_at_the_command_line() {
         assert!(!err.contains(missing), "{args:?} reached the model: {err}");
     }
 }
+
+/// `--overwrite` cannot destroy the model it reads: an output that is the input folder, holds
+/// it, or is an existing file is refused before anything is written, and the input and its
+/// siblings stay as they were. (An earlier build deleted `parent` with the model inside it.)
+#[test]
+fn overwrite_never_destroys_the_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("parent");
+    let model = parent.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let fixture = common::fixture("tiny/gpt2");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    // The smallest tokenizer.json the tokenizers crate reads.
+    std::fs::write(
+        model.join("tokenizer.json"),
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"[UNK]":2},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    std::fs::write(parent.join("sibling.txt"), "keep").unwrap();
+    let file = tmp.path().join("file.txt");
+    std::fs::write(&file, "keep").unwrap();
+    let snapshot = |dir: &std::path::Path| {
+        let mut v: Vec<(String, Vec<u8>)> = walk(dir);
+        v.sort();
+        v
+    };
+    fn walk(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        let mut v = vec![];
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                v.extend(walk(&p));
+            } else {
+                v.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+        v
+    }
+    let before = snapshot(tmp.path());
+    let m = model.to_str().unwrap();
+    let outputs = [
+        (parent.to_str().unwrap(), "holds the input"),
+        (m, "holds the input"),
+        (file.to_str().unwrap(), "not a folder"),
+    ];
+    for (out, why) in outputs {
+        for cmd in [
+            vec!["convert", m, "-o", out, "--overwrite"],
+            vec![
+                "quantize",
+                m,
+                "--method",
+                "rtn",
+                "--group-size",
+                "-1",
+                "-o",
+                out,
+                "--overwrite",
+            ],
+            vec![
+                "quantize",
+                m,
+                "--method",
+                "bnb-int8",
+                "-o",
+                out,
+                "--overwrite",
+            ],
+        ] {
+            let (ok, _, err) = run(&cmd);
+            assert!(!ok, "{cmd:?} succeeded");
+            assert!(err.contains(why), "{cmd:?}: {err}");
+            assert_eq!(snapshot(tmp.path()), before, "{cmd:?} changed the files");
+        }
+    }
+    // A separate output is still written.
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run(&["convert", m, "-o", out.to_str().unwrap(), "--overwrite"]);
+    assert!(ok, "{err}");
+    assert!(out.join("model.safetensors").is_file());
+}

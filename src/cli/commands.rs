@@ -436,6 +436,7 @@ pub fn convert(ctx: &Context, a: ConvertArgs) -> Result<()> {
             "--max-shard-size must be positive".into(),
         ));
     }
+    autoquant::fsutil::refuse_output_over_inputs(&a.output, &p.input_files())?;
     let dir = save_pretrained(
         p.model.as_ref(),
         Some(&p.tokenizer),
@@ -716,6 +717,7 @@ fn quantize_bnb(
         .ok_or_else(|| Error::InvalidArgument("-o/--output is required".into()))?;
     let t0 = std::time::Instant::now();
     let p = Pretrained::load(&a.model, &LoadOptions::default(), hub)?;
+    autoquant::fsutil::refuse_output_over_inputs(&output, &p.input_files())?;
     let r = quantize_checkpoint(
         p.model.as_ref(),
         Some(&p.tokenizer),

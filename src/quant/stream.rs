@@ -554,6 +554,9 @@ pub fn quantize_to_gptq(
         _ => Some(check_calibration(calib, opts.method)?),
     };
     let mut warnings = calib.map(|c| c.warnings.clone()).unwrap_or_default();
+    let mut inputs = src.files();
+    inputs.extend(config.source.clone());
+    crate::fsutil::refuse_output_over_inputs(dir, &inputs)?;
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
 
     let mut streamer = Streamer::new(config, src, opts, calib)?;
