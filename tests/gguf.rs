@@ -2,6 +2,8 @@
 //! dequantization of every supported type, transformers' GGUF loader for the Hugging Face view
 //! (names, shapes, un-permuted q/k, config), and corrupted files for the error paths.
 
+mod common;
+
 use autoquant::formats::gguf::{GgufFile, GgufValue, GgufWeights};
 use autoquant::formats::{read_f32_checked, WeightSource};
 use autoquant::qtypes::ggml::GgmlType;
@@ -591,26 +593,15 @@ fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The real SmolLM2-135M-Instruct GGUF (fetched by the assets script; skipped when absent).
+// The real SmolLM2-135M-Instruct GGUF (fetched by the assets script; a missing file fails the
+// test under scripts/test.sh, which sets AUTOQUANT_REQUIRE_ASSETS).
 
 fn smollm2_path() -> Option<PathBuf> {
-    let home = std::env::var_os("AUTOQUANT_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/autoquant")))?;
-    let path = home.join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is absent (run the assets script to fetch it)",
-            path.display()
-        );
-        None
-    }
+    common::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]
-fn smollm2_config_tensors_and_speed() {
+fn smollm2_config_and_tensors() {
     let Some(path) = smollm2_path() else { return };
     let golden = read_json("smollm2_golden.json");
     let t0 = std::time::Instant::now();
@@ -709,5 +700,4 @@ fn smollm2_config_tensors_and_speed() {
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("dequantized {total} SmolLM2 values in {secs:.3} s");
     assert_eq!(total, 134_515_008);
-    assert!(secs < 5.0, "dequantizing SmolLM2 took {secs:.2} s");
 }

@@ -1,7 +1,10 @@
 //! AutoTokenizer against golden data from scripts/golden/make_tokenizer_golden.py (transformers):
 //! GPT-2 vocab.json + merges.txt, the SmolLM2 GGUF tokenizer, and small synthetic GGUF
 //! tokenizers (byte-level BPE with several pre-tokenizers, SentencePiece with byte fallback).
-//! Tests that need the big assets (scripts/fetch_assets.sh) print a notice and skip without them.
+//! Tests that need the big assets (scripts/fetch_assets.sh) skip without them, and fail instead
+//! under scripts/test.sh (AUTOQUANT_REQUIRE_ASSETS=1).
+
+mod common;
 
 use autoquant::formats::gguf::{GgufValue, Metadata};
 use autoquant::tokenizer::{AutoTokenizer, ChatMessage, GgufPreTokenizerFlavor};
@@ -17,39 +20,13 @@ fn fixture(name: &str) -> Value {
         .expect("fixture is JSON")
 }
 
-fn assets() -> PathBuf {
-    let home = std::env::var_os("AUTOQUANT_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/autoquant")
-        });
-    home.join("assets")
-}
-
 fn smollm2_gguf() -> Option<PathBuf> {
-    let p = assets().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is absent (run scripts/fetch_assets.sh)",
-            p.display()
-        );
-        None
-    }
+    common::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn gpt2_dir() -> Option<PathBuf> {
-    let d = assets().join("gpt2");
-    if d.join("vocab.json").is_file() && d.join("merges.txt").is_file() {
-        Some(d)
-    } else {
-        eprintln!(
-            "SKIPPED: {}/vocab.json + merges.txt are absent (run scripts/fetch_assets.sh)",
-            d.display()
-        );
-        None
-    }
+    common::asset("gpt2/vocab.json")?;
+    Some(common::asset("gpt2/merges.txt")?.parent()?.to_path_buf())
 }
 
 fn strings(v: &Value) -> Vec<String> {
