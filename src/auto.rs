@@ -24,17 +24,6 @@ pub struct Pretrained {
     pub load_seconds: f64,
 }
 
-impl Pretrained {
-    /// Every file the model was read from: the weights, and the folder (or GGUF file) holding
-    /// config and tokenizer.
-    pub fn input_files(&self) -> Vec<PathBuf> {
-        let mut v = self.weight_files.clone();
-        v.push(self.files.dir.clone());
-        v.extend(self.files.gguf.clone());
-        v
-    }
-}
-
 /// Config and weights of a model without building it (for `info`, quantization and streaming).
 pub struct Checkpoint {
     pub files: ModelFiles,
@@ -80,6 +69,15 @@ impl Checkpoint {
 }
 
 impl Pretrained {
+    /// Every file the model was read from: the weights, and the folder (or GGUF file) holding
+    /// config and tokenizer.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut v = self.weight_files.clone();
+        v.push(self.files.dir.clone());
+        v.extend(self.files.gguf.clone());
+        v
+    }
+
     /// Load `model` (folder, `.gguf` file or hub id).
     pub fn load(model: &str, opts: &LoadOptions, hub_opts: &HubOptions) -> Result<Self> {
         let t0 = std::time::Instant::now();

@@ -112,15 +112,17 @@ pub fn estimate(config: &AutoConfig, group_size: GroupSize) -> Estimate {
         ),
     });
     // int4 GPTQ layout: 4-bit codes, per group an f16 scale and a 4-bit zero, an int32 g_idx per input.
-    let g = group_size.size().unwrap_or(0) as u64;
     let mut overhead = 0u64;
     for &(o, i) in &p.linear_shapes {
-        let groups = if g == 0 { 1 } else { i.div_ceil(g) };
+        let groups = match group_size.size() {
+            Some(g) if g > 0 => i.div_ceil(g as u64),
+            _ => 1,
+        };
         overhead += groups * o * 2 + groups * o / 2 + i * 4;
     }
     let int4 = p.block_linear_weights / 2 + overhead + unquantized;
     rows.push(EstimateRow {
-        scheme: format!("int4-g{}", if g == 0 { "-1".to_string() } else { g.to_string() }),
+        scheme: format!("int4-g{group_size}"),
         bytes: int4,
         bits_per_block_weight: (p.block_linear_weights * 4 + overhead * 8) as f64 / p.block_linear_weights.max(1) as f64,
         explanation: format!(

@@ -234,9 +234,7 @@ impl Zeros {
 /// Built from the interchange type [`QuantizedLinear`] and convertible back to it, so GPTQ, AWQ
 /// and other integer-grid formats share this kernel.
 pub struct GptqMatrix {
-    bits: u8,
-    /// `bits` as the validated type it came from.
-    width: Bits,
+    bits: Bits,
     group_size: GroupSize,
     n: usize,
     /// `ceil(N / 16)`.
@@ -313,8 +311,7 @@ impl GptqMatrix {
             Zeros::U16(zeros)
         };
         Ok(GptqMatrix {
-            bits,
-            width: q.bits,
+            bits: q.bits,
             group_size: q.group_size,
             n,
             panels,
@@ -332,13 +329,13 @@ impl GptqMatrix {
     pub fn to_quantized(&self) -> QuantizedLinear {
         let (n, k, g_count) = (self.n, self.layout.k, self.layout.groups());
         let lay = &self.layout;
-        let pbb = panel_block_bytes(self.bits);
+        let pbb = panel_block_bytes(self.bits.get());
         let mut codes = vec![0u8; n * k];
         let mut block = [[0u8; BLOCK]; LANES];
         for p in 0..self.panels {
             for b in 0..lay.kp / BLOCK {
                 let at = p * self.panel_bytes + b * pbb;
-                unpack_panel_block(self.bits, &self.packed[at..at + pbb], &mut block);
+                unpack_panel_block(self.bits.get(), &self.packed[at..at + pbb], &mut block);
                 for (r, row_codes) in block.iter().enumerate() {
                     let row = p * LANES + r;
                     for (i, &c) in row_codes.iter().enumerate() {
@@ -370,7 +367,7 @@ impl GptqMatrix {
             }
         }
         QuantizedLinear {
-            bits: self.width,
+            bits: self.bits,
             group_size: self.group_size,
             n,
             k,
@@ -383,7 +380,7 @@ impl GptqMatrix {
 
     /// Bit width of the codes.
     pub fn bits(&self) -> u8 {
-        self.bits
+        self.bits.get()
     }
 
     /// Dequantize panels `panels` into `dst[slot · ld + 16·(p − panels.start) + lane]` (slot
@@ -399,14 +396,14 @@ impl GptqMatrix {
             let kernel: Option<PanelKernel> = if !simd {
                 None
             } else if kernels::has_avx512() {
-                Some(match self.bits {
+                Some(match self.bits.get() {
                     2 => avx512::dequantize_panel::<2>,
                     3 => avx512::dequantize_panel::<3>,
                     4 => avx512::dequantize_panel::<4>,
                     _ => avx512::dequantize_panel::<8>,
                 })
             } else if kernels::has_avx2() {
-                Some(match self.bits {
+                Some(match self.bits.get() {
                     2 => avx2::dequantize_panel::<2>,
                     3 => avx2::dequantize_panel::<3>,
                     4 => avx2::dequantize_panel::<4>,
@@ -427,8 +424,8 @@ impl GptqMatrix {
         let _ = simd;
         let lay = &self.layout;
         let g_count = lay.groups();
-        let pbb = panel_block_bytes(self.bits);
-        let fields: Vec<Field> = (0..BLOCK).map(|f| field(self.bits, f)).collect();
+        let pbb = panel_block_bytes(self.bits.get());
+        let fields: Vec<Field> = (0..BLOCK).map(|f| field(self.bits.get(), f)).collect();
         let mask = (1u32 << fields[0].width) - 1;
         for (j, p) in panels.enumerate() {
             for g in 0..g_count {
@@ -439,7 +436,7 @@ impl GptqMatrix {
                     let from = p * self.panel_bytes + b * pbb;
                     let blk = &self.packed[from..from + pbb];
                     // One field per slot (the low two bits for 3-bit, whose bit 2 is added).
-                    let hi = (self.bits == 3).then(|| block_lanes(blk, 2));
+                    let hi = (self.bits.get() == 3).then(|| block_lanes(blk, 2));
                     for fd in &fields {
                         let v = block_lanes(blk, fd.vec);
                         let e = high_bit(fd.slot);
@@ -481,7 +478,7 @@ impl GptqMatrix {
         if simd && has_avx512_vnni() {
             // SAFETY: AVX-512F/BW/VNNI are available; `prep` matches this layout and m.
             unsafe {
-                with_prepared(self, x, m, |prep| match self.bits {
+                with_prepared(self, x, m, |prep| match self.bits.get() {
                     2 => avx512::forward_rows::<2>(self, prep, rows, out),
                     3 => avx512::forward_rows::<3>(self, prep, rows, out),
                     4 => avx512::forward_rows::<4>(self, prep, rows, out),
@@ -493,10 +490,10 @@ impl GptqMatrix {
         // With AVX2 alone the integer kernel beats the f32 one for a single input (decoding),
         // not for several; and 8-bit codes would overflow its 16-bit pair sums.
         #[cfg(target_arch = "x86_64")]
-        if simd && m == 1 && self.bits != 8 && kernels::has_avx2() {
+        if simd && m == 1 && self.bits.get() != 8 && kernels::has_avx2() {
             // SAFETY: AVX2/FMA/F16C are available; `prep` matches this layout and m = 1.
             unsafe {
-                with_prepared(self, x, m, |prep| match self.bits {
+                with_prepared(self, x, m, |prep| match self.bits.get() {
                     2 => avx2::forward_row_int::<2>(self, prep, rows, out),
                     3 => avx2::forward_row_int::<3>(self, prep, rows, out),
                     _ => avx2::forward_row_int::<4>(self, prep, rows, out),
@@ -510,7 +507,7 @@ impl GptqMatrix {
                 // SAFETY: AVX2/FMA/F16C are available; `prep` was made for this layout, bit
                 // width and m.
                 unsafe {
-                    match self.bits {
+                    match self.bits.get() {
                         2 => avx2::forward_rows::<2>(self, prep, rows, out),
                         3 => avx2::forward_rows::<3>(self, prep, rows, out),
                         4 => avx2::forward_rows::<4>(self, prep, rows, out),
@@ -531,10 +528,10 @@ impl GptqMatrix {
     fn forward_rows_portable(&self, prep: &FieldInput, rows: Range<usize>, out: &mut [f32]) {
         let lay = &self.layout;
         let (m, g_count) = (prep.m, lay.groups());
-        let pbb = panel_block_bytes(self.bits);
-        let nf = block_fields(self.bits);
+        let pbb = panel_block_bytes(self.bits.get());
+        let nf = block_fields(self.bits.get());
         let xstride = lay.kp / BLOCK * nf;
-        let fields: Vec<Field> = (0..nf).map(|f| field(self.bits, f)).collect();
+        let fields: Vec<Field> = (0..nf).map(|f| field(self.bits.get(), f)).collect();
         let nr = rows.len();
         for p in rows.start / LANES..rows.end.div_ceil(LANES) {
             for mi0 in (0..m).step_by(4) {
@@ -850,8 +847,8 @@ fn with_field_input<R>(w: &GptqMatrix, x: &[f32], m: usize, f: impl FnOnce(&Fiel
             xf: Vec::new(),
             xsum: Vec::new(),
         });
-        if !prep.matches(&w.layout, w.bits, x, m) {
-            prep.rebuild(&w.layout, w.bits, x, m);
+        if !prep.matches(&w.layout, w.bits.get(), x, m) {
+            prep.rebuild(&w.layout, w.bits.get(), x, m);
         }
         f(prep)
     })
@@ -975,7 +972,7 @@ impl LinearKernel for GptqMatrix {
         self.packed.len() + 2 * self.scales.len() + self.zeros.bytes() + self.layout.bytes()
     }
     fn storage_name(&self) -> String {
-        let mut name = format!("gptq-{}bit", self.bits);
+        let mut name = format!("gptq-{}bit", self.bits.get());
         if let GroupSize::Size(g) = self.group_size {
             name += &format!("-g{g}");
         }

@@ -27,8 +27,6 @@ impl Bits {
     pub const B3: Bits = Bits(3);
     pub const B4: Bits = Bits(4);
     pub const B8: Bits = Bits(8);
-    /// Every bit width a grid can have.
-    pub const ALL: [Bits; 4] = [Bits::B2, Bits::B3, Bits::B4, Bits::B8];
 
     pub fn new(bits: u8) -> Result<Bits> {
         Bits::from_i64(bits.into())
@@ -50,7 +48,7 @@ impl Bits {
 
     /// The largest code, `2^bits − 1`.
     pub fn maxq(self) -> u32 {
-        (1u32 << self.0) - 1
+        grid::maxq(self.0)
     }
 }
 
