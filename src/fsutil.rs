@@ -3,9 +3,12 @@
 //! Output is always written under a hidden temporary name next to its destination and renamed
 //! into place only once complete. A failed run (error, panic) removes the temporary on drop; an
 //! interrupted one (Ctrl-C, SIGTERM) removes it in the CLI's signal handler through
-//! [`remove_live_temporaries`]. Only a run killed with SIGKILL cannot clean up: it leaves a
-//! hidden `.<name>.tmp-<pid>-<rand>` sibling, never a half-written file or folder under the
-//! final name.
+//! [`remove_live_temporaries`], which waits while a folder is being swapped into place. A run
+//! killed with SIGKILL cannot clean up: it leaves a hidden `.<name>.tmp-<pid>-<rand>` (or, on a
+//! filesystem without atomic exchange, `.<name>.old-<pid>-<rand>`) sibling, never a half-written
+//! file or folder under the final name, and the next write of the same name removes (or, for a
+//! previous version moved aside, restores) what a dead process left: see
+//! [`clean_stale_temporaries`] and `docs/architecture.md` ("Interrupted runs").
 
 use crate::error::{Error, Result};
 use std::ffi::OsString;
@@ -14,8 +17,12 @@ use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
-/// Temporaries being written right now, for [`remove_live_temporaries`].
+/// Temporaries being written right now, for [`remove_live_temporaries`]. Also held across the
+/// swap of a finished folder into place, so an interrupt never deletes half of either version.
 static LIVE_TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Folders of resumable work an interrupt keeps (see [`keep_for_resume`]).
+static RESUMABLE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 fn live_temporaries() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     // A panic while holding the lock leaves a list that is still valid.
@@ -32,18 +39,115 @@ fn untrack(path: &Path) {
     live_temporaries().retain(|p| p != path);
 }
 
+fn remove_path(p: &Path) -> io::Result<()> {
+    if p.is_dir() && !p.is_symlink() {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    }
+}
+
 /// Delete every temporary file and folder still being written, for an interrupt handler that
 /// is about to exit (Ctrl-C or SIGTERM during a long quantization). Returns what was removed.
+/// The lock stays held, so no other thread can start swapping a folder into place before the
+/// process exits.
 pub fn remove_live_temporaries() -> Vec<PathBuf> {
-    let paths = std::mem::take(&mut *live_temporaries());
+    let mut live = live_temporaries();
+    let paths = std::mem::take(&mut *live);
     for p in &paths {
-        let _ = if p.is_dir() {
-            fs::remove_dir_all(p)
-        } else {
-            fs::remove_file(p)
-        };
+        let _ = remove_path(p);
     }
+    std::mem::forget(live);
     paths
+}
+
+/// Record `dir` as resumable work that an interrupt must keep (and name), not delete.
+pub fn keep_for_resume(dir: &Path) {
+    RESUMABLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.to_path_buf());
+}
+
+/// Forget `dir` (finished, or deleted).
+pub fn forget_resumable(dir: &Path) {
+    RESUMABLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| p != dir);
+}
+
+/// The resumable folders an interrupt leaves behind, for the handler's message.
+pub fn resumable_folders() -> Vec<PathBuf> {
+    RESUMABLE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Whether process `pid` is alive on this machine: it exists (signal 0 probes without
+/// sending) and is not a zombie, a killed process its parent has not reaped yet.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) state ...`; comm may hold spaces and parentheses, the state follows the last `)`.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        if matches!(state, Some('Z' | 'X')) {
+            return false;
+        }
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The pid in a hidden sibling name `.<name>.<tag>-<pid>-<8 hex>`, when `entry` is one for
+/// `name` and `tag`.
+fn sibling_pid(entry: &str, name: &str, tag: &str) -> Option<u32> {
+    let rest = entry.strip_prefix(&format!(".{name}.{tag}-"))?;
+    let (pid, rand) = rest.split_once('-')?;
+    let ok = rand.len() == 8 && rand.bytes().all(|b| b.is_ascii_hexdigit());
+    (ok && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
+/// Remove what a killed run writing `path` left next to it: `.<name>.tmp-<pid>-*` temporaries
+/// of processes that no longer exist, and `.<name>.old-<pid>-*` previous versions moved aside
+/// (put back under `path` when nothing took their place, deleted otherwise). Only names of
+/// exactly that shape are touched. Returns what was removed or restored.
+pub fn clean_stale_temporaries(path: &Path) -> Vec<PathBuf> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return vec![];
+    };
+    let Ok(entries) = fs::read_dir(parent_of(path)) else {
+        return vec![];
+    };
+    let mut touched = vec![];
+    let mut stale: Vec<(PathBuf, bool)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let entry = e.file_name().to_str()?.to_string();
+            let (pid, old) = match sibling_pid(&entry, name, "tmp") {
+                Some(pid) => (pid, false),
+                None => (sibling_pid(&entry, name, "old")?, true),
+            };
+            (!process_alive(pid)).then(|| (e.path(), old))
+        })
+        .collect();
+    // Previous versions first, so one can be restored before temporaries are weighed.
+    stale.sort_by_key(|(_, old)| !old);
+    for (p, old) in stale {
+        let restored = old && !path.exists() && !path.is_symlink() && fs::rename(&p, path).is_ok();
+        if restored || remove_path(&p).is_ok() {
+            touched.push(p);
+        }
+    }
+    touched
 }
 
 /// A sibling of `path` named `.<name>.<tag>-<pid>-<rand>` (hidden, same filesystem so rename works).
@@ -153,6 +257,7 @@ impl AtomicDir {
 
     /// Like [`AtomicDir::new`]; with `overwrite`, an existing `final_dir` is replaced at commit.
     pub fn with_overwrite(final_dir: &Path, overwrite: bool) -> Result<Self> {
+        clean_stale_temporaries(final_dir);
         // Refuse early so a long job does not run only to fail at the very end.
         if final_dir.exists() && !final_dir.is_dir() {
             return Err(Error::InvalidArgument(format!(
@@ -189,51 +294,95 @@ impl AtomicDir {
         &self.final_dir
     }
 
-    /// Rename the temporary folder to the final name. With overwrite, the old folder is moved
-    /// aside first and deleted only after the new one is in place, so some complete version
-    /// exists under the final name (or aside) at every moment.
+    /// Put the temporary folder in place under the final name. With overwrite, an existing
+    /// folder is exchanged with the new one in a single step (Linux `renameat2` with
+    /// `RENAME_EXCHANGE`) and deleted afterwards, so the final name holds the complete old or
+    /// the complete new output at every moment, whenever the process dies. Where the
+    /// filesystem cannot exchange, the old folder is moved aside first; a kill between the two
+    /// renames is repaired by the next write of the same name ([`clean_stale_temporaries`]).
     pub fn commit(mut self) -> Result<PathBuf> {
         let final_dir = self.final_dir.clone();
-        let mut moved_aside: Option<PathBuf> = None;
+        // Held until the new folder is in place: an interrupt handler waits for it.
+        let mut live = live_temporaries();
+        let mut previous: Option<PathBuf> = None;
         if final_dir.exists() || final_dir.is_symlink() {
-            if final_dir.is_dir() && is_empty_dir(&final_dir) {
+            if final_dir.is_dir() && !final_dir.is_symlink() && is_empty_dir(&final_dir) {
                 fs::remove_dir(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
             } else if !final_dir.is_dir() {
                 return Err(Error::InvalidArgument(format!(
                     "{}: exists and is not a folder; refusing to replace it with one",
                     final_dir.display()
                 )));
-            } else if self.overwrite {
-                let aside = hidden_sibling(&final_dir, "old")?;
-                fs::rename(&final_dir, &aside).map_err(|e| Error::io(&final_dir, e))?;
-                moved_aside = Some(aside);
-            } else {
+            } else if !self.overwrite {
                 return Err(Error::InvalidArgument(format!(
                     "{}: already exists; refusing to overwrite it (ask for overwrite explicitly)",
                     final_dir.display()
                 )));
+            } else {
+                previous = Some(swap_in(&self.tmp_dir, &final_dir)?);
             }
         }
-        if let Err(e) = fs::rename(&self.tmp_dir, &final_dir) {
-            // Put the old version back so a failed commit loses nothing.
-            if let Some(aside) = &moved_aside {
-                let _ = fs::rename(aside, &final_dir);
-            }
-            return Err(Error::io(&final_dir, e));
+        if previous.is_none() {
+            fs::rename(&self.tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         }
         self.committed = true;
-        untrack(&self.tmp_dir);
+        live.retain(|p| p != &self.tmp_dir);
+        // The previous version, until deleted, is a temporary like any other.
+        live.extend(previous.clone());
+        drop(live);
         sync_dir(parent_of(&final_dir));
-        if let Some(aside) = moved_aside {
-            let removed = if aside.is_dir() && !aside.is_symlink() {
-                fs::remove_dir_all(&aside)
-            } else {
-                fs::remove_file(&aside)
-            };
-            removed.map_err(|e| Error::io(&aside, e))?;
+        if let Some(old) = previous {
+            let removed = remove_path(&old);
+            untrack(&old);
+            removed.map_err(|e| Error::io(&old, e))?;
         }
         Ok(final_dir)
     }
+}
+
+/// Replace the folder `target` by the folder `new`; returns where the previous `target` now
+/// is (to delete). Exchanged atomically where the filesystem can; otherwise moved aside to
+/// `.<name>.old-<pid>-<rand>` first and put back if the second rename fails.
+fn swap_in(new: &Path, target: &Path) -> Result<PathBuf> {
+    if exchange(new, target).is_ok() {
+        return Ok(new.to_path_buf());
+    }
+    let aside = hidden_sibling(target, "old")?;
+    fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
+    if let Err(e) = fs::rename(new, target) {
+        let _ = fs::rename(&aside, target);
+        return Err(Error::io(target, e));
+    }
+    Ok(aside)
+}
+
+/// Exchange two paths in one step (both must exist).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let b = CString::new(b.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two valid NUL-terminated paths relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 impl Drop for AtomicDir {
@@ -256,6 +405,7 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(path: &Path) -> Result<Self> {
+        clean_stale_temporaries(path);
         let tmp_path = hidden_sibling(path, "tmp")?;
         let file = fs::OpenOptions::new()
             .write(true)
@@ -613,6 +763,96 @@ mod tests {
         assert!(safe_join(root.path(), "f.bin").is_err());
         // A missing file below an escaping symlink is refused too.
         assert!(safe_join(root.path(), "link/missing").is_err());
+    }
+
+    /// A pid no process has: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn overwrite_swaps_the_new_folder_in_and_leaves_nothing_beside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("out");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("old.bin"), b"old").unwrap();
+        let dir = AtomicDir::with_overwrite(&target, true).unwrap();
+        fs::write(dir.path().join("new.bin"), b"new").unwrap();
+        // Until the commit the old output is untouched under its name.
+        assert_eq!(names(&target), ["old.bin"]);
+        dir.commit().unwrap();
+        assert_eq!(names(&target), ["new.bin"]);
+        assert_eq!(names(tmp.path()), ["out"]);
+        // The fallback for filesystems without an atomic exchange gives the same result.
+        let new = tmp.path().join("new");
+        fs::create_dir(&new).unwrap();
+        fs::write(new.join("third.bin"), b"3").unwrap();
+        let old = swap_in(&new, &target).unwrap();
+        assert_eq!(names(&target), ["third.bin"]);
+        assert_eq!(names(&old), ["new.bin"]);
+    }
+
+    #[test]
+    fn what_a_killed_run_left_is_removed_or_restored_by_the_next_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("out");
+        let dead = dead_pid();
+        let me = std::process::id();
+        // Killed between moving the old output aside and renaming the new one in: the old
+        // output comes back under its name.
+        let aside = tmp.path().join(format!(".out.old-{dead}-0000beef"));
+        fs::create_dir(&aside).unwrap();
+        fs::write(aside.join("old.bin"), b"old").unwrap();
+        let stale = tmp.path().join(format!(".out.tmp-{dead}-1234abcd"));
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join("half.bin"), b"h").unwrap();
+        let stale_file = tmp.path().join(format!(".out.tmp-{dead}-00000001"));
+        fs::write(&stale_file, b"h").unwrap();
+        // A live run's temporary and names not of this shape are left alone.
+        let live = tmp.path().join(format!(".out.tmp-{me}-0000cafe"));
+        fs::create_dir(&live).unwrap();
+        for other in [
+            format!(".out.tmp-{dead}-xyz"),
+            format!(".other.tmp-{dead}-1234abcd"),
+            ".out.tmp-".to_string(),
+        ] {
+            fs::write(tmp.path().join(other), b"keep").unwrap();
+        }
+        let touched = clean_stale_temporaries(&target);
+        assert_eq!(touched.len(), 3, "{touched:?}");
+        assert_eq!(names(&target), ["old.bin"]);
+        assert!(!stale.exists() && !stale_file.exists() && live.exists());
+        assert_eq!(names(tmp.path()).len(), 5, "{:?}", names(tmp.path()));
+        // With the output in place, a previous version aside is deleted, not restored.
+        fs::create_dir(&aside).unwrap();
+        clean_stale_temporaries(&target);
+        assert!(!aside.exists());
+        assert_eq!(names(&target), ["old.bin"]);
+    }
+
+    #[test]
+    fn pids_are_read_only_from_names_of_the_exact_shape() {
+        assert_eq!(sibling_pid(".m.tmp-42-0123abcd", "m", "tmp"), Some(42));
+        assert_eq!(sibling_pid(".m.old-42-0123abcd", "m", "old"), Some(42));
+        assert_eq!(sibling_pid(".m.tmp-42-0123abcd", "m", "old"), None);
+        assert_eq!(sibling_pid(".m.tmp-42-0123abc", "m", "tmp"), None);
+        assert_eq!(sibling_pid(".m.tmp--0123abcd", "m", "tmp"), None);
+        assert_eq!(sibling_pid(".m.tmp-4x-0123abcd", "m", "tmp"), None);
+        assert_eq!(sibling_pid(".mm.tmp-42-0123abcd", "m", "tmp"), None);
+        assert!(!process_alive(dead_pid()));
+        assert!(process_alive(std::process::id()));
     }
 
     #[test]

@@ -8,12 +8,27 @@ fn main() {
     let args = cli::Cli::parse();
     // Ctrl-C / SIGTERM: delete the output being written (a long quantization may have put
     // gigabytes in its hidden temporary folder), then exit as interrupted.
+    // Resumable work (a streamed quantization's finished blocks) is kept and named.
     let _ = ctrlc::set_handler(|| {
         for p in autoquant::fsutil::remove_live_temporaries() {
             eprintln!("interrupted: removed the partial output {}", p.display());
         }
+        for p in autoquant::fsutil::resumable_folders() {
+            eprintln!(
+                "interrupted: the finished blocks are kept in {}; run the same command with \
+                 --resume to continue",
+                p.display()
+            );
+        }
         std::process::exit(130);
     });
+    // A file-size limit (ulimit -f) would end the process with SIGXFSZ, silently and with the
+    // temporary output left behind; ignored, the write fails with EFBIG and the run ends with an
+    // error naming the file, removing its temporaries like any other failure.
+    // SAFETY: only changes the process-wide disposition of SIGXFSZ; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // Ignore the error: it only means the pool was already built. Worker stacks as large as a
     // main thread's, because the command itself runs on a worker (below).
     let _ = rayon::ThreadPoolBuilder::new()

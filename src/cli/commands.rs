@@ -472,7 +472,14 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         QuantMethod::Awq => Method::Awq,
         QuantMethod::AwqGptq => Method::AwqGptq,
         QuantMethod::BnbNf4 | QuantMethod::BnbFp4 | QuantMethod::BnbInt8 => {
-            return quantize_bnb(ctx, &a, &hub, out_dtype, max_shard_bytes)
+            if a.resume {
+                return Err(Error::InvalidArgument(format!(
+                    "--resume continues the streamed methods (rtn, gptq, awq, awq-gptq); \
+                     {} quantizes the loaded model in one pass and has nothing to resume",
+                    a.method.name()
+                )));
+            }
+            return quantize_bnb(ctx, &a, &hub, out_dtype, max_shard_bytes);
         }
     };
     if a.double_quant {
@@ -511,6 +518,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     opts.dtype = out_dtype;
     opts.max_shard_bytes = max_shard_bytes;
     opts.overwrite = a.overwrite;
+    opts.resume = a.resume;
     opts.progress = true;
 
     let ckpt = Checkpoint::open(&a.model, &hub)?;

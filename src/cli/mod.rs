@@ -326,6 +326,11 @@ pub struct QuantizeArgs {
     /// Replace the output folder if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    /// Continue an interrupted run of this command (same model, settings and calibration) from
+    /// its last finished block; the result is the same bytes as a run never interrupted. With
+    /// nothing to continue, the run starts from the first block.
+    #[arg(long)]
+    pub resume: bool,
     /// Shard size limit, e.g. 5GB, 500MB.
     #[arg(long, default_value = "5GB")]
     pub max_shard_size: String,

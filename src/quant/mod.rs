@@ -5,5 +5,6 @@ pub mod awq;
 pub mod bnb;
 pub mod calib;
 pub mod gptq;
+pub mod resume;
 pub mod rtn;
 pub mod stream;

@@ -7,8 +7,12 @@
 //! computes the next block's input, its packed tensors are written, and it is dropped. Peak
 //! memory is one block plus the activations, whatever the depth of the model.
 //!
-//! Tensors are written in block order through [`save_safetensors`], which asks for them one at
-//! a time; the first request for a tensor of block `i` triggers the work on block `i`.
+//! Each finished block's tensors are kept in the run's resumable folder
+//! ([`super::resume::Journal`]) together with, from time to time, the activations entering the
+//! next block; once every block is done the checkpoint is assembled through
+//! [`save_safetensors`], one tensor at a time, from those files and the source. A run
+//! interrupted in any way continues with `resume` from its last kept block and writes the same
+//! bytes.
 
 use crate::auto::write_model_files;
 use crate::checkpoint::awq::AwqConfig;
@@ -17,7 +21,7 @@ use crate::checkpoint::gptq_pack::check_loader_shape;
 use crate::checkpoint::gptq_pack::ZeroFormat;
 use crate::config::AutoConfig;
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{save_safetensors, TensorSpec};
+use crate::formats::safetensors::{save_safetensors, SafetensorsFile, TensorSpec};
 use crate::formats::WeightSource;
 use crate::generate::GenerationConfig;
 use crate::kernels::DenseMatrix;
@@ -33,12 +37,13 @@ use crate::qtypes::{Bits, GroupSize};
 use crate::quant::awq::{self as awq_search, AwqOptions};
 use crate::quant::calib::CalibData;
 use crate::quant::gptq::{gptq_quantize_factored, GptqFactor, GptqOptions, Hessian};
+use crate::quant::resume::{BlockRecord, Fingerprint, Journal};
 use crate::quant::rtn::quantize_rtn;
 use crate::tensor::WeightDType;
 use crate::tensor::{DType, RawTensor};
 use crate::tokenizer::AutoTokenizer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -115,6 +120,9 @@ pub struct StreamOptions {
     pub dtype: WeightDType,
     pub max_shard_bytes: u64,
     pub overwrite: bool,
+    /// Continue the interrupted run of the same output, settings and inputs from its last kept
+    /// block ([`super::resume`]); with nothing to continue, start from the first block.
+    pub resume: bool,
     /// Progress bars on stderr (per block and per layer, with ETA).
     pub progress: bool,
 }
@@ -140,6 +148,7 @@ impl StreamOptions {
             dtype: WeightDType::F16,
             max_shard_bytes: 5_000_000_000,
             overwrite: false,
+            resume: false,
             progress: false,
         }
     }
@@ -153,6 +162,20 @@ impl StreamOptions {
             sink_weight: 1.0,
             ..Self::new(method, params)
         }
+    }
+
+    /// Every setting that shapes the output, as text for [`super::resume::Fingerprint`]: the
+    /// options without the ones that only say how the run is shown or where it may write.
+    fn settings_text(&self) -> String {
+        format!(
+            "{:?}",
+            StreamOptions {
+                overwrite: false,
+                resume: false,
+                progress: false,
+                ..self.clone()
+            }
+        )
     }
 
     /// Whether the method runs GPTQ's rounding (GPTQ and AWQ+GPTQ).
@@ -281,7 +304,7 @@ impl StreamOptions {
 }
 
 /// What happened to one linear layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     pub name: String,
     /// GPTQ's loss Σ (w − q)² / (2·Hinv[i,i]²); `None` for RTN.
@@ -558,14 +581,30 @@ pub fn quantize_to_gptq(
     inputs.extend(config.source.clone());
     crate::fsutil::refuse_output_over_inputs(dir, &inputs)?;
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
+    let fingerprint = Fingerprint::new(
+        &opts.settings_text(),
+        &serde_json::Value::Object(config.raw.clone()).to_string(),
+        &src.files(),
+        calib.map_or(&[][..], |c| &c.samples[..]),
+    );
+    let mut journal = Journal::open(
+        dir,
+        fingerprint,
+        config.num_layers(),
+        opts.method.calibrated(),
+        opts.resume,
+    )?;
 
-    let mut streamer = Streamer::new(config, src, opts, calib)?;
+    let mut streamer = Streamer::new(config, src, opts, calib, &journal)?;
+    if let Err(e) = streamer.run_blocks(&mut journal) {
+        return Err(kept_for_resume(e, &journal));
+    }
     save_safetensors(
         out.path(),
         &plan.specs,
         opts.max_shard_bytes,
         &Default::default(),
-        |spec| streamer.tensor(spec),
+        |spec| streamer.tensor(spec, &journal),
     )?;
     streamer.finish();
     warnings.append(&mut streamer.warnings);
@@ -584,6 +623,7 @@ pub fn quantize_to_gptq(
         write_gptq_configs(out.path(), config, opts, calib, tokenizer, generation)?;
     }
     let dir = out.commit()?;
+    journal.finish()?;
     Ok(StreamReport {
         dir,
         method: opts.method,
@@ -651,6 +691,19 @@ fn write_gptq_configs(
     crate::fsutil::write_atomic(&dir.join("quantize_config.json"), text.as_bytes())
 }
 
+/// `e`, with a word on the finished blocks a `--resume` run would keep.
+fn kept_for_resume(e: Error, journal: &Journal) -> Error {
+    if journal.finished() == 0 {
+        return e;
+    }
+    Error::Other(format!(
+        "{e}\n{} finished blocks are kept in {}; once the cause is fixed, the same command with \
+         --resume continues from there",
+        journal.finished(),
+        journal.dir().display()
+    ))
+}
+
 fn check_calibration(calib: Option<&CalibData>, method: Method) -> Result<&CalibData> {
     let calib = calib.ok_or_else(|| {
         Error::InvalidArgument(format!(
@@ -682,8 +735,10 @@ struct Streamer<'a> {
     /// Calibration activations entering block `next_block` (empty for RTN).
     acts: Vec<Activation>,
     next_block: usize,
-    /// Tensors of the block just processed, waiting to be written.
-    pending: HashMap<String, RawTensor>,
+    /// Tensors of the block being processed, kept in the journal when it is done.
+    pending: BTreeMap<String, RawTensor>,
+    /// The block file the assembly is reading from.
+    reading: Option<(usize, SafetensorsFile)>,
     layers: Vec<LayerReport>,
     warnings: Vec<String>,
     bars: Bars,
@@ -746,34 +801,68 @@ impl<'a> Streamer<'a> {
         src: &'a dyn WeightSource,
         opts: &'a StreamOptions,
         calib: Option<&CalibData>,
+        journal: &Journal,
     ) -> Result<Self> {
-        let acts = match calib {
+        let start = journal.start_block();
+        let mut acts = match calib {
             Some(c) => embed_samples(config, src, c)?,
             None => vec![],
         };
+        let sizes: Vec<usize> = acts.iter().map(|a| a.x.len()).collect();
+        if let Some(saved) = journal.load_inputs(&sizes)? {
+            for (a, x) in acts.iter_mut().zip(saved) {
+                a.x = x;
+            }
+        }
+        let kept = journal.records_before(start);
         let per_block = block_groups(config).iter().map(|g| g.len()).sum();
+        let bars = Bars::new(config.num_layers(), per_block, opts.progress);
+        bars.blocks.set_position(start as u64);
+        bars.blocks.reset_eta();
         Ok(Streamer {
             config,
             src,
             opts,
             acts,
-            next_block: 0,
-            pending: HashMap::new(),
-            layers: vec![],
-            warnings: vec![],
-            bars: Bars::new(config.num_layers(), per_block, opts.progress),
+            next_block: start,
+            pending: BTreeMap::new(),
+            reading: None,
+            layers: kept.iter().flat_map(|r| r.layers.clone()).collect(),
+            warnings: kept.iter().flat_map(|r| r.warnings.clone()).collect(),
+            bars,
         })
     }
 
-    fn tensor(&mut self, spec: &TensorSpec) -> Result<RawTensor> {
+    /// Quantize every block not yet kept, keeping each in the journal as it is done.
+    fn run_blocks(&mut self, journal: &mut Journal) -> Result<()> {
+        let h = self.config.hidden_size();
+        while self.next_block < self.config.num_layers() {
+            let i = self.next_block;
+            let (layers0, warnings0) = (self.layers.len(), self.warnings.len());
+            self.pending.clear();
+            self.process_block(i)?;
+            let record = BlockRecord {
+                layers: self.layers[layers0..].to_vec(),
+                warnings: self.warnings[warnings0..].to_vec(),
+            };
+            let inputs: Vec<(&[f32], usize)> =
+                self.acts.iter().map(|a| (a.x.as_slice(), h)).collect();
+            journal.record_block(i, &self.pending, record, &inputs)?;
+            self.pending.clear();
+            self.next_block += 1;
+        }
+        Ok(())
+    }
+
+    /// The output tensor `spec`: from the block file that produced it, or from the source.
+    fn tensor(&mut self, spec: &TensorSpec, journal: &Journal) -> Result<RawTensor> {
         if let Some(b) = block_of(self.config, &spec.name) {
-            while self.next_block <= b {
-                self.pending.clear();
-                self.process_block(self.next_block)?;
-                self.next_block += 1;
+            if self.reading.as_ref().map(|(i, _)| *i) != Some(b) {
+                self.reading = Some((b, SafetensorsFile::open(&journal.block_path(b))?));
             }
-            if let Some(t) = self.pending.remove(&spec.name) {
-                return Ok(t);
+            let (_, file) = self.reading.as_ref().expect("opened above");
+            if file.info(&spec.name).is_some() {
+                return file.read(&spec.name);
             }
         }
         let values = crate::formats::read_f32_checked(self.src, &spec.name, &spec.shape)?;
