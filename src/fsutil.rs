@@ -55,7 +55,15 @@ pub fn remove_live_temporaries() -> Vec<PathBuf> {
     let mut live = live_temporaries();
     let paths = std::mem::take(&mut *live);
     for p in &paths {
-        let _ = remove_path(p);
+        // The writing thread may still rename one finished file into a folder being deleted
+        // (its next step waits for this lock): delete again until nothing is left.
+        for _ in 0..50 {
+            let _ = remove_path(p);
+            if !p.exists() && !p.is_symlink() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
     std::mem::forget(live);
     paths
@@ -274,8 +282,12 @@ impl AtomicDir {
         let parent = parent_of(final_dir);
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let tmp_dir = hidden_sibling(final_dir, "tmp")?;
-        fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        // Tracked before it exists, so an interrupt at any moment after creation removes it.
         track(&tmp_dir);
+        if let Err(e) = fs::create_dir(&tmp_dir) {
+            untrack(&tmp_dir);
+            return Err(Error::io(&tmp_dir, e));
+        }
         Ok(AtomicDir {
             final_dir: final_dir.to_path_buf(),
             tmp_dir,
@@ -327,15 +339,13 @@ impl AtomicDir {
         }
         self.committed = true;
         live.retain(|p| p != &self.tmp_dir);
-        // The previous version, until deleted, is a temporary like any other.
-        live.extend(previous.clone());
-        drop(live);
         sync_dir(parent_of(&final_dir));
+        // The previous version is deleted with the lock still held: an interrupt meanwhile
+        // waits rather than exiting with half of it left beside the output.
         if let Some(old) = previous {
-            let removed = remove_path(&old);
-            untrack(&old);
-            removed.map_err(|e| Error::io(&old, e))?;
+            remove_path(&old).map_err(|e| Error::io(&old, e))?;
         }
+        drop(live);
         Ok(final_dir)
     }
 }
@@ -407,12 +417,15 @@ impl AtomicFile {
     pub fn create(path: &Path) -> Result<Self> {
         clean_stale_temporaries(path);
         let tmp_path = hidden_sibling(path, "tmp")?;
+        track(&tmp_path);
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp_path)
-            .map_err(|e| Error::io(&tmp_path, e))?;
-        track(&tmp_path);
+            .map_err(|e| {
+                untrack(&tmp_path);
+                Error::io(&tmp_path, e)
+            })?;
         Ok(AtomicFile {
             final_path: path.to_path_buf(),
             tmp_path,
@@ -437,13 +450,20 @@ impl AtomicFile {
             .file
             .take()
             .ok_or_else(|| Error::Other("AtomicFile committed twice".into()))?;
-        let file = writer
+        let placed = writer
             .into_inner()
-            .map_err(|e| Error::io(&self.tmp_path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp_path, e))?;
-        drop(file);
-        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| Error::io(&self.final_path, e))?;
+            .map_err(|e| Error::io(&self.final_path, e.into_error()))
+            .and_then(|file| file.sync_all().map_err(|e| Error::io(&self.final_path, e)))
+            .and_then(|()| {
+                fs::rename(&self.tmp_path, &self.final_path)
+                    .map_err(|e| Error::io(&self.final_path, e))
+            });
         untrack(&self.tmp_path);
+        if let Err(e) = placed {
+            // A full disk or a file-size limit: nothing half-written stays behind.
+            let _ = fs::remove_file(&self.tmp_path);
+            return Err(e);
+        }
         sync_dir(parent_of(&self.final_path));
         Ok(self.final_path.clone())
     }

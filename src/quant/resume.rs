@@ -18,7 +18,7 @@
 //! bytes because every step is deterministic. The fingerprint (settings, model files, calibration
 //! tokens, program version) must match for `--resume` to continue; otherwise the run is refused
 //! and names what changed. The folder is deleted once the output is in place. See
-//! `docs/quantization.md` ("Interrupted runs").
+//! `docs/architecture.md` ("Interrupted runs").
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{SafetensorsFile, SafetensorsWriter, TensorSpec};
@@ -230,6 +230,20 @@ impl Journal {
                         "records more blocks than the model has",
                     ));
                 }
+                // Only blocks whose files are there count (a folder can lose files to a
+                // deletion that was stopped half way).
+                let mut p = p;
+                if let Some(missing) =
+                    (0..p.blocks.len()).find(|&i| !dir.join(block_file(i)).is_file())
+                {
+                    p.blocks.truncate(missing);
+                }
+                let have_inputs = |e: usize| dir.join(inputs_file(e)).is_file();
+                if p.inputs_entry
+                    .is_some_and(|e| e > p.blocks.len() || !have_inputs(e))
+                {
+                    p.inputs_entry = None;
+                }
                 p
             }
             _ => fresh,
@@ -366,9 +380,12 @@ impl Journal {
         self.dir.join(block_file(i))
     }
 
-    /// Delete the folder: the output it served is in place.
+    /// Delete the folder: the output it served is in place. The progress goes first, so a
+    /// folder half deleted (killed meanwhile) no longer claims any finished block.
     pub fn finish(self) -> Result<()> {
         crate::fsutil::forget_resumable(&self.dir);
+        let progress = self.dir.join(PROGRESS);
+        fs::remove_file(&progress).map_err(|e| Error::io(&progress, e))?;
         fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
     }
 
