@@ -42,6 +42,7 @@ impl Checkpoint {
             let weights = GgufWeights::open(gguf)?;
             let value = weights.file().hf_config()?;
             let config = AutoConfig::from_value(value, gguf, Some(gguf))?;
+            crate::models::check_against_weights(&config, &weights)?;
             return Ok(Checkpoint {
                 files,
                 config,
@@ -50,6 +51,7 @@ impl Checkpoint {
         }
         let config = AutoConfig::from_pretrained(&files.dir)?;
         let weights = crate::formats::open_weights(&files.dir)?;
+        crate::models::check_against_weights(&config, weights.as_ref())?;
         Ok(Checkpoint {
             files,
             config,
@@ -131,22 +133,7 @@ pub fn generation_defaults(
         None
     };
     if let Some(f) = &file {
-        g.eos_token_ids = crate::config::token_ids(f.get("eos_token_id"));
-        if let Some(v) = f.get("do_sample").and_then(|v| v.as_bool()) {
-            g.do_sample = v;
-        }
-        if let Some(v) = f.get("temperature").and_then(|v| v.as_f64()) {
-            g.temperature = v as f32;
-        }
-        if let Some(v) = f.get("top_k").and_then(|v| v.as_u64()) {
-            g.top_k = v as usize;
-        }
-        if let Some(v) = f.get("top_p").and_then(|v| v.as_f64()) {
-            g.top_p = v as f32;
-        }
-        if let Some(v) = f.get("repetition_penalty").and_then(|v| v.as_f64()) {
-            g.repetition_penalty = v as f32;
-        }
+        read_generation_file(f, &path, &mut g)?;
     }
     if g.eos_token_ids.is_empty() {
         g.eos_token_ids = config.token_id("eos_token_id");
@@ -164,6 +151,93 @@ pub fn generation_defaults(
         ));
     }
     Ok(g)
+}
+
+/// The sampling settings of `generation_config.json`, held to the rules the command line
+/// applies to the same settings: a value that is out of range or of the wrong type is an
+/// error naming the file and key, never skipped.
+fn read_generation_file(
+    f: &serde_json::Value,
+    path: &Path,
+    g: &mut GenerationConfig,
+) -> Result<()> {
+    use serde_json::Value;
+    let bad = |key: &str, what: &str, v: &Value| {
+        Error::format(path, format!("key `{key}`: {what}, found {v}"))
+    };
+    let get = |key: &str| f.get(key).filter(|v| !v.is_null());
+    let number = |key: &str, ok: &dyn Fn(f64) -> bool, what: &str| -> Result<Option<f64>> {
+        match get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && ok(x) => Ok(Some(x)),
+                _ => Err(bad(key, what, v)),
+            },
+        }
+    };
+    let count = |key: &str| -> Result<Option<u64>> {
+        match get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad(key, "expected a non-negative integer", v)),
+        }
+    };
+    if let Some(v) = get("eos_token_id") {
+        let ids: Option<Vec<u32>> = match v {
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                .collect(),
+            x => x
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(|n| vec![n]),
+        };
+        g.eos_token_ids = ids.ok_or_else(|| {
+            bad(
+                "eos_token_id",
+                "expected a token id or a list of token ids",
+                v,
+            )
+        })?;
+    }
+    if let Some(v) = get("do_sample") {
+        g.do_sample = v
+            .as_bool()
+            .ok_or_else(|| bad("do_sample", "expected true/false", v))?;
+    }
+    if let Some(t) = number("temperature", &|x| x >= 0.0, "expected a number >= 0")? {
+        g.temperature = t as f32;
+    }
+    if g.do_sample && !(g.temperature > 0.0) {
+        return Err(Error::format(
+            path,
+            format!(
+                "key `temperature`: {} with do_sample true; sampling needs a temperature > 0",
+                g.temperature
+            ),
+        ));
+    }
+    if let Some(k) = count("top_k")? {
+        g.top_k = usize::try_from(k).unwrap_or(usize::MAX);
+    }
+    if let Some(p) = number(
+        "top_p",
+        &|x| x > 0.0 && x <= 1.0,
+        "expected a number in (0, 1]",
+    )? {
+        g.top_p = p as f32;
+    }
+    if let Some(r) = number("repetition_penalty", &|x| x > 0.0, "expected a number > 0")? {
+        g.repetition_penalty = r as f32;
+    }
+    // Not used here (the command line sets the length), but a wrong value is still refused.
+    for key in ["max_new_tokens", "max_length"] {
+        count(key)?;
+    }
+    Ok(())
 }
 
 /// Options for [`save_pretrained`].

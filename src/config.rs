@@ -8,6 +8,22 @@ use std::path::{Path, PathBuf};
 /// The model types we can build, with the family that implements each. Aliases share a family.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "opt", "gpt2"];
 
+/// Bounds on the sizes a config may declare (docs/formats.md, "Config bounds"). They sit well
+/// above every released model and far below what would make a size computation wrap around,
+/// so a hostile `config.json` (or GGUF header) is refused before anything is allocated.
+pub mod limits {
+    pub const MAX_LAYERS: u64 = 1 << 12;
+    pub const MAX_HIDDEN: u64 = 1 << 17;
+    pub const MAX_INTERMEDIATE: u64 = 1 << 20;
+    pub const MAX_VOCAB: u64 = 1 << 24;
+    pub const MAX_HEADS: u64 = 1 << 12;
+    pub const MAX_HEAD_DIM: u64 = 1 << 12;
+    pub const MAX_POSITIONS: u64 = 1 << 24;
+    /// Parameters of the whole model (about 4.4 trillion); the byte counts of every storage
+    /// scheme then fit a `u64` with room to spare.
+    pub const MAX_PARAMETERS: u128 = 1 << 42;
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// Positions divided by `factor` (transformers' "linear").
@@ -41,6 +57,19 @@ pub struct LlamaConfig {
     /// Bias on the output projection (Llama `attention_bias`; never in Qwen2).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Sliding-window attention: a query at cache index `i` sees keys `j` with
+    /// `i - window < j <= i` (Mistral on every layer; Qwen2 on the layers it selects).
+    pub sliding_window: Option<usize>,
+    /// Which layers use the window (empty when there is none).
+    pub sliding_layers: Vec<bool>,
+}
+
+impl LlamaConfig {
+    /// The attention window of decoder layer `i`, if it has one.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(i).copied().unwrap_or(false))
+    }
 }
 
 /// OPT decoder (facebook/opt-*): learned positions with offset 2, ReLU, optional post-LN and
@@ -161,8 +190,9 @@ impl AutoConfig {
             path: origin,
         };
         let arch = match model_type.as_str() {
-            "llama" | "mistral" => Architecture::Llama(r.llama(false)?),
-            "qwen2" => Architecture::Qwen2(r.llama(true)?),
+            "llama" => Architecture::Llama(r.llama(LlamaKind::Llama)?),
+            "mistral" => Architecture::Llama(r.llama(LlamaKind::Mistral)?),
+            "qwen2" => Architecture::Qwen2(r.llama(LlamaKind::Qwen2)?),
             "opt" => Architecture::Opt(r.opt()?),
             "gpt2" => Architecture::Gpt2(r.gpt2()?),
             other => {
@@ -237,6 +267,33 @@ impl AutoConfig {
         }
     }
 
+    /// The config key that holds the context length ([`AutoConfig::max_positions`]).
+    pub fn context_key(&self) -> &'static str {
+        match &self.arch {
+            Architecture::Gpt2(_) => "n_positions",
+            _ => "max_position_embeddings",
+        }
+    }
+
+    /// Refuse `positions` tokens in one sequence when the model's context is shorter: learned
+    /// position tables have no row past it, and rotary models were not trained past it
+    /// (docs/formats.md, "Config bounds"). `what` names the argument, e.g. `--seqlen`.
+    pub fn check_context(&self, positions: usize, what: &str) -> Result<()> {
+        let max = self.max_positions();
+        if positions > max {
+            return Err(Error::InvalidArgument(format!(
+                "{what} needs {positions} positions, past the model's context of {max} \
+                 (`{}`{})",
+                self.context_key(),
+                self.source
+                    .as_ref()
+                    .map(|p| format!(" in {}", p.display()))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn tie_word_embeddings(&self) -> bool {
         match &self.arch {
             Architecture::Llama(c) | Architecture::Qwen2(c) => c.tie_word_embeddings,
@@ -305,12 +362,55 @@ impl Reader<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing"))
     }
-    fn positive(&self, key: &str) -> Result<usize> {
-        let v = self.usize(key)?;
-        if v == 0 {
-            return Err(self.err(key, "must be positive"));
+    fn in_range(&self, key: &str, v: usize, min: u64, max: u64) -> Result<usize> {
+        if (v as u64) < min || v as u64 > max {
+            return Err(self.err(key, &format!("{v} is out of range (must be {min}..={max})")));
         }
         Ok(v)
+    }
+    /// A required size, `1..=max`.
+    fn dim(&self, key: &str, max: u64) -> Result<usize> {
+        let v = self.usize(key)?;
+        self.in_range(key, v, 1, max)
+    }
+    /// An optional size, `1..=max` when present.
+    fn dim_opt(&self, key: &str, max: u64) -> Result<Option<usize>> {
+        match self.usize_opt(key)? {
+            Some(v) => self.in_range(key, v, 1, max).map(Some),
+            None => Ok(None),
+        }
+    }
+    fn dim_or(&self, key: &str, default: usize, max: u64) -> Result<usize> {
+        Ok(self.dim_opt(key, max)?.unwrap_or(default))
+    }
+    /// A required count that may be 0 (decoder blocks).
+    fn count(&self, key: &str, max: u64) -> Result<usize> {
+        let v = self.usize(key)?;
+        self.in_range(key, v, 0, max)
+    }
+    /// A finite number `>= 0` (or `> 0` with `strict`).
+    fn nonneg_f64_or(&self, key: &str, default: f64, strict: bool) -> Result<f64> {
+        let v = self.f64_or(key, default)?;
+        if !v.is_finite() || v < 0.0 || (strict && v == 0.0) {
+            let want = if strict { "positive" } else { "non-negative" };
+            return Err(self.err(key, &format!("{v} is not a finite {want} number")));
+        }
+        Ok(v)
+    }
+    /// Refuse a model whose parameter count (an upper bound, biases included) is absurd: the
+    /// sizes are each in bounds, their product is not.
+    fn check_parameters(&self, params: u128, keys: &str) -> Result<()> {
+        if params > limits::MAX_PARAMETERS {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "the sizes ({keys}) describe about {params} parameters, more than the \
+                     {} this tool accepts",
+                    limits::MAX_PARAMETERS
+                ),
+            ));
+        }
+        Ok(())
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.map.get(key) {
@@ -353,10 +453,11 @@ impl Reader<'_> {
             if let Some(v) = o.get("rope_theta") {
                 return v
                     .as_f64()
-                    .ok_or_else(|| self.err(key, "`rope_theta` is not a number"));
+                    .filter(|t| t.is_finite() && *t > 0.0)
+                    .ok_or_else(|| self.err(key, "`rope_theta` is not a positive number"));
             }
         }
-        self.f64_or("rope_theta", 10000.0)
+        self.nonneg_f64_or("rope_theta", 10000.0, true)
     }
 
     fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
@@ -368,22 +469,45 @@ impl Reader<'_> {
             .or_else(|| obj.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        // Every parameter is a positive finite number: zero or negative ones turn the rotary
+        // frequencies into infinities or NaN.
         let num = |k: &str| -> Result<f64> {
             obj.get(k)
                 .and_then(Value::as_f64)
-                .ok_or_else(|| self.err(key, &format!("`{k}` missing or not a number")))
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| self.err(key, &format!("`{k}` missing or not a positive number")))
         };
         Ok(match kind {
             "default" => None,
             "linear" => Some(RopeScaling::Linear {
                 factor: num("factor")?,
             }),
-            "llama3" => Some(RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-            }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(self.err(
+                        key,
+                        "`high_freq_factor` must be larger than `low_freq_factor`",
+                    ));
+                }
+                let original = num("original_max_position_embeddings")?;
+                if original > limits::MAX_POSITIONS as f64 {
+                    return Err(self.err(
+                        key,
+                        &format!(
+                            "`original_max_position_embeddings` {original} is out of range \
+                             (at most {})",
+                            limits::MAX_POSITIONS
+                        ),
+                    ));
+                }
+                Some(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original as usize,
+                })
+            }
             other => {
                 return Err(self.err(
                     key,
@@ -395,17 +519,19 @@ impl Reader<'_> {
         })
     }
 
-    fn llama(&self, qwen2: bool) -> Result<LlamaConfig> {
-        let hidden_size = self.positive("hidden_size")?;
-        let heads = self.positive("num_attention_heads")?;
-        let kv_heads = self.usize_opt("num_key_value_heads")?.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+    fn llama(&self, kind: LlamaKind) -> Result<LlamaConfig> {
+        use limits::*;
+        let qwen2 = kind == LlamaKind::Qwen2;
+        let hidden_size = self.dim("hidden_size", MAX_HIDDEN)?;
+        let heads = self.dim("num_attention_heads", MAX_HEADS)?;
+        let kv_heads = self.dim_or("num_key_value_heads", heads, MAX_HEADS)?;
+        if heads % kv_heads != 0 {
             return Err(self.err(
                 "num_key_value_heads",
                 &format!("{kv_heads} does not divide num_attention_heads {heads}"),
             ));
         }
-        let head_dim = match self.usize_opt("head_dim")? {
+        let head_dim = match self.dim_opt("head_dim", MAX_HEAD_DIM)? {
             Some(d) => d,
             None if hidden_size % heads == 0 => hidden_size / heads,
             None => {
@@ -426,67 +552,157 @@ impl Reader<'_> {
             ));
         }
         let attention_bias = self.bool_or("attention_bias", false)?;
-        Ok(LlamaConfig {
-            vocab_size: self.positive("vocab_size")?,
+        let num_hidden_layers = self.count("num_hidden_layers", MAX_LAYERS)?;
+        let (sliding_window, sliding_layers) = self.sliding_window(kind, num_hidden_layers)?;
+        let c = LlamaConfig {
+            vocab_size: self.dim("vocab_size", MAX_VOCAB)?,
             hidden_size,
-            intermediate_size: self.positive("intermediate_size")?,
-            num_hidden_layers: self.usize("num_hidden_layers")?,
+            intermediate_size: self.dim("intermediate_size", MAX_INTERMEDIATE)?,
+            num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: self.nonneg_f64_or("rms_norm_eps", 1e-6, false)?,
             rope_theta: self.rope_theta()?,
             rope_scaling: self.rope_scaling()?,
-            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings: self.dim_or("max_position_embeddings", 2048, MAX_POSITIONS)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
-            mlp_bias: self.bool_or("mlp_bias", false)?,
-        })
+            // transformers' Qwen2 MLP has no biases whatever the config says.
+            mlp_bias: !qwen2 && self.bool_or("mlp_bias", false)?,
+            sliding_window,
+            sliding_layers,
+        };
+        let (v, h, i) = (
+            c.vocab_size as u128,
+            hidden_size as u128,
+            c.intermediate_size as u128,
+        );
+        let (q, kv) = ((heads * head_dim) as u128, (kv_heads * head_dim) as u128);
+        let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + (q + 2 * kv + h + 2 * i + h) + 2 * h;
+        self.check_parameters(
+            2 * v * h + num_hidden_layers as u128 * per_layer + h,
+            "vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads × head_dim",
+        )?;
+        Ok(c)
+    }
+
+    /// Which layers attend through a sliding window, following transformers: Mistral windows
+    /// every layer when `sliding_window` is set; Qwen2 only with `use_sliding_window`, on the
+    /// layers `layer_types` marks `sliding_attention` (by default those from
+    /// `max_window_layers` on); Llama has no window.
+    fn sliding_window(&self, kind: LlamaKind, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+        let window = || self.dim_opt("sliding_window", u64::MAX);
+        match kind {
+            LlamaKind::Llama => Ok((None, vec![])),
+            LlamaKind::Mistral => Ok(match window()? {
+                Some(w) => (Some(w), vec![true; layers]),
+                None => (None, vec![]),
+            }),
+            LlamaKind::Qwen2 => {
+                let types: Option<Vec<bool>> = match self.map.get("layer_types") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Array(a)) if a.len() == layers => Some(
+                        a.iter()
+                            .map(|t| match t.as_str() {
+                                Some("full_attention") => Ok(false),
+                                Some("sliding_attention") => Ok(true),
+                                _ => Err(self.err(
+                                    "layer_types",
+                                    &format!(
+                                        "{t} is not supported (full_attention or \
+                                         sliding_attention)"
+                                    ),
+                                )),
+                            })
+                            .collect::<Result<_>>()?,
+                    ),
+                    Some(v) => {
+                        return Err(self.err(
+                            "layer_types",
+                            &format!("expected a list of {layers} layer types, found {v}"),
+                        ))
+                    }
+                };
+                if !self.bool_or("use_sliding_window", false)? {
+                    if types.as_ref().is_some_and(|t| t.contains(&true)) {
+                        return Err(self.err(
+                            "layer_types",
+                            "names sliding_attention layers but use_sliding_window is false",
+                        ));
+                    }
+                    return Ok((None, vec![]));
+                }
+                let Some(w) = window()? else {
+                    return Ok((None, vec![]));
+                };
+                let sliding = match types {
+                    Some(t) => t,
+                    None => {
+                        let first = self.usize_opt("max_window_layers")?.unwrap_or(28);
+                        (0..layers).map(|i| i >= first).collect()
+                    }
+                };
+                Ok((Some(w), sliding))
+            }
+        }
     }
 
     fn opt(&self) -> Result<OptConfig> {
-        let hidden_size = self.positive("hidden_size")?;
-        let heads = self.positive("num_attention_heads")?;
+        use limits::*;
+        let hidden_size = self.dim("hidden_size", MAX_HIDDEN)?;
+        let heads = self.dim("num_attention_heads", MAX_HEADS)?;
         if hidden_size % heads != 0 {
             return Err(self.err("num_attention_heads", "does not divide hidden_size"));
         }
-        Ok(OptConfig {
-            vocab_size: self.positive("vocab_size")?,
+        let c = OptConfig {
+            vocab_size: self.dim("vocab_size", MAX_VOCAB)?,
             hidden_size,
-            ffn_dim: self.positive("ffn_dim")?,
-            num_hidden_layers: self.usize("num_hidden_layers")?,
+            ffn_dim: self.dim("ffn_dim", MAX_INTERMEDIATE)?,
+            num_hidden_layers: self.count("num_hidden_layers", MAX_LAYERS)?,
             num_attention_heads: heads,
-            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings: self.dim_or("max_position_embeddings", 2048, MAX_POSITIONS)?,
             do_layer_norm_before: self.bool_or("do_layer_norm_before", true)?,
-            word_embed_proj_dim: self
-                .usize_opt("word_embed_proj_dim")?
-                .unwrap_or(hidden_size),
+            word_embed_proj_dim: self.dim_or("word_embed_proj_dim", hidden_size, MAX_HIDDEN)?,
             enable_bias: self.bool_or("enable_bias", true)?,
             layer_norm_elementwise_affine: self.bool_or("layer_norm_elementwise_affine", true)?,
             remove_final_layer_norm: self.bool_or("_remove_final_layer_norm", false)?,
             activation: Activation::parse(self.str_or("activation_function", "relu")?, self.path)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
-        })
+        };
+        let (v, h, f) = (c.vocab_size as u128, hidden_size as u128, c.ffn_dim as u128);
+        let p = c.word_embed_proj_dim as u128;
+        let per_layer = 4 * h * h + 2 * h * f + 9 * h + f;
+        self.check_parameters(
+            2 * v * p
+                + (c.max_position_embeddings as u128 + 2) * h
+                + 2 * h * p
+                + c.num_hidden_layers as u128 * per_layer
+                + 2 * h,
+            "vocab_size, hidden_size, ffn_dim, num_hidden_layers, max_position_embeddings",
+        )?;
+        Ok(c)
     }
 
     fn gpt2(&self) -> Result<Gpt2Config> {
-        let n_embd = self.positive("n_embd")?;
-        let n_head = self.positive("n_head")?;
+        use limits::*;
+        let n_embd = self.dim("n_embd", MAX_HIDDEN)?;
+        let n_head = self.dim("n_head", MAX_HEADS)?;
         if n_embd % n_head != 0 {
             return Err(self.err("n_head", "does not divide n_embd"));
         }
-        if self.bool_or("reorder_and_upcast_attn", false)? {
-            // Only changes numerics in half precision; we compute attention in f32 anyway.
-        }
-        Ok(Gpt2Config {
-            vocab_size: self.positive("vocab_size")?,
+        // `reorder_and_upcast_attn` only changes numerics in half precision; attention is
+        // computed in f32 here anyway.
+        self.bool_or("reorder_and_upcast_attn", false)?;
+        let c = Gpt2Config {
+            vocab_size: self.dim("vocab_size", MAX_VOCAB)?,
             n_embd,
-            n_layer: self.usize("n_layer")?,
+            n_layer: self.count("n_layer", MAX_LAYERS)?,
             n_head,
-            n_positions: self.usize_opt("n_positions")?.unwrap_or(1024),
-            n_inner: self.usize_opt("n_inner")?.unwrap_or(4 * n_embd),
-            layer_norm_epsilon: self.f64_or("layer_norm_epsilon", 1e-5)?,
+            n_positions: self.dim_or("n_positions", 1024, MAX_POSITIONS)?,
+            n_inner: self.dim_or("n_inner", 4 * n_embd, MAX_INTERMEDIATE)?,
+            layer_norm_epsilon: self.nonneg_f64_or("layer_norm_epsilon", 1e-5, false)?,
             activation: Activation::parse(
                 self.str_or("activation_function", "gelu_new")?,
                 self.path,
@@ -495,8 +711,22 @@ impl Reader<'_> {
             scale_attn_by_inverse_layer_idx: self
                 .bool_or("scale_attn_by_inverse_layer_idx", false)?,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", true)?,
-        })
+        };
+        let (v, e, n) = (c.vocab_size as u128, n_embd as u128, c.n_inner as u128);
+        let per_layer = 4 * e * e + 2 * e * n + 9 * e + n;
+        self.check_parameters(
+            2 * v * e + c.n_positions as u128 * e + c.n_layer as u128 * per_layer + 2 * e,
+            "vocab_size, n_embd, n_inner, n_layer, n_positions",
+        )?;
+        Ok(c)
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LlamaKind {
+    Llama,
+    Mistral,
+    Qwen2,
 }
 
 #[cfg(test)]

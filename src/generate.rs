@@ -172,6 +172,18 @@ pub fn sample_next(
     *order.last().expect("at least one candidate")
 }
 
+/// The prompt and every token asked for must fit the model's context: nothing is cut short
+/// silently (docs/formats.md, "Config bounds").
+fn check_length(model: &dyn CausalLM, prompt: usize, max_new_tokens: usize) -> Result<()> {
+    let total = prompt.checked_add(max_new_tokens).ok_or_else(|| {
+        Error::InvalidArgument(format!("max_new_tokens {max_new_tokens} is out of range"))
+    })?;
+    model.config().check_context(
+        total,
+        &format!("a prompt of {prompt} tokens plus max_new_tokens {max_new_tokens}"),
+    )
+}
+
 /// Generate from `prompt_ids`. `on_token` is called with every new id and may return `true`
 /// to stop (used for stop strings, which need the tokenizer).
 pub fn generate(
@@ -186,7 +198,7 @@ pub fn generate(
             "the prompt is empty: generation needs at least one token".into(),
         ));
     }
-    let max_pos = model.config().max_positions();
+    check_length(model, prompt_ids.len(), cfg.max_new_tokens)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut cache = model.new_cache(1);
     let mut seen = prompt_ids.to_vec();
@@ -212,7 +224,7 @@ pub fn generate(
             stop_reason = StopReason::StopString;
             break;
         }
-        if new_ids.len() == cfg.max_new_tokens || seen.len() >= max_pos {
+        if new_ids.len() == cfg.max_new_tokens {
             break;
         }
         logits = model.forward(&ForwardInput::single(&[next]), &mut cache, LogitsMode::Last)?;
@@ -300,6 +312,7 @@ pub fn generate_batch(
     }
     let batch = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    check_length(model, t, cfg.max_new_tokens)?;
     let mut ids = Vec::with_capacity(batch * t);
     let mut mask: Vec<Vec<u8>> = vec![];
     for p in prompts {

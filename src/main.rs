@@ -29,12 +29,20 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    // Ignore the error: it only means the pool was already built. Worker stacks as large as a
-    // main thread's, because the command itself runs on a worker (below).
-    let _ = rayon::ThreadPoolBuilder::new()
+    // Worker stacks as large as a main thread's, because the command itself runs on a worker
+    // (below). Nothing has built the global pool yet, so a failure here is the system refusing
+    // the threads (a memory or process limit): an error, not a panic.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads.unwrap_or(0))
         .stack_size(8 << 20)
-        .build_global();
+        .build_global()
+    {
+        let asked = args
+            .threads
+            .map_or("one per core".to_string(), |n| n.to_string());
+        eprintln!("error: cannot start the worker threads ({asked}; --threads): {e}");
+        std::process::exit(1);
+    }
     let json = args.json;
     let peak = args.peak_rss;
     // Run the command on a pool worker: a parallel section called from outside the pool hands

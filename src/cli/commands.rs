@@ -521,7 +521,23 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     opts.resume = a.resume;
     opts.progress = true;
 
+    // Text calibration (and the dry run's estimate of it): sizes checked before anything is
+    // read or allocated.
+    let text_calib = method.calibrated() && a.calib_windows.is_none();
+    if text_calib {
+        CalibOptions {
+            nsamples,
+            seqlen,
+            seed: a.seed,
+            mode: None,
+        }
+        .validate()?;
+    }
     let ckpt = Checkpoint::open(&a.model, &hub)?;
+    if text_calib {
+        ckpt.config
+            .check_context(seqlen, &format!("--seqlen {seqlen}"))?;
+    }
     // Saved windows say exactly how many tokens there are; text gives at most nsamples × seqlen.
     let calib_tokens = match &a.calib_windows {
         _ if !method.calibrated() => 0,

@@ -19,11 +19,24 @@ pub struct Cli {
     /// Report the peak resident memory (RSS) of the process at the end.
     #[arg(long, global = true)]
     pub peak_rss: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long, global = true)]
+    /// Worker threads, 1 to 1024 (default: all cores).
+    #[arg(long, global = true, value_parser = parse_threads)]
     pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Most worker threads `--threads` accepts: beyond it each thread's stack alone adds up to
+/// gigabytes, and no machine this runs on has that many cores.
+pub const MAX_THREADS: usize = 1024;
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "--threads must be a whole number from 1 to {MAX_THREADS}, not `{s}`"
+        )),
+    }
 }
 
 /// Where a hub id is looked up.

@@ -55,7 +55,17 @@ fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 pub fn bench(model: &dyn CausalLM, opts: &BenchOptions) -> Result<BenchResult> {
-    let vocab = model.config().vocab_size();
+    let config = model.config();
+    config.check_context(
+        opts.prompt_len,
+        &format!("--prompt-len {}", opts.prompt_len),
+    )?;
+    // Decoding starts from one token of context.
+    config.check_context(
+        opts.gen_len.saturating_add(1),
+        &format!("--gen-len {}", opts.gen_len),
+    )?;
+    let vocab = config.vocab_size();
     let ids = synthetic_ids(opts.prompt_len.max(1), vocab);
     let mode = if opts.all_logits {
         LogitsMode::All

@@ -130,6 +130,9 @@ pub fn perplexity(
     opts: &PplOptions,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PplResult> {
+    model
+        .config()
+        .check_context(opts.seqlen, &format!("--seqlen {}", opts.seqlen))?;
     let windows = plan(ids.len(), opts)?;
     let vocab = model.config().vocab_size();
     let t0 = Instant::now();

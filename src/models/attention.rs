@@ -48,6 +48,13 @@ impl KvCache {
             }
         }
     }
+    /// Forget the last `t` registered positions (before any layer cached keys for them), when
+    /// a forward pass refuses its input after [`KvCache::push_positions`].
+    pub fn pop_positions(&mut self, t: usize) {
+        for m in &mut self.mask {
+            m.truncate(m.len().saturating_sub(t));
+        }
+    }
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.layers
@@ -99,6 +106,16 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding window: a query at cache index `i` sees only keys `j` with
+    /// `i - window < j <= i` (transformers' sliding-window causal mask; padding slots count).
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// First cache index a query at cache index `i` may see.
+    fn first_visible(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
 }
 
 /// Append the new keys/values of layer `layer` to the cache and attend.
@@ -155,6 +172,7 @@ pub fn attend(
                     vals,
                     &mask[b],
                     s.scale,
+                    s.first_visible(past),
                 );
             }
             let i1 = (i0 + QUERY_BLOCK).min(t);
@@ -177,9 +195,10 @@ pub fn attend(
             for r in 0..rows {
                 let row = &mut scores[r * width..(r + 1) * width];
                 let limit = past + i0 + r; // causal: keys 0..=limit
+                let first = s.first_visible(limit);
                 let (visible, future) = row.split_at_mut(limit + 1);
-                for (sc, &m) in visible.iter_mut().zip(&mask[b]) {
-                    *sc = if m != 0 {
+                for (j, (sc, &m)) in visible.iter_mut().zip(&mask[b]).enumerate() {
+                    *sc = if m != 0 && j >= first {
                         *sc * s.scale
                     } else {
                         f32::NEG_INFINITY
@@ -205,13 +224,22 @@ pub fn attend(
 }
 
 /// One query against the whole cache (decoding): plain dot products beat a GEMM call here.
-fn attend_one(q: &[f32], keys: &[f32], vals: &[f32], mask: &[u8], scale: f32) -> Vec<f32> {
+/// Keys before `first` are outside the sliding window.
+fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    mask: &[u8],
+    scale: f32,
+    first: usize,
+) -> Vec<f32> {
     let hd = q.len();
     let mut scores: Vec<f32> = keys
         .chunks_exact(hd)
         .zip(mask)
-        .map(|(k, &m)| {
-            if m != 0 {
+        .enumerate()
+        .map(|(j, (k, &m))| {
+            if m != 0 && j >= first {
                 kernels::dot(q, k) * scale
             } else {
                 f32::NEG_INFINITY
@@ -226,4 +254,103 @@ fn attend_one(q: &[f32], keys: &[f32], vals: &[f32], mask: &[u8], scale: f32) ->
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention written out from its definition: for the query at cache index `i`, softmax
+    /// over keys `j <= i` that are unmasked and, with a window `w`, satisfy `i - j < w`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        qs: &[Vec<f32>],
+        ks: &[Vec<f32>],
+        vs: &[Vec<f32>],
+        mask: &[u8],
+        i: usize,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Vec<f32> {
+        let q = &qs[i];
+        let allowed: Vec<usize> = (0..=i)
+            .filter(|&j| mask[j] != 0 && window.map_or(true, |w| i - j < w))
+            .collect();
+        let hd = q.len();
+        if allowed.is_empty() {
+            return vec![0.0; hd];
+        }
+        let scores: Vec<f64> = allowed
+            .iter()
+            .map(|&j| {
+                q.iter()
+                    .zip(&ks[j])
+                    .map(|(a, b)| (a * b) as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        let mut out = vec![0f64; hd];
+        for (p, &j) in e.iter().zip(&allowed) {
+            for (o, v) in out.iter_mut().zip(&vs[j]) {
+                *o += p / total * *v as f64;
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn sliding_window_matches_the_written_out_mask() {
+        let hd = 4;
+        let n = 11;
+        let mut x = 0x1234_5678u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2000) as f32 / 1000.0 - 1.0
+        };
+        let mut gen = |n: usize| -> Vec<Vec<f32>> {
+            (0..n).map(|_| (0..hd).map(|_| rnd()).collect()).collect()
+        };
+        let (qs, ks, vs) = (gen(n), gen(n), gen(n));
+        // Two leading padding slots; a prefill of 7 then single-token decoding.
+        let mask: Vec<u8> = (0..n).map(|j| u8::from(j >= 2)).collect();
+        for window in [None, Some(1), Some(3), Some(20)] {
+            let shape = AttentionShape {
+                heads: 1,
+                kv_heads: 1,
+                head_dim: hd,
+                scale: 0.5,
+                window,
+            };
+            let mut cache = KvCache::new(1, 1);
+            let mut got = vec![];
+            for (a, b) in [(0, 7), (7, 8), (8, 9), (9, 10), (10, 11)] {
+                cache.push_positions(b - a, Some(&[mask[..b].to_vec()]));
+                let cat = |v: &[Vec<f32>]| v[a..b].concat();
+                got.extend(attend(
+                    &mut cache,
+                    0,
+                    &shape,
+                    b - a,
+                    &cat(&qs),
+                    &cat(&ks),
+                    &cat(&vs),
+                ));
+            }
+            for i in 2..n {
+                let want = reference(&qs, &ks, &vs, &mask, i, window, 0.5);
+                for (g, w) in got[i * hd..(i + 1) * hd].iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "window {window:?}, query {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use super::{
     AwqGroup, AwqPrev, BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef,
 };
 use crate::config::{AutoConfig, Gpt2Config};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::DenseMatrix;
 use crate::nn::{activate, add_in_place, LayerNorm, Linear, Loader};
 use std::sync::Arc;
@@ -89,6 +89,7 @@ impl Gpt2Block {
                 kv_heads: cfg.n_head,
                 head_dim: hd,
                 scale,
+                window: None,
             },
             activation: cfg.activation,
         })
@@ -243,8 +244,15 @@ impl CausalLM for Gpt2 {
             Some(p) => p.iter().flatten().copied().collect(),
             None => cache.default_positions(t).into_iter().flatten().collect(),
         };
+        // No row past the table: refused, never clamped (docs/formats.md, "Config bounds").
+        if let Some(&bad) = positions.iter().find(|&&p| p >= self.cfg.n_positions) {
+            cache.pop_positions(t);
+            return Err(Error::InvalidArgument(format!(
+                "position {bad} is past GPT-2's position table (n_positions = {})",
+                self.cfg.n_positions
+            )));
+        }
         for (row, &pos) in x.chunks_exact_mut(e).zip(&positions) {
-            let pos = pos.min(self.cfg.n_positions - 1);
             add_in_place(row, &self.wpe[pos * e..(pos + 1) * e]);
         }
         Ok((x, positions))

@@ -145,6 +145,7 @@ impl LlamaLayer {
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
+                window: cfg.layer_window(i),
             },
             inv_freq,
         })

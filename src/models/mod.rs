@@ -553,6 +553,65 @@ pub fn unexpected_tensors(config: &AutoConfig, weights: &dyn WeightSource) -> Ve
         .collect()
 }
 
+/// Refuse a config that contradicts its checkpoint before anything is built from it: the number
+/// of decoder blocks must be the number the weights hold (a larger count would allocate for
+/// blocks that are not there, a smaller one silently drop blocks), and the embedding and
+/// position tables must have the shapes the config's sizes give.
+pub fn check_against_weights(config: &AutoConfig, weights: &dyn WeightSource) -> Result<()> {
+    let origin = config
+        .source
+        .clone()
+        .or_else(|| weights.files().into_iter().next())
+        .unwrap_or_else(|| "config.json".into());
+    let names = weights.names();
+    let blocks = names
+        .iter()
+        .filter_map(|n| block_of(config, n))
+        .max()
+        .map_or(0, |b| b + 1);
+    let (layers_key, hidden_key) = match &config.arch {
+        Architecture::Gpt2(_) => ("n_layer", "n_embd"),
+        Architecture::Opt(_) => ("num_hidden_layers", "hidden_size / word_embed_proj_dim"),
+        _ => ("num_hidden_layers", "hidden_size"),
+    };
+    if config.num_layers() != blocks {
+        return Err(Error::format(
+            &origin,
+            format!(
+                "key `{layers_key}` is {} but the weights hold {blocks} blocks",
+                config.num_layers()
+            ),
+        ));
+    }
+    for (name, shape) in checkpoint_tensors(config) {
+        let table = ["embed_tokens", "embed_positions", "wte.", "wpe."]
+            .iter()
+            .any(|t| name.contains(t));
+        if !table {
+            continue;
+        }
+        let Some(info) = weights.info(&name) else {
+            continue;
+        };
+        if info.shape != shape {
+            let keys = if name.contains("pos") || name.contains("wpe") {
+                config.context_key()
+            } else {
+                "vocab_size"
+            };
+            return Err(Error::format(
+                &origin,
+                format!(
+                    "tensor `{name}` is {:?} in the weights, but the config's `{keys}` and \
+                     `{hidden_key}` give {shape:?}",
+                    info.shape
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Load config + weights from a model folder.
 pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLM>> {
     let config = AutoConfig::from_pretrained(dir)?;

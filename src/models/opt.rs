@@ -7,7 +7,7 @@ use super::{
     AwqGroup, AwqPrev, BlockContext, BlockState, CausalLM, DecoderBlock, ForwardInput, LinearRef,
 };
 use crate::config::{AutoConfig, OptConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::DenseMatrix;
 use crate::nn::{activate, add_in_place, forward_many, LayerNorm, Linear, Loader};
 use std::sync::Arc;
@@ -121,6 +121,7 @@ impl OptLayer {
                 kv_heads: cfg.num_attention_heads,
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
+                window: None,
             },
             pre_norm: cfg.do_layer_norm_before,
             activation: cfg.activation,
@@ -322,9 +323,20 @@ impl CausalLM for Opt {
                 })
                 .collect(),
         };
-        let max_row = c.max_position_embeddings + POSITION_OFFSET;
+        // No row past the table: refused, never clamped (docs/formats.md, "Config bounds").
+        // Padding has position -1 (row 1), always inside.
+        if let Some(&bad) = positions
+            .iter()
+            .find(|&&p| p >= c.max_position_embeddings as i64)
+        {
+            cache.pop_positions(t);
+            return Err(Error::InvalidArgument(format!(
+                "position {bad} is past OPT's position table (max_position_embeddings = {})",
+                c.max_position_embeddings
+            )));
+        }
         for (row, &pos) in x.chunks_exact_mut(h).zip(&positions) {
-            let r = (pos + POSITION_OFFSET as i64).clamp(0, max_row as i64 - 1) as usize;
+            let r = (pos + POSITION_OFFSET as i64).max(0) as usize;
             add_in_place(row, &self.embed_positions[r * h..(r + 1) * h]);
         }
         // Blocks do not use positions (they are added here); keep the clamped rows for callers.

@@ -27,6 +27,30 @@ pub struct CalibOptions {
     pub mode: Option<CalibMode>,
 }
 
+/// Most calibration tokens (`nsamples × seqlen`) accepted: 64 times the GPTQ default of 128
+/// windows of 2048, and already activations of gigabytes per block for a large model. Checked
+/// before any text is read or any window allocated.
+pub const MAX_CALIB_TOKENS: usize = 1 << 24;
+
+impl CalibOptions {
+    /// At least one sample of two tokens, and at most [`MAX_CALIB_TOKENS`] in all.
+    pub fn validate(&self) -> Result<()> {
+        if self.nsamples == 0 || self.seqlen < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "need at least one sample of at least 2 tokens (--nsamples {}, --seqlen {})",
+                self.nsamples, self.seqlen
+            )));
+        }
+        match self.nsamples.checked_mul(self.seqlen) {
+            Some(n) if n <= MAX_CALIB_TOKENS => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "--nsamples {} × --seqlen {} calibration tokens is more than the {} accepted",
+                self.nsamples, self.seqlen, MAX_CALIB_TOKENS
+            ))),
+        }
+    }
+}
+
 impl Default for CalibOptions {
     fn default() -> Self {
         CalibOptions {
@@ -57,6 +81,7 @@ impl CalibData {
 
     /// Calibration from a file: plain or WikiText-style text, or JSON lines with a `text` field.
     pub fn from_file(path: &Path, tokenizer: &AutoTokenizer, opts: &CalibOptions) -> Result<Self> {
+        opts.validate()?;
         let docs = crate::text::load_records(path)?;
         let is_jsonl = matches!(
             path.extension().and_then(|e| e.to_str()),
@@ -92,12 +117,7 @@ impl CalibData {
         opts: &CalibOptions,
         mode: CalibMode,
     ) -> Result<Self> {
-        if opts.nsamples == 0 || opts.seqlen < 2 {
-            return Err(Error::InvalidArgument(format!(
-                "need at least one sample of at least 2 tokens (nsamples {}, seqlen {})",
-                opts.nsamples, opts.seqlen
-            )));
-        }
+        opts.validate()?;
         if docs.iter().all(|d| d.trim().is_empty()) {
             return Err(Error::InvalidArgument(
                 "the calibration data is empty".into(),

@@ -576,6 +576,12 @@ pub fn quantize_to_gptq(
         Method::Rtn => None,
         _ => Some(check_calibration(calib, opts.method)?),
     };
+    if let Some(longest) = calib.and_then(|c| c.samples.iter().map(Vec::len).max()) {
+        config.check_context(
+            longest,
+            &format!("a calibration sample of {longest} tokens"),
+        )?;
+    }
     let mut warnings = calib.map(|c| c.warnings.clone()).unwrap_or_default();
     let mut inputs = src.files();
     inputs.extend(config.source.clone());

@@ -98,6 +98,11 @@ fn kind(v: &GgufValue) -> &'static str {
 fn get_int(md: &Metadata, key: &str) -> Result<Option<i64>> {
     match md.get(key) {
         None => Ok(None),
+        // The only integer `as_int` refuses: a u64 past i64::MAX.
+        Some(GgufValue::U64(n)) if as_int(&GgufValue::U64(*n)).is_none() => Err(err(format!(
+            "`{key}` is out of range: {n} (at most {})",
+            i64::MAX
+        ))),
         Some(v) => as_int(v)
             .map(Some)
             .ok_or_else(|| err(format!("`{key}` should be an integer, found {}", kind(v)))),

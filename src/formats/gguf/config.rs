@@ -3,36 +3,75 @@
 
 use super::names::{Arch, ARCHITECTURES};
 use super::{GgufFile, GgufValue};
+use crate::config::limits;
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
 
+/// An integer metadata value as a number (any width, any sign), or `None` for other types.
+fn integer(v: &GgufValue) -> Option<i128> {
+    Some(match *v {
+        GgufValue::U8(x) => x.into(),
+        GgufValue::I8(x) => x.into(),
+        GgufValue::U16(x) => x.into(),
+        GgufValue::I16(x) => x.into(),
+        GgufValue::U32(x) => x.into(),
+        GgufValue::I32(x) => x.into(),
+        GgufValue::U64(x) => x.into(),
+        GgufValue::I64(x) => x.into(),
+        _ => return None,
+    })
+}
+
 impl GgufFile {
+    /// An integer size under `key` within `min..=max` (docs/formats.md, "Config bounds"), or
+    /// `None` when the key is absent. A value of another type, or out of range, is an error
+    /// naming the key and the value — before any size derived from it is used.
+    fn size_opt(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = integer(v).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!(
+                    "metadata key `{key}` should be an integer, found {} {v:?}",
+                    v.type_name()
+                ),
+            )
+        })?;
+        if n < min as i128 || n > max as i128 {
+            return Err(Error::format(
+                &self.path,
+                format!("metadata key `{key}`: {n} is out of range (must be {min}..={max})"),
+            ));
+        }
+        Ok(Some(n as u64))
+    }
+
+    fn size(&self, key: &str, min: u64, max: u64) -> Result<u64> {
+        self.size_opt(key, min, max)?
+            .ok_or_else(|| Error::format(&self.path, format!("metadata key `{key}` is missing")))
+    }
+
     /// The Hugging Face `config.json` equivalent to this GGUF (llama and qwen2).
     pub fn hf_config(&self) -> Result<Value> {
         let arch = self.known_architecture()?;
         let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
-        let hidden = self.require_u64(&k("embedding_length"))?;
-        let n_head = self.require_u64(&k("attention.head_count"))?;
-        if n_head == 0 {
-            return Err(Error::format(
-                &self.path,
-                format!("{} is 0", k("attention.head_count")),
-            ));
+        let hidden = self.size(&k("embedding_length"), 1, limits::MAX_HIDDEN)?;
+        let n_head = self.size(&k("attention.head_count"), 1, limits::MAX_HEADS)?;
+        let n_kv = match self.get(&k("attention.head_count_kv")) {
+            Some(GgufValue::Array(_)) => self.head_count_kv(&k("attention.head_count_kv"))?,
+            _ => self.size_opt(&k("attention.head_count_kv"), 1, limits::MAX_HEADS)?,
         }
-        let n_kv = self
-            .head_count_kv(&k("attention.head_count_kv"))?
-            .unwrap_or(n_head);
-        let head_dim = self
-            .get_u64(&k("attention.key_length"))
-            .or_else(|| {
-                if arch.model_type == "llama" {
-                    self.get_u64(&k("rope.dimension_count"))
-                } else {
-                    None
-                }
-            })
-            .unwrap_or(hidden / n_head);
-        let vocab_size = match self.get_u64(&k("vocab_size")) {
+        .unwrap_or(n_head);
+        let key_length = self.size_opt(&k("attention.key_length"), 1, limits::MAX_HEAD_DIM)?;
+        let rope_dims = if arch.model_type == "llama" {
+            self.size_opt(&k("rope.dimension_count"), 1, limits::MAX_HEAD_DIM)?
+        } else {
+            None
+        };
+        let head_dim = key_length.or(rope_dims).unwrap_or(hidden / n_head);
+        let vocab_size = match self.size_opt(&k("vocab_size"), 1, limits::MAX_VOCAB)? {
             Some(v) => v,
             None => match self.get_array("tokenizer.ggml.tokens") {
                 Some(tokens) => tokens.len() as u64,
@@ -63,11 +102,11 @@ impl GgufFile {
         c.insert("hidden_size".into(), json!(hidden));
         c.insert(
             "intermediate_size".into(),
-            json!(self.require_u64(&k("feed_forward_length"))?),
+            json!(self.size(&k("feed_forward_length"), 1, limits::MAX_INTERMEDIATE)?),
         );
         c.insert(
             "num_hidden_layers".into(),
-            json!(self.require_u64(&k("block_count"))?),
+            json!(self.size(&k("block_count"), 0, limits::MAX_LAYERS)?),
         );
         c.insert("num_attention_heads".into(), json!(n_head));
         c.insert("num_key_value_heads".into(), json!(n_kv));
@@ -80,7 +119,7 @@ impl GgufFile {
             "rope_theta".into(),
             json!(self.get_f64(&k("rope.freq_base")).unwrap_or(10000.0)),
         );
-        if let Some(ctx) = self.get_u64(&k("context_length")) {
+        if let Some(ctx) = self.size_opt(&k("context_length"), 1, limits::MAX_POSITIONS)? {
             c.insert("max_position_embeddings".into(), json!(ctx));
         }
         c.insert("vocab_size".into(), json!(vocab_size));
@@ -170,7 +209,11 @@ impl GgufFile {
             let mut s = Map::new();
             s.insert("rope_type".into(), json!(kind));
             s.insert("factor".into(), json!(factor));
-            if let Some(orig) = self.get_u64(&k("rope.scaling.original_context_length")) {
+            if let Some(orig) = self.size_opt(
+                &k("rope.scaling.original_context_length"),
+                1,
+                limits::MAX_POSITIONS,
+            )? {
                 s.insert("original_max_position_embeddings".into(), json!(orig));
             }
             return Ok(Some(Value::Object(s)));
