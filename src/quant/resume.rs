@@ -389,6 +389,11 @@ impl Journal {
         fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
     }
 
+    /// Delete the folder and what it kept: the run failed in a way resuming would repeat.
+    pub fn discard(self) -> Result<()> {
+        self.finish()
+    }
+
     fn write_progress(&self) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.progress)
             .map_err(|e| Error::Other(e.to_string()))?;

@@ -601,17 +601,22 @@ pub fn quantize_to_gptq(
         opts.resume,
     )?;
 
-    let mut streamer = Streamer::new(config, src, opts, calib, &journal)?;
+    let mut streamer = match Streamer::new(config, src, opts, calib, &journal) {
+        Ok(s) => s,
+        Err(e) => return Err(stopped(e, journal)),
+    };
     if let Err(e) = streamer.run_blocks(&mut journal) {
-        return Err(kept_for_resume(e, &journal));
+        return Err(stopped(e, journal));
     }
-    save_safetensors(
+    if let Err(e) = save_safetensors(
         out.path(),
         &plan.specs,
         opts.max_shard_bytes,
         &Default::default(),
         |spec| streamer.tensor(spec, &journal),
-    )?;
+    ) {
+        return Err(stopped(e, journal));
+    }
     streamer.finish();
     warnings.append(&mut streamer.warnings);
 
@@ -697,9 +702,13 @@ fn write_gptq_configs(
     crate::fsutil::write_atomic(&dir.join("quantize_config.json"), text.as_bytes())
 }
 
-/// `e`, with a word on the finished blocks a `--resume` run would keep.
-fn kept_for_resume(e: Error, journal: &Journal) -> Error {
-    if journal.finished() == 0 {
+/// The error `e` that stopped a run. A failure of the system (a full disk, a file-size limit,
+/// a vanished mount) keeps the finished blocks for `--resume`, with a word on them; a failure of
+/// the input itself (a NaN weight, a bad token id) would fail again, so its resumable folder is
+/// deleted and nothing is left behind.
+fn stopped(e: Error, journal: Journal) -> Error {
+    if !matches!(e, Error::Io { .. }) || journal.finished() == 0 {
+        let _ = journal.discard();
         return e;
     }
     Error::Other(format!(
