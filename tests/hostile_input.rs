@@ -320,3 +320,23 @@ fn gguf_tensor_table_memory_is_bounded_by_the_file_size() {
     let err = opened.expect_err("refused");
     assert!(err.contains("tensors") && err.contains("memory"), "{err}");
 }
+
+/// Found by the fuzzer (tests/fuzz_corpus/gguf): a llama `attn_q` tensor with zero rows passed
+/// the head-split check (0 is a multiple of anything) and reading it divided by zero.
+#[test]
+fn gguf_query_tensor_without_rows_is_an_error() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_corpus/gguf/regress_attn_q_zero_rows.gguf");
+    let file = GgufFile::open(&path).expect("the container itself is sound");
+    let q = file
+        .tensor_infos()
+        .iter()
+        .find(|t| t.name.contains("attn_q"))
+        .expect("an attn_q tensor");
+    assert_eq!(q.shape().first(), Some(&0), "{q:?}");
+    let err = autoquant::formats::gguf::GgufWeights::new(file)
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("attn_q") && msg.contains("0 rows"), "{msg}");
+}
