@@ -340,3 +340,25 @@ fn gguf_query_tensor_without_rows_is_an_error() {
     let msg = err.to_string();
     assert!(msg.contains("attn_q") && msg.contains("0 rows"), "{msg}");
 }
+
+/// Found by the fuzzer (tests/fuzz_corpus/pytorch): a tensor with a zero-length dimension and a
+/// storage offset past its (empty) storage was accepted by the view check, then reading it
+/// sliced past the end of the storage.
+#[test]
+fn pytorch_empty_tensor_with_far_offset_reads_without_panic() {
+    use autoquant::formats::pytorch::PytorchFile;
+    use autoquant::formats::WeightSource;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_corpus/pytorch/regress_empty_view_offset.bin");
+    let file = PytorchFile::open(&path).expect("opens");
+    let mut empty = 0;
+    for name in file.names() {
+        let info = file.info(&name).expect("info");
+        if info.shape.contains(&0) {
+            empty += 1;
+            let t = file.read(&name).expect("an empty tensor reads as empty");
+            assert!(t.data.is_empty(), "{name}");
+        }
+    }
+    assert!(empty > 0, "the input holds an empty tensor");
+}

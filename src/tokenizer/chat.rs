@@ -37,8 +37,10 @@ const RECURSION_LIMIT: usize = 100;
 /// The rendered prompt.
 pub(crate) const MAX_OUTPUT_BYTES: usize = 4 << 20;
 /// Memory a render may take beyond what the process already holds (Linux: enforced in a child).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) const MAX_MEMORY_BYTES: u64 = 1 << 30;
 /// CPU time of one render (Linux: enforced in a child), a backstop behind the fuel.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const MAX_CPU_SECONDS: u64 = 20;
 /// `tojson(indent=...)`: Python accepts any width; templates use 2 or 4.
 const MAX_JSON_INDENT: usize = 64;
