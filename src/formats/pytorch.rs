@@ -1029,14 +1029,15 @@ fn gather(storage: &[u8], t: &TensorRecord) -> Vec<u8> {
         .zip(&t.stride)
         .zip(&contiguous_stride)
         .all(|((&d, &s), &c)| d <= 1 || s == c);
+    // An empty view reads nothing, whatever its offset (check_view does not bound it).
+    if numel == 0 {
+        return Vec::new();
+    }
     if is_contiguous {
         let start = t.offset * elem;
         return storage[start..start + numel * elem].to_vec();
     }
     let mut out = Vec::with_capacity(numel * elem);
-    if numel == 0 {
-        return out;
-    }
     let rank = t.shape.len();
     let mut index = vec![0usize; rank];
     let mut src = t.offset;

@@ -163,12 +163,19 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
 /// Nested arrays are legal in the spec but unused; bound the recursion a hostile file could ask for.
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Memory the decoded metadata and tensor table may take: this many times the file's size, plus
+/// [`MEMORY_SLACK`]. A one-byte array element becomes a whole [`GgufValue`] in memory, so without
+/// this bound a file of metadata alone could ask for 32 times its size (docs/fuzzing.md).
+const MEMORY_PER_FILE_BYTE: u64 = 4;
+const MEMORY_SLACK: u64 = 16 << 20;
 
 /// Bounds-checked little-endian reader over the file's bytes.
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Bytes of memory the decoded header may still take.
+    budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -192,6 +199,20 @@ impl<'a> Cursor<'a> {
     fn remaining(&self) -> u64 {
         (self.bytes.len() - self.pos) as u64
     }
+    /// Account for `bytes` of memory about to be allocated for `what`, refusing past the budget.
+    fn charge(&mut self, bytes: u64, what: &dyn Fn() -> String) -> Result<()> {
+        if bytes > self.budget {
+            let limit = self.bytes.len() as u64 * MEMORY_PER_FILE_BYTE + MEMORY_SLACK;
+            return Err(self.err(format!(
+                "{} would take {bytes} bytes of memory, past the limit of {limit} bytes for the \
+                 header of a {}-byte file (corrupt or hostile)",
+                what(),
+                self.bytes.len()
+            )));
+        }
+        self.budget -= bytes;
+        Ok(())
+    }
     fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N as u64, what)?);
@@ -213,6 +234,7 @@ impl<'a> Cursor<'a> {
                 self.bytes.len()
             )));
         }
+        self.charge(len, what)?;
         let raw = self.take(len, what)?;
         String::from_utf8(raw.to_vec())
             .map_err(|_| self.err(format!("{} is not valid UTF-8", what())))
@@ -264,6 +286,10 @@ impl<'a> Cursor<'a> {
                         "metadata array `{key}` claims {count} elements, more than the rest of the file can hold (truncated or corrupt)"
                     )));
                 }
+                self.charge(
+                    count.saturating_mul(std::mem::size_of::<GgufValue>() as u64),
+                    &|| format!("metadata array `{key}` of {count} elements"),
+                )?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_type, key, depth + 1)?);
@@ -297,6 +323,9 @@ impl GgufFile {
             bytes,
             pos: 0,
             path: &path,
+            budget: (bytes.len() as u64)
+                .saturating_mul(MEMORY_PER_FILE_BYTE)
+                .saturating_add(MEMORY_SLACK),
         };
         let magic = cur.take(4, &|| "the magic number".into())?;
         if magic != b"GGUF" {
@@ -376,10 +405,19 @@ impl GgufFile {
             },
         };
 
+        // The table and the name index: an info, and a copy of the name's `String` in the index.
+        let per_tensor = (std::mem::size_of::<GgufTensorInfo>()
+            + std::mem::size_of::<(String, usize)>()
+            + 8 * MAX_DIMS as usize) as u64;
+        cur.charge(n_tensors.saturating_mul(per_tensor), &|| {
+            format!("the table of {n_tensors} tensors")
+        })?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut by_name = HashMap::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
             let name = cur.string(&|| format!("the name of tensor {i}"))?;
+            // The index holds a second copy of the name.
+            cur.charge(name.len() as u64, &|| format!("the name of tensor {i}"))?;
             let n_dims = cur.u32(&|| format!("the dimension count of tensor `{name}`"))?;
             if n_dims > MAX_DIMS {
                 return Err(Error::tensor(

@@ -142,7 +142,7 @@ impl GgufWeights {
                 let stem = t.name.split('.').nth(2).unwrap_or("");
                 if let Some(n) = heads(stem)? {
                     let rows = shape.first().copied().unwrap_or(0);
-                    if n == 0 || !rows.is_multiple_of(2 * n) {
+                    if n == 0 || rows == 0 || !rows.is_multiple_of(2 * n) {
                         return Err(Error::tensor(
                             &path,
                             &t.name,
