@@ -793,15 +793,6 @@ mod tests {
         pid
     }
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-
     #[test]
     fn overwrite_swaps_the_new_folder_in_and_leaves_nothing_beside_it() {
         let tmp = tempfile::tempdir().unwrap();
@@ -811,17 +802,17 @@ mod tests {
         let dir = AtomicDir::with_overwrite(&target, true).unwrap();
         fs::write(dir.path().join("new.bin"), b"new").unwrap();
         // Until the commit the old output is untouched under its name.
-        assert_eq!(names(&target), ["old.bin"]);
+        assert_eq!(entries(&target), ["old.bin"]);
         dir.commit().unwrap();
-        assert_eq!(names(&target), ["new.bin"]);
-        assert_eq!(names(tmp.path()), ["out"]);
+        assert_eq!(entries(&target), ["new.bin"]);
+        assert_eq!(entries(tmp.path()), ["out"]);
         // The fallback for filesystems without an atomic exchange gives the same result.
         let new = tmp.path().join("new");
         fs::create_dir(&new).unwrap();
         fs::write(new.join("third.bin"), b"3").unwrap();
         let old = swap_in(&new, &target).unwrap();
-        assert_eq!(names(&target), ["third.bin"]);
-        assert_eq!(names(&old), ["new.bin"]);
+        assert_eq!(entries(&target), ["third.bin"]);
+        assert_eq!(entries(&old), ["new.bin"]);
     }
 
     #[test]
@@ -852,14 +843,14 @@ mod tests {
         }
         let touched = clean_stale_temporaries(&target);
         assert_eq!(touched.len(), 3, "{touched:?}");
-        assert_eq!(names(&target), ["old.bin"]);
+        assert_eq!(entries(&target), ["old.bin"]);
         assert!(!stale.exists() && !stale_file.exists() && live.exists());
-        assert_eq!(names(tmp.path()).len(), 5, "{:?}", names(tmp.path()));
+        assert_eq!(entries(tmp.path()).len(), 5, "{:?}", entries(tmp.path()));
         // With the output in place, a previous version aside is deleted, not restored.
         fs::create_dir(&aside).unwrap();
         clean_stale_temporaries(&target);
         assert!(!aside.exists());
-        assert_eq!(names(&target), ["old.bin"]);
+        assert_eq!(entries(&target), ["old.bin"]);
     }
 
     #[test]

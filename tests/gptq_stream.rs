@@ -516,14 +516,6 @@ fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The streamed folder loads with AutoModelForCausalLM (packed GPTQ kernels), and its logits
 /// are those of a float model holding the dequantized weights (and the folder's other tensors);
 /// they are not the float model's.
@@ -586,8 +578,8 @@ fn written_checkpoint_equals_its_dequantized_dense_model() {
             logits(float.as_ref(), &ids),
         );
         let scale = lf.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = max_abs_diff(&lp, &ld);
-        let q_err = max_abs_diff(&lp, &lf);
+        let d = common::max_abs_diff(&lp, &ld);
+        let q_err = common::max_abs_diff(&lp, &lf);
         eprintln!(
             "{case_name}: packed vs dense-dequantized max |Δlogit| {d:.2e}; vs float {q_err:.3} \
              (max |logit| {scale:.2})"

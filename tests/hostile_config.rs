@@ -269,14 +269,6 @@ fn ids(n: usize, vocab: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7 + 3) % vocab).collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// A one-layer Mistral with a window of `W` keys computes, at position `i`, exactly what the
 /// same weights without a window compute on the `W` tokens ending at `i` (given their
 /// original position ids): an independent statement of transformers' rule (a query at cache
@@ -307,7 +299,7 @@ fn mistral_sliding_window_is_applied() {
         };
         let mut c = full.new_cache(1);
         let want = full.forward(&input, &mut c, LogitsMode::Last).unwrap();
-        let d = max_diff(&got[i * vocab..(i + 1) * vocab], &want);
+        let d = common::max_abs_diff(&got[i * vocab..(i + 1) * vocab], &want);
         assert!(d < 1e-4, "position {i}: max |diff| {d}");
     }
     // Decoding through the cache one token at a time gives the same logits as the prefill.
@@ -316,7 +308,7 @@ fn mistral_sliding_window_is_applied() {
         let step = windowed
             .forward(&ForwardInput::single(&[t]), &mut cache, LogitsMode::Last)
             .unwrap();
-        let d = max_diff(&step, &got[i * vocab..(i + 1) * vocab]);
+        let d = common::max_abs_diff(&step, &got[i * vocab..(i + 1) * vocab]);
         assert!(d < 1e-4, "decode step {i}: max |diff| {d}");
     }
     // A left-padded batch: the window counts cache slots, padding included, so the padded
@@ -340,13 +332,13 @@ fn mistral_sliding_window_is_applied() {
         .forward(&input, &mut cache, LogitsMode::All)
         .unwrap();
     let t = seq.len() + pad;
-    let d = max_diff(&out[pad * vocab..t * vocab], &got);
+    let d = common::max_abs_diff(&out[pad * vocab..t * vocab], &got);
     assert!(d < 1e-4, "left-padded row: max |diff| {d}");
     let mut c = windowed.new_cache(1);
     let alone = windowed
         .forward(&ForwardInput::single(&other), &mut c, LogitsMode::All)
         .unwrap();
-    let d = max_diff(&out[t * vocab..], &alone);
+    let d = common::max_abs_diff(&out[t * vocab..], &alone);
     assert!(d < 1e-4, "unpadded row: max |diff| {d}");
 }
 
@@ -387,7 +379,10 @@ fn qwen2_sliding_window_follows_its_switches() {
     // Layer 0 is below max_window_layers 1: full attention.
     assert_eq!(on(&[("max_window_layers", json!(1))]), plain);
     let windowed = on(&[("max_window_layers", json!(0))]);
-    assert!(max_diff(&windowed, &plain) > 1e-3, "window ignored");
+    assert!(
+        common::max_abs_diff(&windowed, &plain) > 1e-3,
+        "window ignored"
+    );
     assert_eq!(
         on(&[("layer_types", json!(["sliding_attention"]))]),
         windowed
