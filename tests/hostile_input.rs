@@ -7,7 +7,7 @@
 
 mod common;
 
-use autoquant::formats::gguf::{GgufFile, GgufValue, Metadata};
+use autoquant::formats::gguf::{GgufFile, GgufValue};
 use autoquant::tokenizer::{AutoTokenizer, ChatMessage};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -15,24 +15,7 @@ use std::process::Command;
 const CHILD_TEMPLATE_VAR: &str = "AUTOQUANT_HOSTILE_TEMPLATE";
 
 fn tokenizer_with_template(template: &str) -> AutoTokenizer {
-    let mut md = Metadata::new();
-    md.insert(
-        "tokenizer.ggml.model".into(),
-        GgufValue::String("gpt2".into()),
-    );
-    md.insert(
-        "tokenizer.ggml.pre".into(),
-        GgufValue::String("gpt2".into()),
-    );
-    let tokens = ["a", "b", "ab"]
-        .iter()
-        .map(|t| GgufValue::String(t.to_string()))
-        .collect();
-    md.insert("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens));
-    md.insert(
-        "tokenizer.ggml.merges".into(),
-        GgufValue::Array(vec![GgufValue::String("a b".into())]),
-    );
+    let mut md = common::tiny_gguf_metadata("gpt2");
     md.insert(
         "tokenizer.chat_template".into(),
         GgufValue::String(template.into()),

@@ -649,28 +649,9 @@ fn missing_or_broken_vocab_files_are_errors() {
     assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
 }
 
-fn tiny_gguf_metadata(pre: &str) -> Metadata {
-    let mut md = Metadata::new();
-    md.insert(
-        "tokenizer.ggml.model".into(),
-        GgufValue::String("gpt2".into()),
-    );
-    md.insert("tokenizer.ggml.pre".into(), GgufValue::String(pre.into()));
-    let tokens = ["a", "b", "ab"]
-        .iter()
-        .map(|t| GgufValue::String(t.to_string()))
-        .collect();
-    md.insert("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens));
-    md.insert(
-        "tokenizer.ggml.merges".into(),
-        GgufValue::Array(vec![GgufValue::String("a b".into())]),
-    );
-    md
-}
-
 #[test]
 fn unknown_gguf_pre_tokenizer_is_a_clear_error() {
-    let err = AutoTokenizer::from_gguf_metadata(&tiny_gguf_metadata("mystery-bpe"))
+    let err = AutoTokenizer::from_gguf_metadata(&common::tiny_gguf_metadata("mystery-bpe"))
         .expect_err("unknown pre");
     let msg = err.to_string();
     assert!(
@@ -678,13 +659,14 @@ fn unknown_gguf_pre_tokenizer_is_a_clear_error() {
         "{msg}"
     );
     // The same metadata with a known pre-tokenizer works: a + b merge into "ab".
-    let tok = AutoTokenizer::from_gguf_metadata(&tiny_gguf_metadata("gpt2")).expect("known pre");
+    let tok =
+        AutoTokenizer::from_gguf_metadata(&common::tiny_gguf_metadata("gpt2")).expect("known pre");
     assert_eq!(tok.encode("ab", false).expect("encode"), vec![2]);
 }
 
 #[test]
 fn bad_gguf_tokenizer_metadata_is_an_error() {
-    let mut md = tiny_gguf_metadata("gpt2");
+    let mut md = common::tiny_gguf_metadata("gpt2");
     md.insert(
         "tokenizer.ggml.model".into(),
         GgufValue::String("rwkv".into()),
@@ -695,21 +677,21 @@ fn bad_gguf_tokenizer_metadata_is_an_error() {
         "{err}"
     );
 
-    let mut md = tiny_gguf_metadata("gpt2");
+    let mut md = common::tiny_gguf_metadata("gpt2");
     md.remove("tokenizer.ggml.tokens");
     assert!(AutoTokenizer::from_gguf_metadata(&md)
         .expect_err("no tokens")
         .to_string()
         .contains("tokenizer.ggml.tokens"));
 
-    let mut md = tiny_gguf_metadata("gpt2");
+    let mut md = common::tiny_gguf_metadata("gpt2");
     md.insert("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(99));
     assert!(AutoTokenizer::from_gguf_metadata(&md)
         .expect_err("eos out of range")
         .to_string()
         .contains("99"));
 
-    let mut md = tiny_gguf_metadata("gpt2");
+    let mut md = common::tiny_gguf_metadata("gpt2");
     md.insert(
         "tokenizer.ggml.token_type".into(),
         GgufValue::Array(vec![GgufValue::I32(1)]),

@@ -92,3 +92,25 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// GGUF tokenizer metadata of the smallest byte-level BPE (`a`, `b`, `ab`; one merge) with the
+/// pre-tokenizer name `pre`.
+pub fn tiny_gguf_metadata(pre: &str) -> autoquant::formats::gguf::Metadata {
+    use autoquant::formats::gguf::GgufValue;
+    let mut md = autoquant::formats::gguf::Metadata::new();
+    md.insert(
+        "tokenizer.ggml.model".into(),
+        GgufValue::String("gpt2".into()),
+    );
+    md.insert("tokenizer.ggml.pre".into(), GgufValue::String(pre.into()));
+    let tokens = ["a", "b", "ab"]
+        .iter()
+        .map(|t| GgufValue::String(t.to_string()))
+        .collect();
+    md.insert("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens));
+    md.insert(
+        "tokenizer.ggml.merges".into(),
+        GgufValue::Array(vec![GgufValue::String("a b".into())]),
+    );
+    md
+}
