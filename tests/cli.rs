@@ -534,24 +534,7 @@ fn overwrite_never_destroys_the_input() {
     std::fs::write(parent.join("sibling.txt"), "keep").unwrap();
     let file = tmp.path().join("file.txt");
     std::fs::write(&file, "keep").unwrap();
-    let snapshot = |dir: &std::path::Path| {
-        let mut v: Vec<(String, Vec<u8>)> = walk(dir);
-        v.sort();
-        v
-    };
-    fn walk(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-        let mut v = vec![];
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                v.extend(walk(&p));
-            } else {
-                v.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-            }
-        }
-        v
-    }
-    let before = snapshot(tmp.path());
+    let before = common::snapshot(tmp.path());
     let m = model.to_str().unwrap();
     let outputs = [
         (parent.to_str().unwrap(), "holds the input"),
@@ -585,7 +568,11 @@ fn overwrite_never_destroys_the_input() {
             let (ok, _, err) = run(&cmd);
             assert!(!ok, "{cmd:?} succeeded");
             assert!(err.contains(why), "{cmd:?}: {err}");
-            assert_eq!(snapshot(tmp.path()), before, "{cmd:?} changed the files");
+            assert_eq!(
+                common::snapshot(tmp.path()),
+                before,
+                "{cmd:?} changed the files"
+            );
         }
     }
     // A separate output is still written.

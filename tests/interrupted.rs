@@ -8,6 +8,8 @@
 //! `AUTOQUANT_KILL_TRIALS` sets the moments tried per command (default 8; `scripts/kill_trials.sh`
 //! runs 50).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,31 +28,10 @@ fn run_ok(args: &[&str]) {
     );
 }
 
-/// Every file under `dir` by relative path, with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().display().to_string();
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).unwrap();
-    for (rel, bytes) in snapshot(from) {
+    for (rel, bytes) in common::snapshot(from) {
         let p = to.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, bytes).unwrap();
@@ -185,7 +166,7 @@ fn interrupt_at_random_moments(
         if still_running && !status.success() {
             mid_run += 1;
         }
-        let now = snapshot(target);
+        let now = common::snapshot(target);
         assert!(
             &now == old || &now == new,
             "{what}, {signal} after {delay:?}: the output is neither the old nor the new \
@@ -218,7 +199,7 @@ fn interrupt_at_random_moments(
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            &snapshot(target) == new,
+            &common::snapshot(target) == new,
             "{what}: finishing after {signal} at {delay:?} gave different bytes"
         );
         assert_eq!(
@@ -267,8 +248,8 @@ fn quantize_trials(method: &str) {
     let t0 = Instant::now();
     refs(quantize("model", &s.path("new-version"), &[]));
     let seconds = t0.elapsed().as_secs_f64();
-    let old = snapshot(&s.root.join("old-version"));
-    let new = snapshot(&s.root.join("new-version"));
+    let old = common::snapshot(&s.root.join("old-version"));
+    let new = common::snapshot(&s.root.join("new-version"));
     let t = target.to_str().unwrap();
     interrupt_at_random_moments(
         &format!("quantize {method}"),
@@ -309,8 +290,8 @@ fn convert_stopped_anywhere_keeps_a_whole_output() {
     let t0 = Instant::now();
     refs(convert("model", &s.path("new-version"), &[]));
     let seconds = t0.elapsed().as_secs_f64();
-    let old = snapshot(&s.root.join("old-version"));
-    let new = snapshot(&s.root.join("new-version"));
+    let old = common::snapshot(&s.root.join("old-version"));
+    let new = common::snapshot(&s.root.join("new-version"));
     let t = target.to_str().unwrap();
     let args = convert("model", t, &["--overwrite"]);
     interrupt_at_random_moments("convert", &args, &args, &target, &old, &new, seconds);

@@ -25,6 +25,7 @@ use crate::formats::safetensors::{SafetensorsFile, SafetensorsWriter, TensorSpec
 use crate::formats::WeightSource;
 use crate::tensor::{DType, RawTensor};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -329,12 +330,17 @@ impl Journal {
         i: usize,
         tensors: &BTreeMap<String, RawTensor>,
         record: BlockRecord,
-        inputs: &[(&[f32], usize)],
+        inputs: &[&[f32]],
+        hidden: usize,
     ) -> Result<()> {
-        write_tensors(
-            &self.dir.join(block_file(i)),
-            tensors.iter().map(|(n, t)| (n.clone(), t)),
-        )?;
+        let specs = tensors
+            .iter()
+            .map(|(n, t)| TensorSpec::new(n.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        let values: Vec<&RawTensor> = tensors.values().collect();
+        write_tensors(&self.dir.join(block_file(i)), specs, |k| {
+            Cow::Borrowed(values[k])
+        })?;
         self.progress.blocks.truncate(i);
         self.progress.blocks.push(record);
         let previous = self.progress.inputs_entry;
@@ -345,26 +351,20 @@ impl Journal {
         };
         if self.calibrated && !inputs.is_empty() && !last && due {
             let t0 = Instant::now();
-            let tensors: Vec<(String, RawTensor)> = inputs
+            let shape = |x: &[f32]| vec![x.len() / hidden.max(1), hidden];
+            let specs = inputs
                 .iter()
                 .enumerate()
-                .map(|(s, (x, h))| {
-                    let shape = vec![x.len() / h.max(&1), *h];
-                    let data = bytemuck::cast_slice(x).to_vec();
-                    (
-                        format!("sample.{s}"),
-                        RawTensor {
-                            dtype: DType::F32,
-                            shape,
-                            data,
-                        },
-                    )
-                })
+                .map(|(s, x)| TensorSpec::new(format!("sample.{s}"), DType::F32, shape(x)))
                 .collect();
-            write_tensors(
-                &self.dir.join(inputs_file(i + 1)),
-                tensors.iter().map(|(n, t)| (n.clone(), t)),
-            )?;
+            // One sample's bytes at a time: the activations are the largest thing in memory.
+            write_tensors(&self.dir.join(inputs_file(i + 1)), specs, |s| {
+                Cow::Owned(RawTensor {
+                    dtype: DType::F32,
+                    shape: shape(inputs[s]),
+                    data: bytemuck::cast_slice(inputs[s]).to_vec(),
+                })
+            })?;
             self.progress.inputs_entry = Some(i + 1);
             self.last_save = Some((Instant::now(), t0.elapsed()));
         }
@@ -401,18 +401,17 @@ impl Journal {
     }
 }
 
-/// Write `tensors` (sorted by name) as one safetensors file, atomically.
+/// Write the tensors `specs` declares as one safetensors file, atomically; `tensor(k)` gives
+/// the `k`-th, asked for in order.
 fn write_tensors<'t>(
     path: &Path,
-    tensors: impl Iterator<Item = (String, &'t RawTensor)> + Clone,
+    specs: Vec<TensorSpec>,
+    mut tensor: impl FnMut(usize) -> Cow<'t, RawTensor>,
 ) -> Result<()> {
-    let specs: Vec<TensorSpec> = tensors
-        .clone()
-        .map(|(n, t)| TensorSpec::new(n, t.dtype, t.shape.clone()))
-        .collect();
+    let n = specs.len();
     let mut writer = SafetensorsWriter::create(path, specs, &BTreeMap::new())?;
-    for (_, t) in tensors {
-        writer.write_tensor(t)?;
+    for k in 0..n {
+        writer.write_tensor(&tensor(k))?;
     }
     writer.finish()?;
     Ok(())

@@ -583,14 +583,15 @@ pub fn quantize_to_gptq(
         )?;
     }
     let mut warnings = calib.map(|c| c.warnings.clone()).unwrap_or_default();
-    let mut inputs = src.files();
+    let weight_files = src.files();
+    let mut inputs = weight_files.clone();
     inputs.extend(config.source.clone());
     crate::fsutil::refuse_output_over_inputs(dir, &inputs)?;
     let out = crate::fsutil::AtomicDir::with_overwrite(dir, opts.overwrite)?;
     let fingerprint = Fingerprint::new(
         &opts.settings_text(),
         &serde_json::Value::Object(config.raw.clone()).to_string(),
-        &src.files(),
+        &weight_files,
         calib.map_or(&[][..], |c| &c.samples[..]),
     );
     let mut journal = Journal::open(
@@ -860,9 +861,8 @@ impl<'a> Streamer<'a> {
                 layers: self.layers[layers0..].to_vec(),
                 warnings: self.warnings[warnings0..].to_vec(),
             };
-            let inputs: Vec<(&[f32], usize)> =
-                self.acts.iter().map(|a| (a.x.as_slice(), h)).collect();
-            journal.record_block(i, &self.pending, record, &inputs)?;
+            let inputs: Vec<&[f32]> = self.acts.iter().map(|a| a.x.as_slice()).collect();
+            journal.record_block(i, &self.pending, record, &inputs, h)?;
             self.pending.clear();
             self.next_block += 1;
         }
