@@ -604,13 +604,7 @@ fn smollm2_path() -> Option<PathBuf> {
 fn smollm2_config_and_tensors() {
     let Some(path) = smollm2_path() else { return };
     let golden = read_json("smollm2_golden.json");
-    let t0 = std::time::Instant::now();
     let weights = GgufWeights::open(&path).unwrap();
-    eprintln!(
-        "opened {} in {:.3} s",
-        path.display(),
-        t0.elapsed().as_secs_f64()
-    );
     let file = weights.file();
     assert_eq!(file.version(), 3);
     assert_eq!(file.architecture(), Some("llama"));
@@ -691,13 +685,10 @@ fn smollm2_config_and_tensors() {
         );
     }
 
-    // Dequantizing everything should take well under a second; the bound is loose for noisy machines.
-    let t0 = std::time::Instant::now();
+    // Every tensor dequantizes, and together they hold the model's parameter count.
     let mut total = 0usize;
     for name in weights.names() {
         total += weights.read(&name).unwrap().numel();
     }
-    let secs = t0.elapsed().as_secs_f64();
-    eprintln!("dequantized {total} SmolLM2 values in {secs:.3} s");
     assert_eq!(total, 134_515_008);
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use autoquant::hub::{self, HubOptions, ModelSource};
 use autoquant::Error;
@@ -385,8 +385,9 @@ fn settings_come_from_options_then_environment() {
 // - "LFS" files: 302 to an absolute `/cdn/{file}` URL, carrying `x-linked-etag` and
 //   `x-repo-commit`; the CDN then serves byte ranges;
 // - anything else, or an unknown revision: 404.
-// It handles one request per connection, stops after `max_requests` or when told to, and never
-// outlives its deadline, so a broken client cannot hang the test.
+// It handles one request per connection and stops after `max_requests` or when told to (a
+// connection of its own wakes the blocked `accept`); a client that stops sending is cut off by
+// the socket's read timeout, so a broken client cannot hang the test.
 
 struct FakeHub {
     base: String,
@@ -402,7 +403,6 @@ impl FakeHub {
         lfs: &'static [&'static str],
     ) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -410,24 +410,18 @@ impl FakeHub {
             files.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let (stop2, log2, base2) = (stop.clone(), log.clone(), base.clone());
         let thread = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
             let max_requests = 100;
             let mut served = 0;
-            while served < max_requests
-                && Instant::now() < deadline
-                && !stop2.load(Ordering::SeqCst)
-            {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        served += 1;
-                        if let Some(line) = serve(stream, repo, &files, lfs, &base2) {
-                            log2.lock().unwrap().push(line);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(_) => break,
+            while served < max_requests {
+                let Ok((stream, _)) = listener.accept() else {
+                    break;
+                };
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                served += 1;
+                if let Some(line) = serve(stream, repo, &files, lfs, &base2) {
+                    log2.lock().unwrap().push(line);
                 }
             }
         });
@@ -446,6 +440,8 @@ impl FakeHub {
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            // Wake the accept; if the server already stopped, nobody listens and that is fine.
+            let _ = TcpStream::connect(self.base.trim_start_matches("http://"));
             t.join().unwrap();
         }
     }
