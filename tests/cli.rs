@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::asset;
+use common::{asset, fixture, read_json};
 use serde_json::Value;
 use std::process::Command;
 
@@ -144,7 +144,32 @@ fn generate_estimate_info_ppl_convert() {
     assert_eq!(p["protocol"], "paper");
     assert_eq!(p["windows"], 2);
     assert_eq!(p["scored_tokens"], 254);
-    assert!(p["perplexity"].as_f64().unwrap() > 1.0 && p["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(p["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // The first 512-token window under the paper protocol, against transformers' mean NLL of
+    // that window (tests/fixtures/smollm2/reference.json); the library test measures the whole
+    // text at 8e-6 relative, the bound here is the same 8e-5.
+    let reference = read_json(&fixture("smollm2/reference.json"));
+    let want = reference["perplexity"][0]["window_mean_nll"][0]
+        .as_f64()
+        .unwrap()
+        .exp();
+    let w = json(&[
+        "ppl",
+        m,
+        "--data",
+        text.to_str().unwrap(),
+        "--seqlen",
+        "512",
+        "--max-windows",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(w["scored_tokens"], 511);
+    let got = w["perplexity"].as_f64().unwrap();
+    assert!(
+        (got / want - 1.0).abs() < 8e-5,
+        "first window: {got} vs transformers {want}"
+    );
 
     // An int8 output projection moves perplexity a little, not a lot.
     let p8 = ppl(&["--lm-head-int8"]);
@@ -446,7 +471,6 @@ fn token_by_token_perplexity_measures_the_decoding_arithmetic() {
         ppl(&["--dtype", "f32"]),
         ppl(&["--dtype", "f32", "--token-by-token"]),
     );
-    assert!((steps / full - 1.0).abs() < 1e-4, "f32: {steps} vs {full}");
 
     let nf4 = |decode: &str| {
         ppl(&[
@@ -458,13 +482,27 @@ fn token_by_token_perplexity_measures_the_decoding_arithmetic() {
     };
     let (exact, int16, int8) = (nf4("exact"), nf4("int16"), nf4("int8"));
     let prefill = ppl(&["--load-in-4bit"]);
-    eprintln!("nf4 prefill {prefill}, token by token: exact {exact} int16 {int16} int8 {int8}");
-    assert!((exact / prefill - 1.0).abs() < 1e-3, "{exact} vs {prefill}");
+    eprintln!(
+        "f32 full {full} token by token {steps} ({:.2e}); nf4 prefill {prefill}, token by \
+         token: exact {exact} ({:.2e}) int16 {int16} ({:.2e}) int8 {int8} ({:.2e})",
+        steps / full - 1.0,
+        exact / prefill - 1.0,
+        int16 / exact - 1.0,
+        int8 / exact - 1.0
+    );
+    // Bounds at about 10× the relative differences measured (4 windows of 128, AVX-512 machine):
+    // f32 token by token -1.19e-7, NF4 exact decode -5.09e-8, int16 decode +2.15e-5.
     assert!(
-        (int16 / exact - 1.0).abs() < 2e-3,
+        (steps / full - 1.0).abs() < 1.2e-6,
+        "f32: {steps} vs {full}"
+    );
+    assert!((exact / prefill - 1.0).abs() < 5e-7, "{exact} vs {prefill}");
+    assert!(
+        (int16 / exact - 1.0).abs() < 2.2e-4,
         "int16 {int16} vs {exact}"
     );
-    // 12 windows of 128 measured +2.7% (code book and activation rounding about equally).
+    // 8-bit activations are an approximation, not an error to bound tightly: measured +3.4%
+    // here (+2.7% on 12 windows), from the code book and activation rounding about equally.
     assert!(
         int8 != exact && (int8 / exact - 1.0).abs() < 0.06,
         "int8 {int8} vs {exact}"

@@ -55,6 +55,11 @@ fn opts_of(case: &Value) -> GptqOptions {
     }
 }
 
+/// Codes may differ from the reference only at near-ties, where f32 sums taken in another
+/// order round the other way: 0 of 86 016 differ on the machine the bound was set on; 0.2% (about
+/// 170 codes over all cases) leaves room for another CPU's summation order.
+const MAX_CODE_DIFF_FRACTION: f64 = 0.002;
+
 /// Compare one result with the reference's; returns the number of differing codes.
 fn compare_case(
     st: &SafetensorsFile,
@@ -90,20 +95,41 @@ fn compare_case(
         "{name}: {off_by_more} codes differ by more than one step"
     );
 
+    // A scale can only move after a code of its row differed earlier in the order GPTQ works
+    // through the columns (the error of a different code is pushed onto that row's later
+    // columns). Groups are worked through in order, so for each row the groups up to the one
+    // holding its first differing code must match to 1e-5, and only later ones may move; static
+    // groups are fixed before any column is quantized and must always match.
+    let (n, k) = (q.n, q.k);
+    let static_groups = case["static_groups"].as_bool().unwrap();
+    let mut first_diff_group = vec![u32::MAX; n];
+    for (i, (a, b)) in q.codes.iter().zip(codes).enumerate() {
+        if a != b {
+            let (r, c) = (i / k, i % k);
+            first_diff_group[r] = first_diff_group[r].min(q.g_idx[c]);
+        }
+    }
     let mut zero_diffs = 0;
-    let mut max_rel = 0f64;
+    let (mut max_rel, mut max_rel_moved) = (0f64, 0f64);
     for (i, (&s, &s_ref)) in q.scales.iter().zip(&scales).enumerate() {
+        let (g, r) = (i / n, i % n);
         let rel = ((s - s_ref) as f64 / s_ref as f64).abs();
-        max_rel = max_rel.max(rel);
+        if static_groups || g as u32 <= first_diff_group[r] {
+            max_rel = max_rel.max(rel);
+        } else {
+            max_rel_moved = max_rel_moved.max(rel);
+        }
         if q.zeros[i] as i32 != zeros[i] {
             zero_diffs += 1;
         }
     }
-    // A scale can only move with a near-tie code change earlier in its row.
-    let scale_tol = if code_diffs == 0 { 1e-5 } else { 1e-2 };
     assert!(
-        max_rel <= scale_tol,
-        "{name}: scales differ by {max_rel:e} relative"
+        max_rel <= 1e-5,
+        "{name}: scales before any differing code differ by {max_rel:e} relative"
+    );
+    assert!(
+        max_rel_moved <= 1e-2,
+        "{name}: scales after a differing code differ by {max_rel_moved:e} relative"
     );
     assert!(
         zero_diffs <= code_diffs,
@@ -112,8 +138,9 @@ fn compare_case(
 
     let loss_ref = case["loss"].as_f64().unwrap();
     let rel = (got.loss - loss_ref).abs() / loss_ref;
+    // Measured at most 2.3e-7 relative over the cases (f32 sums in another order).
     assert!(
-        rel <= 1e-3,
+        rel <= 3e-6,
         "{name}: loss {} vs reference {loss_ref} ({rel:e} relative)",
         got.loss
     );
@@ -181,7 +208,7 @@ fn golden_cases_match_reference_fasterquant() {
         let got = gptq_quantize(&w, n, k, &h, &opts).unwrap();
         assert_eq!(got.dead_columns, 1, "{}", case["name"]);
         assert_eq!(got.damp_used, opts.damp_percent);
-        total_diff += compare_case(&st, case, &got, 0.005);
+        total_diff += compare_case(&st, case, &got, MAX_CODE_DIFF_FRACTION);
         total += n * k;
     }
     eprintln!("all cases: {total_diff}/{total} codes differ from the reference");
@@ -209,7 +236,7 @@ fn golden_from_activations() {
             continue;
         }
         let got = gptq_quantize(&w, n, k, &h, &opts_of(case)).unwrap();
-        compare_case(&st, case, &got, 0.01);
+        compare_case(&st, case, &got, MAX_CODE_DIFF_FRACTION);
     }
 }
 

@@ -10,6 +10,7 @@
 //! script recorded.
 
 mod common;
+use common::logits;
 
 use autoquant::auto::{save_pretrained, SaveOptions};
 use autoquant::checkpoint::gptq::{read_layer, GptqParams};
@@ -17,10 +18,7 @@ use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::{save_safetensors_in_memory, SafetensorsFile};
 use autoquant::formats::MemoryWeights;
 use autoquant::formats::{open_weights, WeightSource};
-use autoquant::models::{
-    checkpoint_tensors, load_dir, AutoModelForCausalLM, CausalLM, ForwardInput, LoadOptions,
-    LogitsMode,
-};
+use autoquant::models::{checkpoint_tensors, load_dir, AutoModelForCausalLM, LoadOptions};
 use autoquant::qtypes::grid::{QuantParams, QuantizedLinear};
 use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::calib::CalibData;
@@ -508,13 +506,6 @@ fn not_true_sequential_gives_other_codes() {
 
 // ---------------------------------------------------------------------------------------------
 // The written checkpoint
-
-fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1);
-    model
-        .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
-        .unwrap()
-}
 
 /// The streamed folder loads with AutoModelForCausalLM (packed GPTQ kernels), and its logits
 /// are those of a float model holding the dequantized weights (and the folder's other tensors);

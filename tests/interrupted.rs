@@ -262,7 +262,10 @@ fn interrupt_at_random_moments(
         "{what}: {} trials, {mid_run} stopped mid-run, {resumed_blocks} resumed with kept blocks",
         trials()
     );
-    assert!(mid_run > 0, "{what}: no trial stopped the run before it finished");
+    assert!(
+        mid_run > 0,
+        "{what}: no trial stopped the run before it finished"
+    );
 }
 
 fn quantize_trials(method: &str) {

@@ -227,7 +227,12 @@ fn perplexity_matches_transformers() {
         // the targets each window scored (for the stride protocol transformers' docs weight each
         // later window by one target fewer; that variant is `perplexity` in the fixture and
         // differs from the exact one by 4.5e-6 relative).
-        let weighted: f64 = got.window_mean_nll.iter().zip(&scored).map(|(m, n)| m * n).sum();
+        let weighted: f64 = got
+            .window_mean_nll
+            .iter()
+            .zip(&scored)
+            .map(|(m, n)| m * n)
+            .sum();
         let from_windows = (weighted / scored.iter().sum::<f64>()).exp();
         let rel = (got.perplexity / expected - 1.0).abs();
         println!(

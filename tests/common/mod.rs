@@ -84,13 +84,18 @@ impl Rng {
     }
 }
 
-/// Largest absolute difference between two equally long vectors.
+/// Largest absolute difference between two equally long vectors; infinite when any pair is
+/// not comparable (a NaN on either side), so no bound passes it (`f32::max` alone would skip
+/// NaNs).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
 }
 
 /// GGUF tokenizer metadata of the smallest byte-level BPE (`a`, `b`, `ab`; one merge) with the
@@ -138,4 +143,33 @@ pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec
     let mut out = std::collections::BTreeMap::new();
     walk(dir, dir, &mut out);
     out
+}
+
+/// Largest |Δ| relative to the largest |want| (the scale of the logits).
+pub fn max_rel_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    max_abs_diff(got, want) / scale
+}
+
+/// Logits `[t, vocab]` of one sequence run through the model at once (prefill kernels).
+pub fn logits(model: &dyn autoquant::models::CausalLM, ids: &[u32]) -> Vec<f32> {
+    use autoquant::models::{ForwardInput, LogitsMode};
+    let mut cache = model.new_cache(1);
+    model
+        .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
+        .unwrap()
+}
+
+/// The same logits computed one token at a time through the KV cache (decode kernels).
+pub fn decode_logits(model: &dyn autoquant::models::CausalLM, ids: &[u32]) -> Vec<f32> {
+    use autoquant::models::{ForwardInput, LogitsMode};
+    let mut cache = model.new_cache(1);
+    ids.iter()
+        .flat_map(|&id| {
+            model
+                .forward(&ForwardInput::single(&[id]), &mut cache, LogitsMode::All)
+                .unwrap()
+        })
+        .collect()
 }
