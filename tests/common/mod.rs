@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 /// The asset folder: `$AUTOQUANT_ASSETS`, else `${AUTOQUANT_HOME:-~/.cache/autoquant}/assets`.
-/// Returns `None` (the test then prints SKIPPED) unless the file exists; with
-/// `AUTOQUANT_REQUIRE_ASSETS=1` (set by scripts/test.sh) a missing asset fails the test instead.
+/// Returns `None` (the test then skips its checks) unless the file exists; with
+/// `AUTOQUANT_REQUIRE_ASSETS=1` (scripts/test.sh sets it unless told `=0`) a missing asset fails
+/// the test instead. A skip is printed, and also appended to the file `AUTOQUANT_SKIP_LOG` names,
+/// so scripts/test.sh can count them (libtest hides the output of passing tests).
 pub fn asset(relative: &str) -> Option<PathBuf> {
     let root = std::env::var_os("AUTOQUANT_ASSETS")
         .map(PathBuf::from)
@@ -28,10 +30,21 @@ pub fn asset(relative: &str) -> Option<PathBuf> {
             path.display()
         );
     }
-    eprintln!(
-        "SKIPPED: asset {} not found (run scripts/fetch_assets.sh)",
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("?")
+        .to_string();
+    let line = format!(
+        "SKIPPED {test}: asset {} not found (run scripts/fetch_assets.sh)",
         path.display()
     );
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("AUTOQUANT_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(log) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
     None
 }
 
