@@ -104,7 +104,9 @@ fn max_logit_error(name: &str, model: &dyn CausalLM) -> f32 {
                 }
                 let o = (b * t + i) * vocab;
                 for v in 0..vocab {
-                    worst = worst.max((got[o + v] - want[o + v]).abs());
+                    let d = (got[o + v] - want[o + v]).abs();
+                    // A NaN must not pass (`f32::max` would skip it).
+                    worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
                 }
             }
         }
@@ -118,16 +120,21 @@ fn logits_match_transformers_f32() {
         let model = load(name, WeightDType::F32);
         let err = max_logit_error(name, model.as_ref());
         println!("{name}: max |Δlogit| = {err:.2e}");
-        assert!(err <= 1e-4, "{name}: max |Δlogit| {err} > 1e-4");
+        // About 10× the largest measured (1.91e-6, llama_gqa_tied; AVX-512 machine).
+        assert!(err <= 2e-5, "{name}: max |Δlogit| {err} > 2e-5");
     }
 }
 
+/// bf16/f16 storage against transformers in f32: the rounding of the weights, not an error of
+/// the arithmetic (measured up to 3.09e-2 in bf16 and 4.10e-3 in f16).
 #[test]
 fn half_precision_weights_stay_close() {
     for name in MODELS {
         let err = max_logit_error(name, load(name, WeightDType::BF16).as_ref());
+        println!("{name}: bf16 max |Δlogit| = {err:.2e}");
         assert!(err > 0.0 && err < 0.05, "{name}: bf16 max |Δlogit| {err}");
         let err = max_logit_error(name, load(name, WeightDType::F16).as_ref());
+        println!("{name}: f16 max |Δlogit| = {err:.2e}");
         assert!(err > 0.0 && err < 0.01, "{name}: f16 max |Δlogit| {err}");
     }
 }
