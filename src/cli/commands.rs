@@ -514,6 +514,7 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
         opts.sink_weight = w;
     }
     opts.awq.duo_scaling = !a.awq_activation_only;
+    opts.awq.apply_clip = !a.awq_no_clip;
     opts.awq_search_tokens = (a.awq_search_tokens > 0).then_some(a.awq_search_tokens);
     opts.dtype = out_dtype;
     opts.max_shard_bytes = max_shard_bytes;

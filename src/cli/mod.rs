@@ -327,6 +327,10 @@ pub struct QuantizeArgs {
     /// AWQ: the original activation-only scale formula instead of AutoAWQ's duo scaling.
     #[arg(long)]
     pub awq_activation_only: bool,
+    /// AWQ: skip the clipping search (AutoAWQ's `apply_clip=False`); the scales are still
+    /// searched and folded.
+    #[arg(long)]
+    pub awq_no_clip: bool,
     /// Dtype of the tensors kept in float (embeddings, norms, biases, lm_head).
     #[arg(long, default_value = "f16")]
     pub out_dtype: String,

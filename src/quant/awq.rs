@@ -8,7 +8,9 @@
 //! the layer-streaming driver decides which linears form a group and where the scales are folded.
 //!
 //! Numerics follow AutoAWQ running in f32, element for element, so the golden test can demand
-//! identical codes and the same chosen ratio. Where we differ, on purpose:
+//! identical codes and the same chosen ratio; the final quantization of each layer runs in
+//! half precision as AutoAWQ's `_apply_quant` does ([`pseudo_quantize_half`]). Where we differ,
+//! on purpose:
 //!
 //! * `x_mean`, `w_mean`, the losses and the clip errors are accumulated in f64 (AutoAWQ: f32
 //!   reductions, chunked only to bound GPU memory, which does not change what is computed).
@@ -31,7 +33,7 @@ use rayon::prelude::*;
 
 /// Options of the AWQ search and quantizer. `Default` is AutoAWQ's default
 /// (`w_bit=4, q_group_size=128, zero_point=True`, `duo_scaling=True`, `n_grid=20`,
-/// clip `max_shrink=0.5`, `n_grid=20`, `n_sample_token=512`).
+/// `apply_clip=True`, clip `max_shrink=0.5`, `n_grid=20`, `n_sample_token=512`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AwqOptions {
     /// Bits per code, 2…8 (AWQ checkpoints store 4).
@@ -45,6 +47,9 @@ pub struct AwqOptions {
     pub n_grid: usize,
     /// `s = x_mean^r / w_mean^(1−r)` (AutoAWQ) instead of `s = x_mean^r` (llm-awq).
     pub duo_scaling: bool,
+    /// Run the clipping search before rounding (AutoAWQ's `apply_clip`). The layer-streaming
+    /// driver reads it; [`search_clip`] itself always searches.
+    pub apply_clip: bool,
     /// Clip search tries shrink factors `1 − i/clip_grid` for `i < max_shrink·clip_grid`.
     pub max_shrink: f32,
     pub clip_grid: usize,
@@ -60,6 +65,7 @@ impl Default for AwqOptions {
             zero_point: true,
             n_grid: 20,
             duo_scaling: true,
+            apply_clip: true,
             max_shrink: 0.5,
             clip_grid: 20,
             clip_sample_tokens: 512,
@@ -156,6 +162,38 @@ fn level(x: f32, scale: f32, zero: f32, bits: u8, zero_point: bool) -> f32 {
     }
 }
 
+/// `x` rounded to f16 and back: one operation of AutoAWQ's half-precision arithmetic (torch
+/// computes each elementwise f16 operation in f32 and rounds the result to f16).
+#[inline]
+fn h(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// [`group_grid`] in half precision, every operation rounded to f16 as AutoAWQ's
+/// `pseudo_quantize_tensor` computes on the f16 layer in `_apply_quant`: asymmetric
+/// `scale = h(h(max − min).max(1e-5) / (2^b − 1))`, `zero = clamp(−round(h(min / scale)))`.
+/// `v` must hold f16 values.
+#[inline]
+fn group_grid_half(v: &[f32], bits: u8, zero_point: bool) -> (f32, f32) {
+    // The clamp's bound as the f16 comparison sees it (no f16 value lies in [1e-5, h(1e-5))).
+    let floor = h(1e-5);
+    if zero_point {
+        let (mut hi, mut lo) = (f32::NEG_INFINITY, f32::INFINITY);
+        for &x in v {
+            hi = hi.max(x);
+            lo = lo.min(x);
+        }
+        let max_int = ((1u32 << bits) - 1) as f32;
+        let scale = h(h(hi - lo).max(floor) / max_int);
+        let zero = (-h(lo / scale).round_ties_even()).clamp(0.0, max_int);
+        (scale, zero)
+    } else {
+        let m = v.iter().fold(0f32, |m, x| m.max(x.abs())).max(floor);
+        let half = (1u32 << (bits - 1)) as f32;
+        (h(m / (half - 1.0)), half)
+    }
+}
+
 /// Fake-quantize one row in place, group by group.
 #[inline]
 fn fake_quant_row(row: &mut [f32], group: usize, bits: u8, zero_point: bool) {
@@ -224,6 +262,80 @@ pub fn pseudo_quantize(
                 // `level + zero` is an integer in 0..=2^b−1 in both variants.
                 for (c, &x) in cg.iter_mut().zip(wg) {
                     *c = (level(x, scale, zero, bits, zp) + zero) as u8;
+                }
+                *p = (scale, zero as u32);
+            }
+        });
+    let mut scales = vec![0f32; groups * n];
+    let mut zeros = vec![0u32; groups * n];
+    for row in 0..n {
+        for g in 0..groups {
+            let (s, z) = params[row * groups + g];
+            scales[g * n + row] = s;
+            zeros[g * n + row] = z;
+        }
+    }
+    Ok(QuantizedLinear {
+        bits: Bits::new(bits)?,
+        group_size: GroupSize::from_size((opts.group_size != 0).then_some(group)),
+        n,
+        k,
+        codes,
+        scales,
+        zeros,
+        g_idx: (0..k).map(|c| (c / group) as u32).collect(),
+    })
+}
+
+/// AutoAWQ's final quantization of a layer (`_apply_quant`): the weight is cast to f16 and
+/// `pseudo_quantize_tensor` runs in half precision, so besides the rounding of `w` to f16,
+/// the range, the scale, `min / scale` and `w / scale` are each rounded to f16 before the
+/// next step (f32 arithmetic on the f16 weights would give another scale for about a quarter
+/// of the groups: `h(h(max − min) / 15)` ≠ `h((max − min) / 15)`). `w` is f32; scales are f16
+/// values. The search ([`search_scales`], [`search_clip`]) runs in the model's dtype instead,
+/// f32 here, as AutoAWQ on an f32 model.
+pub fn pseudo_quantize_half(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    opts: &AwqOptions,
+) -> Result<QuantizedLinear> {
+    opts.validate()?;
+    check_matrix("weight", w, n, k)?;
+    let group = opts.group_len(k)?;
+    let groups = k / group;
+    let (bits, zp) = (opts.bits, opts.zero_point);
+    let (lo_level, hi_level) = if zp {
+        (0.0, ((1u32 << bits) - 1) as f32)
+    } else {
+        let half = (1u32 << (bits - 1)) as f32;
+        (-half, half - 1.0)
+    };
+    let mut codes = vec![0u8; n * k];
+    let mut params = vec![(0f32, 0u32); n * groups];
+    codes
+        .par_chunks_mut(k)
+        .zip(params.par_chunks_mut(groups))
+        .zip(w.par_chunks(k))
+        .for_each(|((crow, prow), wrow)| {
+            let mut g16 = vec![0f32; group];
+            for ((cg, wg), p) in crow
+                .chunks_exact_mut(group)
+                .zip(wrow.chunks_exact(group))
+                .zip(prow.iter_mut())
+            {
+                for (d, &x) in g16.iter_mut().zip(wg) {
+                    *d = h(x);
+                }
+                let (scale, zero) = group_grid_half(&g16, bits, zp);
+                for (c, &x) in cg.iter_mut().zip(&g16) {
+                    // Asymmetric: clamp(round(x/s) + z); symmetric: clamp(round(x/s)) + 2^(b−1).
+                    let q = h(x / scale).round_ties_even();
+                    *c = if zp {
+                        (q + zero).clamp(lo_level, hi_level) as u8
+                    } else {
+                        (q.clamp(lo_level, hi_level) + zero) as u8
+                    };
                 }
                 *p = (scale, zero as u32);
             }

@@ -125,6 +125,10 @@ pub struct StreamOptions {
     pub resume: bool,
     /// Progress bars on stderr (per block and per layer, with ETA).
     pub progress: bool,
+    /// Keep what AWQ's search chose (every scaling group's scales and losses, every clipping
+    /// threshold) in [`StreamReport::awq_search`], for tests and inspection. Off by default:
+    /// the thresholds alone are 1/group_size of the model's weights. Does not change the output.
+    pub record_awq_search: bool,
 }
 
 impl StreamOptions {
@@ -150,6 +154,7 @@ impl StreamOptions {
             overwrite: false,
             resume: false,
             progress: false,
+            record_awq_search: false,
         }
     }
 
@@ -173,6 +178,7 @@ impl StreamOptions {
                 overwrite: false,
                 resume: false,
                 progress: false,
+                record_awq_search: false,
                 ..self.clone()
             }
         )
@@ -316,6 +322,33 @@ pub struct LayerReport {
     pub seconds: f64,
 }
 
+/// One AWQ scaling group's search result ([`StreamOptions::record_awq_search`]).
+#[derive(Clone, Debug)]
+pub struct AwqGroupRecord {
+    /// The op the scales were folded into (a norm or a linear; name relative to the block).
+    pub prev: String,
+    /// The linears whose input channels were multiplied by the scales, in order.
+    pub linears: Vec<String>,
+    /// The ratio `r / n_grid` that won.
+    pub best_ratio: f32,
+    /// Mean squared output error of every ratio, in order.
+    pub errors: Vec<f32>,
+    /// The chosen per-input-channel scales `[k]`.
+    pub scales: Vec<f32>,
+}
+
+/// What AWQ's search chose in one block ([`StreamOptions::record_awq_search`]).
+#[derive(Clone, Debug)]
+pub struct AwqBlockRecord {
+    /// The block's tensor prefix, e.g. `model.layers.0`.
+    pub prefix: String,
+    /// The scaling groups in the order they were searched.
+    pub groups: Vec<AwqGroupRecord>,
+    /// Clipping thresholds per clipped linear (name relative to the block), `[n, k / group]`
+    /// row-major, as AutoAWQ's `_compute_best_clip` returns them.
+    pub clips: Vec<(String, Vec<f32>)>,
+}
+
 /// Summary of a streamed quantization run.
 #[derive(Clone, Debug)]
 pub struct StreamReport {
@@ -335,6 +368,9 @@ pub struct StreamReport {
     pub layers: Vec<LayerReport>,
     pub warnings: Vec<String>,
     pub calibration: Option<String>,
+    /// AWQ's choices per block quantized by this invocation (blocks kept from an interrupted
+    /// run are not repeated); empty unless [`StreamOptions::record_awq_search`] is set.
+    pub awq_search: Vec<AwqBlockRecord>,
 }
 
 /// What will be written, known from the config and tensor headers alone.
@@ -649,6 +685,7 @@ pub fn quantize_to_gptq(
         layers: streamer.layers,
         warnings,
         calibration: calib.map(|c| c.description.clone()),
+        awq_search: streamer.awq_search,
     })
 }
 
@@ -757,6 +794,7 @@ struct Streamer<'a> {
     reading: Option<(usize, SafetensorsFile)>,
     layers: Vec<LayerReport>,
     warnings: Vec<String>,
+    awq_search: Vec<AwqBlockRecord>,
     bars: Bars,
 }
 
@@ -845,6 +883,7 @@ impl<'a> Streamer<'a> {
             reading: None,
             layers: kept.iter().flat_map(|r| r.layers.clone()).collect(),
             warnings: kept.iter().flat_map(|r| r.warnings.clone()).collect(),
+            awq_search: vec![],
             bars,
         })
     }
@@ -1031,9 +1070,8 @@ impl<'a> Streamer<'a> {
         let in_layer = |e: Error| Error::InvalidArgument(format!("quantizing `{full}`: {e}"));
         let (mut q, loss, damp_used, dead_columns) = match factor {
             None if self.opts.method == Method::Awq => {
-                // AutoAWQ rounds the scaled weights to f16 before its final pseudo-quantization.
-                let w16: Vec<f32> = w.iter().map(|&v| WeightDType::F16.round(v)).collect();
-                let q = awq_search::pseudo_quantize(&w16, n, k, &self.opts.awq_options())
+                // AutoAWQ casts the scaled, clipped layer to f16 and quantizes it in f16.
+                let q = awq_search::pseudo_quantize_half(&w, n, k, &self.opts.awq_options())
                     .map_err(in_layer)?;
                 (q, None, None, 0)
             }
@@ -1122,6 +1160,12 @@ impl Streamer<'_> {
         let opts = self.opts.awq_options();
         let h = self.config.hidden_size();
 
+        let mut record = self.opts.record_awq_search.then(|| AwqBlockRecord {
+            prefix: prefix.to_string(),
+            groups: vec![],
+            clips: vec![],
+        });
+
         // 1. Scale search on the unmodified block, every group before any scale is applied.
         let mut found = Vec::with_capacity(awq_groups.len());
         for group in &awq_groups {
@@ -1178,6 +1222,17 @@ impl Streamer<'_> {
             for (name, (orig, _, _)) in group.linears.iter().zip(&originals) {
                 block.linear_mut(name).weight = orig.clone();
             }
+            if let Some(r) = record.as_mut() {
+                r.groups.push(AwqGroupRecord {
+                    prev: match group.prev {
+                        AwqPrev::Norm(n) | AwqPrev::Linear(n) => n.to_string(),
+                    },
+                    linears: group.linears.iter().map(|l| l.to_string()).collect(),
+                    best_ratio: search.best_ratio,
+                    errors: search.errors.clone(),
+                    scales: search.scales.clone(),
+                });
+            }
             found.push(search.scales);
         }
 
@@ -1223,7 +1278,7 @@ impl Streamer<'_> {
         // grid layer by layer, or GPTQ over the scaled block from its quantized inputs.
         let groups = block.groups();
         // AWQ+GPTQ does not clip: GPTQ chooses its grid and compensates rounding error itself.
-        let clip = self.opts.method == Method::Awq;
+        let clip = self.opts.method == Method::Awq && opts.apply_clip;
         for (stage, names) in groups.iter().enumerate() {
             let x = &inputs[stage];
             let k = widths[stage];
@@ -1236,6 +1291,9 @@ impl Streamer<'_> {
                     let max_val = awq_search::search_clip(x, rows, k, &w, n, &opts)?;
                     awq_search::apply_clip(&mut w, n, k, opts.group_size, &max_val)?;
                     l.weight = Arc::new(DenseMatrix::new(n, k, w, WeightDType::F32));
+                    if let Some(r) = record.as_mut() {
+                        r.clips.push((name.to_string(), max_val));
+                    }
                 }
                 if block_inputs.is_none() {
                     self.quantize_layer(block, prefix, name, None)?;
@@ -1243,6 +1301,7 @@ impl Streamer<'_> {
             }
         }
         drop(inputs);
+        self.awq_search.extend(record);
         if let Some(saved) = block_inputs {
             for (a, x) in self.acts.iter_mut().zip(saved) {
                 a.x = x;
