@@ -72,7 +72,7 @@ import gptq_reference  # noqa: E402
 VOCAB = 320
 SEED = 20240801
 WINDOWS, SEQLEN = 4, 32
-MAX_FIXTURE_BYTES = 400_000
+MAX_FIXTURE_BYTES = 640_000
 
 MODELS = {
     "llama": (LlamaForCausalLM, LlamaConfig(
@@ -92,8 +92,20 @@ MODELS = {
         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)),
 }
 
-# (case, model, bits, group_size, sym, desc_act, true_sequential)
-CASES = [
+# The llama again, with outlier channels (`synthetic_tensor(..., outliers=True)`): every input
+# channel c ≡ 5 (mod 16) of the attention and MLP inputs has its norm gain divided by 256 and
+# its weight column in q/k/v/gate/up multiplied by 16. Those columns carry large weights but
+# little activation, so their GPTQ loss weight is small and the clipping search's best scale
+# for the groups holding them lies at (or past) the end of its candidate range.
+MODELS["llama_outliers"] = (LlamaForCausalLM, copy.deepcopy(MODELS["llama"][1]))
+OUTLIER_MODELS = {"llama_outliers"}
+OUTLIER_PERIOD, OUTLIER_CHANNEL = 16, 5
+OUTLIER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+OUTLIER_LINEARS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                   "up_proj.weight")
+
+# The reference's own settings: (case, model, bits, group_size, sym, desc_act, true_sequential).
+REFERENCE_CASES = [
     ("llama_4bit_g32_sym", "llama", 4, 32, True, False, True),
     ("llama_3bit_perchannel_asym", "llama", 3, -1, False, False, True),
     ("llama_4bit_g32_desc_act", "llama", 4, 32, True, True, True),
@@ -103,6 +115,39 @@ CASES = [
     ("gpt2_4bit_g32_sym", "gpt2", 4, 32, True, False, True),
     ("gpt2_4bit_g32_desc_act", "gpt2", 4, 32, True, True, True),
 ]
+
+# autoquant's default GPTQ path (`StreamOptions::new`, `quantize --method gptq`): act-order,
+# true-sequential, sink weight 16 and the clipping search, around the same reference class
+# (see AutoquantDefault). (case, model, bits, group_size, sym). The CLI's default group, 128,
+# does not divide K = 64, so the groups here are 32 (or per-channel).
+DEFAULT_SINK_WEIGHT = 16.0
+CLIP_STEPS = 80
+DEFAULT_CASES = [
+    ("llama_default_4bit_g32_sym", "llama", 4, 32, True),
+    ("llama_default_3bit_g32_sym", "llama", 3, 32, True),
+    ("llama_default_3bit_perchannel_asym", "llama", 3, -1, False),
+    ("gpt2_default_4bit_g32_sym", "gpt2", 4, 32, True),
+    ("llama_outliers_default_3bit_g32_asym", "llama_outliers", 3, 32, False),
+]
+
+
+def case_spec(name, model, bits, group_size, sym, desc_act=True, true_sequential=True,
+              path="default"):
+    """One golden case. `path` "reference": the reference GPTQ exactly; "default": autoquant's
+    documented differences applied around it (sink weight, act-order tie rule, clipping
+    search)."""
+    default = path == "default"
+    return {
+        "name": name, "model": model, "bits": bits, "group_size": group_size, "sym": sym,
+        "desc_act": desc_act, "true_sequential": true_sequential, "path": path,
+        "sink_weight": DEFAULT_SINK_WEIGHT if default else 1.0,
+        "clip_search": default,
+        "act_order_ties": "lower column first" if default else "torch.argsort (unstable)",
+    }
+
+
+CASES = ([case_spec(*c, path="reference") for c in REFERENCE_CASES]
+         + [case_spec(*c) for c in DEFAULT_CASES])
 
 # ------------------------------------------------------------------------------------------
 # Synthetic weights: a pure function of the tensor name (tests/gptq_stream.rs has the twin).
@@ -118,11 +163,13 @@ def fnv1a64(name):
     return h
 
 
-def synthetic_tensor(name, shape):
+def synthetic_tensor(name, shape, outliers=False):
     """float32 values of `name`: z_i = splitmix64(fnv1a64(name) + (i+1)·γ); t_i = (z >> 44) +
     ((z >> 24) & 0xFFFFF) − 2^20 (a triangular integer in [−2^20, 2^20)); then by role
     bias t·2^-24, 1-D (norm) weight 1 + t·2^-22, embedding t·2^-21, matrix t·2^-22 (all exact
-    in f32)."""
+    in f32). With `outliers`, entries of channel c ≡ 5 (mod 16) (the index of a 1-D tensor, the
+    column of a matrix) are multiplied by 2^-8 in the input/post-attention norms and by 2^4
+    in q/k/v/gate/up."""
     n = int(np.prod(shape))
     with np.errstate(over="ignore"):
         i = np.arange(1, n + 1, dtype=np.uint64)
@@ -140,6 +187,14 @@ def synthetic_tensor(name, shape):
         v = t * 2.0 ** -21
     else:
         v = t * 2.0 ** -22
+    if outliers:
+        channel = np.arange(n) % shape[-1]
+        factor = 1.0
+        if len(shape) == 1 and name.endswith(OUTLIER_NORMS):
+            factor = 2.0 ** -8
+        elif len(shape) == 2 and name.endswith(OUTLIER_LINEARS):
+            factor = 2.0 ** 4
+        v = np.where(channel % OUTLIER_PERIOD == OUTLIER_CHANNEL, v * factor, v)
     v32 = v.astype(np.float32)
     assert np.array_equal(v32.astype(np.float64), v), name
     return torch.from_numpy(v32.reshape(shape))
@@ -161,7 +216,7 @@ def build_model(model_name):
                 continue
             if not isinstance(p, torch.nn.Parameter):
                 continue  # buffers (none expected in these models)
-            value = synthetic_tensor(name, tuple(p.shape))
+            value = synthetic_tensor(name, tuple(p.shape), outliers=model_name in OUTLIER_MODELS)
             p.copy_(value)
             sums[name] = sha256_f32(value)
     if config.tie_word_embeddings:
@@ -193,6 +248,219 @@ def record_act_order_gaps(gptq_mod):
     gptq_mod.GPTQ.fasterquant = fasterquant
 
 
+# ------------------------------------------------------------------------------------------
+# autoquant's documented differences (docs/formats.md §4.1, §4.2, §4.4), applied from the
+# outside around the reference GPTQ class; the class itself runs unchanged.
+
+
+class AutoquantDefault:
+    """What the current case changes against the reference. Off (the reference) unless
+    `run_case` switches it on for a "default" case."""
+
+    sink_weight = 1.0
+    clip_search = False
+    stable_ties = False
+    # Per fasterquant call, for the report: the smallest relative gap, over all groups, between
+    # the winning clip candidate's score and the best other candidate's.
+    clip_gaps = []
+
+
+DIFF = AutoquantDefault
+
+
+class _Delegate:
+    """Stands in for a module: every attribute is the module's, except those given."""
+
+    def __init__(self, module, **overrides):
+        self._module = module
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def damped_inverse_factor(H, percdamp, actorder):
+    """The factor GPTQ rounds with (docs/formats.md §4.2), in f32 like the reference class:
+    dead columns get H[i, i] = 1; act-order permutes H by diag H descending, ties keeping the
+    lower column (a stable sort); damp · mean(diag H) is added to the diagonal; then the upper
+    Cholesky factor U of H⁻¹ by Cholesky → inverse from the factor → upper Cholesky.
+    Returns (U, perm or None)."""
+    H = H.clone()
+    d = torch.diag(H)
+    dead = torch.nonzero(d == 0).flatten()
+    H[dead, dead] = 1
+    perm = None
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    idx = torch.arange(H.shape[0])
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), perm
+
+
+def clip_searched(x, col_weights, bits, sym, reference):
+    """The clipping search of docs/formats.md §4.4 for the rows of `x` ([rows, g] f32, one group
+    each): minimise Σ_j col_weights[j]·(Q(x_j) − x_j)² over the reference's own (scale, zero)
+    and 80 candidates s₀·(1 − i/100), i = 0…79 (p in f32); the first strictly smaller error
+    wins, so ties keep the reference, then the larger scale.
+      asymmetric: xmin, xmax = min(0, min x), max(0, max x), both shrunk by p; scale =
+        (p·xmax − p·xmin)/maxq, zero = round(−p·xmin/scale) clamped to [0, maxq];
+      symmetric: zero 2^(b−1), s₀ = max(xmax/(2^(b−1) − 1), −xmin/2^(b−1)), the smallest scale
+        that clips neither side of the lopsided grid.
+    Codes, Q and Q − x in f32 (round half to even); each term (Q − x)² · w_j in f64, summed over
+    the columns in order. Candidates whose scale is not finite and > 0 are skipped; an all-zero
+    row keeps the reference. Returns (scale, zero) as [rows] f32, and the smallest relative
+    gap between the winner's error and the best other candidate's (inf if none)."""
+    f32 = torch.float32
+    maxq = 2 ** bits - 1
+    maxq_t = torch.tensor(float(maxq), dtype=f32)
+    rows, g = x.shape
+    w64 = col_weights.to(torch.float64)
+
+    def error(scale, zero):  # [rows] each → [rows] f64
+        s, z = scale.unsqueeze(1), zero.unsqueeze(1)
+        code = torch.clamp(torch.round(x / s) + z, 0, maxq)
+        d = (s * (code - z) - x).to(torch.float64)
+        e = torch.zeros(rows, dtype=torch.float64)
+        for j in range(g):
+            e += d[:, j] * d[:, j] * w64[j]
+        return e
+
+    xmin = torch.minimum(x.min(1).values, torch.zeros(rows, dtype=f32))
+    xmax = torch.maximum(x.max(1).values, torch.zeros(rows, dtype=f32))
+    ref_scale, ref_zero = reference
+    best_scale, best_zero = ref_scale.clone(), ref_zero.clone()
+    best = error(ref_scale, ref_zero)
+    scores = [best.clone()]
+    sym_zero = torch.full((rows,), float(2 ** (bits - 1)), dtype=f32)
+    s0 = torch.maximum(xmax / torch.tensor(float(maxq - 2 ** (bits - 1)), dtype=f32),
+                       -xmin / torch.tensor(float(2 ** (bits - 1)), dtype=f32))
+    for i in range(CLIP_STEPS):
+        p = torch.tensor(np.float32(1.0) - np.float32(i) / np.float32(100.0), dtype=f32)
+        if sym:
+            scale, zero = s0 * p, sym_zero
+        else:
+            lo, hi = xmin * p, xmax * p
+            scale = (hi - lo) / maxq_t
+            zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+        valid = torch.isfinite(scale) & (scale > 0)
+        e = torch.where(valid, error(torch.where(valid, scale, 1.0), zero),
+                        torch.full((rows,), float("inf"), dtype=torch.float64))
+        scores.append(e)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    keep = (xmin == 0) & (xmax == 0)
+    best_scale = torch.where(keep, ref_scale, best_scale)
+    best_zero = torch.where(keep, ref_zero, best_zero)
+    # Near-ties: the second smallest distinct score against the smallest, per searched row.
+    s = torch.stack(scores, 1)
+    lo = s.min(1).values
+    runner = torch.where(s > lo.unsqueeze(1), s, torch.inf).min(1).values
+    gap = ((runner - lo) / lo.clamp_min(1e-300))[~keep]
+    return best_scale, best_zero, float(gap.min()) if gap.numel() else float("inf")
+
+
+def install_autoquant_differences(gptq_mod):
+    """Wrap the reference class so that, while a "default" case runs:
+    - add_batch sees every sample's first row (position 0) scaled by sqrt(sink_weight), i.e.
+      its outer product counted sink_weight times; the running 2/n normalisation still counts
+      samples (docs/formats.md §4.1);
+    - fasterquant sorts diag H with a stable sort (act-order ties keep the lower column);
+    - each call of the quantizer's find_params (once per group in processing order, or once for
+      the whole weight per-channel) returns the clipping search's parameters, weighted by
+      1/U[j,j]² of the factor fasterquant itself computes (checked to be identical)."""
+    add_batch, fasterquant = gptq_mod.GPTQ.add_batch, gptq_mod.GPTQ.fasterquant
+
+    def add_batch_sink(self, inp, out):
+        if DIFF.sink_weight != 1.0:
+            if inp.dim() != 3 or inp.shape[0] != 1:
+                raise SystemExit(f"sink weight: expected one [1, seqlen, K] sample, got {tuple(inp.shape)}")
+            inp = inp.clone()
+            inp[:, 0, :] *= float(np.sqrt(np.float32(DIFF.sink_weight)))
+        return add_batch(self, inp, out)
+
+    def fasterquant_default(self, blocksize=128, percdamp=0.01, group_size=-1, actorder=False,
+                            static_groups=False):
+        if not (DIFF.clip_search or DIFF.stable_ties):
+            return fasterquant(self, blocksize=blocksize, percdamp=percdamp,
+                               group_size=group_size, actorder=actorder,
+                               static_groups=static_groups)
+        if static_groups:
+            raise SystemExit("the clip search cases do not use static groups")
+        factors = []
+
+        def argsort(input, *args, **kwargs):
+            return torch.argsort(input, *args, **{**kwargs, "stable": True})
+
+        def cholesky(input, *args, **kwargs):
+            out = torch.linalg.cholesky(input, *args, **kwargs)
+            if kwargs.get("upper"):
+                factors.append(out)
+            return out
+
+        quantizer = self.quantizer
+        calls, whole_weight_seen = [], []
+        if DIFF.clip_search:
+            U, perm = damped_inverse_factor(self.H, percdamp, actorder)
+            d = torch.diag(U)
+            lw = 1.0 / (d * d)  # f32, processing order
+            lw_cols = lw.clone()
+            if perm is not None:
+                lw_cols[perm] = lw  # back to the weight's column order
+            bits = int(quantizer.maxq).bit_length()
+            sym = quantizer.sym
+            reference_find_params = type(quantizer).find_params
+
+            def find_params(x, weight=False):
+                # fasterquant first asks for parameters of the whole weight (its quantizer is
+                # not ready yet): per-channel, those are the ones used; with groups they are
+                # replaced by the first group's and stay the reference's.
+                if group_size == -1:
+                    if calls:
+                        raise SystemExit("per-channel find_params called twice")
+                    wts = lw_cols
+                elif not whole_weight_seen:
+                    whole_weight_seen.append(True)
+                    return reference_find_params(quantizer, x, weight=weight)
+                else:
+                    c0 = len(calls) * group_size
+                    wts = lw[c0:c0 + group_size]
+                if not weight or x.dim() != 2 or x.shape[1] != wts.shape[0]:
+                    raise SystemExit(f"find_params call {len(calls)}: unexpected {tuple(x.shape)}")
+                reference_find_params(quantizer, x, weight=True)
+                ref = (quantizer.scale.flatten().clone(), quantizer.zero.flatten().clone())
+                scale, zero, gap = clip_searched(x.float(), wts, bits, sym, ref)
+                quantizer.scale = scale.reshape(-1, 1)
+                quantizer.zero = zero.reshape(-1, 1)
+                calls.append(gap)
+
+            quantizer.find_params = find_params
+        gptq_mod.torch = _Delegate(torch, argsort=argsort,
+                                   linalg=_Delegate(torch.linalg, cholesky=cholesky))
+        try:
+            k = self.H.shape[0]
+            result = fasterquant(self, blocksize=blocksize, percdamp=percdamp,
+                                 group_size=group_size, actorder=actorder,
+                                 static_groups=static_groups)
+        finally:
+            gptq_mod.torch = torch
+            quantizer.__dict__.pop("find_params", None)
+        if DIFF.clip_search:
+            if len(factors) != 1 or not torch.equal(factors[0], U):
+                raise SystemExit("the clip search's factor is not the one fasterquant used")
+            want = 1 if group_size == -1 else k // group_size
+            if len(calls) != want:
+                raise SystemExit(f"find_params called {len(calls)} times, expected {want}")
+            DIFF.clip_gaps.append(min(calls))
+        return result
+
+    gptq_mod.GPTQ.add_batch = add_batch_sink
+    gptq_mod.GPTQ.fasterquant = fasterquant_default
+
+
 def pack_nibbles(codes):
     """[N, K] codes < 16 → U8 [N, ceil(K/2)], column 2j in the low nibble of byte j."""
     n, k = codes.shape
@@ -201,8 +469,21 @@ def pack_nibbles(codes):
     return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
 
 
-def run_case(case, model_name, bits, group_size, sym, desc_act, true_sequential, windows, gptq_mod,
-             catcher, f32_forward, tensors):
+def run_case(spec, windows, gptq_mod, catcher, f32_forward, tensors):
+    case, model_name, bits, group_size, sym, desc_act, true_sequential = (
+        spec[k] for k in ("name", "model", "bits", "group_size", "sym", "desc_act",
+                          "true_sequential"))
+    default = spec["path"] == "default"
+    DIFF.sink_weight, DIFF.clip_search, DIFF.stable_ties = spec["sink_weight"], default, default
+    try:
+        return _run_case(case, model_name, bits, group_size, sym, desc_act, true_sequential,
+                         windows, gptq_mod, catcher, f32_forward, tensors, spec)
+    finally:
+        DIFF.sink_weight, DIFF.clip_search, DIFF.stable_ties = 1.0, False, False
+
+
+def _run_case(case, model_name, bits, group_size, sym, desc_act, true_sequential, windows,
+              gptq_mod, catcher, f32_forward, tensors, spec):
     model, _ = build_model(model_name)
     maxq = 2 ** bits - 1
     layers = []
@@ -240,14 +521,13 @@ def run_case(case, model_name, bits, group_size, sym, desc_act, true_sequential,
         if chunks:
             tensors[f"{case}.{what}"] = torch.cat(chunks).contiguous()
     return {
-        "name": case, "model": model_name, "bits": bits, "group_size": group_size, "sym": sym,
-        "desc_act": desc_act, "static_groups": False, "true_sequential": true_sequential,
-        "damp_percent": 0.01, "blocksize": 128, "layers": layers,
+        **spec, "static_groups": False, "damp_percent": 0.01, "blocksize": 128, "layers": layers,
     }
 
 
 def gptq_reference_prefix(model_name, block):
-    return {"llama": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h"}[model_name] + f".{block}"
+    model_type = MODELS[model_name][1].model_type
+    return {"llama": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h"}[model_type] + f".{block}"
 
 
 def main():
@@ -263,6 +543,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix=".gptq_stream_", dir=os.path.dirname(out))
     os.chmod(tmp, 0o755)
 
+    install_autoquant_differences(gptq_mod)
     record_act_order_gaps(gptq_mod)
     # Act-order sorts diag(H). Two entries within float noise of each other have no defined
     # order (torch's argsort is not stable, and another implementation's H differs in the last
@@ -272,9 +553,9 @@ def main():
         gen = torch.Generator().manual_seed(seed)
         windows = torch.randint(3, VOCAB, (WINDOWS, SEQLEN), generator=gen).tolist()
         ACT_ORDER_GAPS.clear()
-        for case in CASES:
-            if case[5]:
-                run_case(*case, windows, gptq_mod, catcher, args.f32_forward, {})
+        for spec in CASES:
+            if spec["desc_act"]:
+                run_case(spec, windows, gptq_mod, catcher, args.f32_forward, {})
         gap = min(ACT_ORDER_GAPS)
         print(f"window seed {seed}: smallest relative diag(H) gap under act-order {gap:.2e}",
               file=sys.stderr)
@@ -298,9 +579,14 @@ def main():
         models[name] = {"tensor_sha256": sums}
 
     tensors, cases = {}, []
-    for case in CASES:
-        cases.append(run_case(*case, windows, gptq_mod, catcher, args.f32_forward, tensors))
-        print(f"{case[0]}: {len(cases[-1]['layers'])} layers", file=sys.stderr)
+    for spec in CASES:
+        DIFF.clip_gaps.clear()
+        cases.append(run_case(spec, windows, gptq_mod, catcher, args.f32_forward, tensors))
+        note = ""
+        if DIFF.clip_gaps:
+            cases[-1]["min_clip_score_gap"] = min(DIFF.clip_gaps)
+            note = f", smallest relative clip-search score gap {min(DIFF.clip_gaps):.2e}"
+        print(f"{spec['name']}: {len(cases[-1]['layers'])} layers{note}", file=sys.stderr)
 
     save_file(tensors, os.path.join(tmp, "golden.safetensors"), metadata={"format": "pt"})
     meta = {
