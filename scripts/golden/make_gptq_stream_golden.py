@@ -92,18 +92,6 @@ MODELS = {
         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)),
 }
 
-# The llama again, with outlier channels (`synthetic_tensor(..., outliers=True)`): every input
-# channel c ≡ 5 (mod 16) of the attention and MLP inputs has its norm gain divided by 256 and
-# its weight column in q/k/v/gate/up multiplied by 16. Those columns carry large weights but
-# little activation, so their GPTQ loss weight is small and the clipping search's best scale
-# for the groups holding them lies at (or past) the end of its candidate range.
-MODELS["llama_outliers"] = (LlamaForCausalLM, copy.deepcopy(MODELS["llama"][1]))
-OUTLIER_MODELS = {"llama_outliers"}
-OUTLIER_PERIOD, OUTLIER_CHANNEL = 16, 5
-OUTLIER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-OUTLIER_LINEARS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
-                   "up_proj.weight")
-
 # The reference's own settings: (case, model, bits, group_size, sym, desc_act, true_sequential).
 REFERENCE_CASES = [
     ("llama_4bit_g32_sym", "llama", 4, 32, True, False, True),
@@ -125,9 +113,9 @@ CLIP_STEPS = 80
 DEFAULT_CASES = [
     ("llama_default_4bit_g32_sym", "llama", 4, 32, True),
     ("llama_default_3bit_g32_sym", "llama", 3, 32, True),
+    ("llama_default_4bit_g32_asym", "llama", 4, 32, False),
     ("llama_default_3bit_perchannel_asym", "llama", 3, -1, False),
     ("gpt2_default_4bit_g32_sym", "gpt2", 4, 32, True),
-    ("llama_outliers_default_3bit_g32_asym", "llama_outliers", 3, 32, False),
 ]
 
 
@@ -163,13 +151,11 @@ def fnv1a64(name):
     return h
 
 
-def synthetic_tensor(name, shape, outliers=False):
+def synthetic_tensor(name, shape):
     """float32 values of `name`: z_i = splitmix64(fnv1a64(name) + (i+1)·γ); t_i = (z >> 44) +
     ((z >> 24) & 0xFFFFF) − 2^20 (a triangular integer in [−2^20, 2^20)); then by role
     bias t·2^-24, 1-D (norm) weight 1 + t·2^-22, embedding t·2^-21, matrix t·2^-22 (all exact
-    in f32). With `outliers`, entries of channel c ≡ 5 (mod 16) (the index of a 1-D tensor, the
-    column of a matrix) are multiplied by 2^-8 in the input/post-attention norms and by 2^4
-    in q/k/v/gate/up."""
+    in f32)."""
     n = int(np.prod(shape))
     with np.errstate(over="ignore"):
         i = np.arange(1, n + 1, dtype=np.uint64)
@@ -187,14 +173,6 @@ def synthetic_tensor(name, shape, outliers=False):
         v = t * 2.0 ** -21
     else:
         v = t * 2.0 ** -22
-    if outliers:
-        channel = np.arange(n) % shape[-1]
-        factor = 1.0
-        if len(shape) == 1 and name.endswith(OUTLIER_NORMS):
-            factor = 2.0 ** -8
-        elif len(shape) == 2 and name.endswith(OUTLIER_LINEARS):
-            factor = 2.0 ** 4
-        v = np.where(channel % OUTLIER_PERIOD == OUTLIER_CHANNEL, v * factor, v)
     v32 = v.astype(np.float32)
     assert np.array_equal(v32.astype(np.float64), v), name
     return torch.from_numpy(v32.reshape(shape))
@@ -216,7 +194,7 @@ def build_model(model_name):
                 continue
             if not isinstance(p, torch.nn.Parameter):
                 continue  # buffers (none expected in these models)
-            value = synthetic_tensor(name, tuple(p.shape), outliers=model_name in OUTLIER_MODELS)
+            value = synthetic_tensor(name, tuple(p.shape))
             p.copy_(value)
             sums[name] = sha256_f32(value)
     if config.tie_word_embeddings:
