@@ -17,14 +17,13 @@ mod common;
 use autoquant::config::AutoConfig;
 use autoquant::formats::safetensors::save_safetensors_in_memory;
 use autoquant::formats::{open_weights, WeightSource};
-use autoquant::models::{
-    checkpoint_tensors, load_dir, CausalLM, ForwardInput, LoadOptions, LogitsMode,
-};
+use autoquant::models::{checkpoint_tensors, load_dir, CausalLM, LoadOptions};
 use autoquant::qtypes::grid::QuantParams;
 use autoquant::qtypes::{Bits, GroupSize};
 use autoquant::quant::calib::CalibData;
 use autoquant::quant::stream::{quantize_to_gptq, Method, StreamOptions, StreamReport};
 use autoquant::tensor::RawTensor;
+use common::logits;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -205,13 +204,6 @@ fn options(method: Method, bits: u8, group_size: Option<usize>) -> StreamOptions
 
 // ---------------------------------------------------------------------------------------------
 // Logits
-
-fn logits(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1);
-    model
-        .forward(&ForwardInput::single(ids), &mut cache, LogitsMode::All)
-        .unwrap()
-}
 
 /// Logit error of a quantized model against the float one over held-out windows from the
 /// calibration distribution: `(‖Δ‖₂ / ‖float‖₂, max |Δ|)`.

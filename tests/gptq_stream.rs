@@ -470,8 +470,14 @@ fn check_recorded_settings(out: &Path, c: &Value, report: &StreamReport) {
             assert!(meta.get("sink_weight").is_none(), "{name} {what}: {meta}");
             assert!(meta.get("clip_search").is_none(), "{name} {what}: {meta}");
         } else {
-            assert_eq!(meta["sink_weight"], c["sink_weight"], "{name} {what}: {meta}");
-            assert_eq!(meta["clip_search"], c["clip_search"], "{name} {what}: {meta}");
+            assert_eq!(
+                meta["sink_weight"], c["sink_weight"],
+                "{name} {what}: {meta}"
+            );
+            assert_eq!(
+                meta["clip_search"], c["clip_search"],
+                "{name} {what}: {meta}"
+            );
         }
     }
     assert_eq!(q["quant_method"], "gptq");
@@ -484,12 +490,14 @@ fn check_recorded_settings(out: &Path, c: &Value, report: &StreamReport) {
 /// the script: llama 4-bit and 3-bit g32 symmetric, 4-bit g32 and 3-bit per-channel
 /// asymmetric, gpt2 4-bit g32 symmetric).
 ///
-/// Codes are not all identical, for a documented reason: autoquant factors H⁻¹ in f64, the
-/// reference class in f32, and each group's clip search compares 81 weighted errors, some of
-/// which lie within 1e-7 (relative) of each other (cases.json `min_clip_score_gap`); a
-/// last-bit difference in the loss weights or in the updated weights can pick the neighbouring
-/// candidate, and GPTQ then pushes that group's slightly different rounding error onto the
-/// columns after it. Measured (every case): see `DEFAULT_PATH_BOUNDS`.
+/// Measured on every case: codes, scales, zero points and `g_idx` all identical. They need not
+/// be on every machine: autoquant factors H⁻¹ in f64, the reference class in f32, and each
+/// group's clip search compares 81 weighted errors, the closest two of which lie 1.5e-7
+/// (relative) apart (cases.json `min_clip_score_gap`); a last-bit difference in the loss
+/// weights or the updated weights can pick the neighbouring candidate, and GPTQ then pushes
+/// that group's slightly different rounding error onto the columns after it. The bounds in
+/// `DEFAULT_PATH_BOUNDS` allow a few such flips and no more: a sink weight of 16.16 instead of
+/// 16 (1%) moves 17–25% of the codes and 8–67% of the scales in every case.
 #[test]
 fn streamed_default_gptq_matches_reference_with_documented_differences() {
     let calib = windows();
@@ -564,10 +572,26 @@ fn streamed_default_gptq_matches_reference_with_documented_differences() {
         }
         // The golden was made with the settings the library uses by default.
         assert_eq!(opts.desc_act, c["desc_act"].as_bool().unwrap(), "{name}");
-        assert_eq!(opts.clip_search, c["clip_search"].as_bool().unwrap(), "{name}");
-        assert_eq!(opts.true_sequential, c["true_sequential"].as_bool().unwrap(), "{name}");
-        assert_eq!(opts.damp_percent, c["damp_percent"].as_f64().unwrap(), "{name}");
-        assert_eq!(opts.block_size as u64, c["blocksize"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            opts.clip_search,
+            c["clip_search"].as_bool().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            opts.true_sequential,
+            c["true_sequential"].as_bool().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            opts.damp_percent,
+            c["damp_percent"].as_f64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            opts.block_size as u64,
+            c["blocksize"].as_u64().unwrap(),
+            "{name}"
+        );
         if opts.sink_weight as f64 != c["sink_weight"].as_f64().unwrap() {
             failures.push(format!(
                 "{name}: default sink weight {} but the golden used {}",
@@ -584,8 +608,9 @@ fn streamed_default_gptq_matches_reference_with_documented_differences() {
 }
 
 /// Bounds of the default-path comparison, as fractions of all codes / of all (group, row)
-/// scales and zero points, at ~10× the largest measured over the cases (measured: see below).
-const DEFAULT_PATH_BOUNDS: (f64, f64, f64) = (1.0, 1.0, 1.0);
+/// scales and zero points. Measured: 0 everywhere; these allow one clip-search flip per case
+/// (one group's scale and the few dozen codes GPTQ changes after it), not a systematic change.
+const DEFAULT_PATH_BOUNDS: (f64, f64, f64) = (0.001, 0.001, 0.001);
 
 /// Without true-sequential every group's Hessian comes from the float block, so the codes are
 /// not those of the true-sequential run (and they match the reference's own

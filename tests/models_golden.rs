@@ -106,7 +106,11 @@ fn max_logit_error(name: &str, model: &dyn CausalLM) -> f32 {
                 for v in 0..vocab {
                     let d = (got[o + v] - want[o + v]).abs();
                     // A NaN must not pass (`f32::max` would skip it).
-                    worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
+                    worst = if d.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        worst.max(d)
+                    };
                 }
             }
         }

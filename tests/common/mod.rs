@@ -30,10 +30,7 @@ pub fn asset(relative: &str) -> Option<PathBuf> {
             path.display()
         );
     }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("?")
-        .to_string();
+    let test = std::thread::current().name().unwrap_or("?").to_string();
     let line = format!(
         "SKIPPED {test}: asset {} not found (run scripts/fetch_assets.sh)",
         path.display()
@@ -41,7 +38,11 @@ pub fn asset(relative: &str) -> Option<PathBuf> {
     eprintln!("{line}");
     if let Some(log) = std::env::var_os("AUTOQUANT_SKIP_LOG") {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(log) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
             let _ = writeln!(f, "{line}");
         }
     }
