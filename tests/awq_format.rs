@@ -960,7 +960,8 @@ fn written_checkpoint_loads_back_and_exports_for_interop() {
         "input_ids": [INTEROP_IDS],
         "shape": [1, INTEROP_IDS.len(), model.config().vocab_size()],
         "logits": got,
-        "tolerance_rel": 1e-4,
+        // AutoAWQ's dequantizer + transformers, measured 8.9e-7.
+        "tolerance_rel": 1e-5,
         "tolerance_note": "max |Δlogit| / max |logit|",
     });
     std::fs::write(

@@ -960,7 +960,8 @@ fn written_checkpoints_load_back_and_export_for_interop() {
             "input_ids": [INTEROP_IDS],
             "shape": [1, INTEROP_IDS.len(), model.config().vocab_size()],
             "logits": got,
-            "tolerance_rel": 1e-3,
+            // AutoGPTQ's QuantLinear, measured 7.4e-7 to 1.05e-6 over the five variants.
+            "tolerance_rel": 1e-5,
             "tolerance_note": "max |Δlogit| / max |logit|",
         });
         std::fs::write(

@@ -14,6 +14,7 @@
 #   scripts/interop/run.sh [--only gptq|awq|bnb]... [OUT_DIR]
 #        (OUT_DIR default: a temporary folder, removed at the end)
 set -euo pipefail
+export TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 cd "$(dirname "$0")/../.."
 
 only=()
