@@ -211,6 +211,7 @@ fn interrupt_at_random_moments(
         let still_running = wait_until_written(&mut child, at);
         let _ = Command::new("kill")
             .args([signal, &child.id().to_string()])
+            .stderr(Stdio::null()) // "no such process" when the run had already finished
             .status();
         let status = child.wait().unwrap();
         if still_running && !status.success() {
@@ -382,6 +383,7 @@ fn resume_refuses_changed_settings_and_inputs() {
     }
     let _ = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
+        .stderr(Stdio::null())
         .status();
     child.wait().unwrap();
     if !s.root.join(".out.partial").exists() {
