@@ -189,6 +189,11 @@ impl AutoConfig {
             map: &raw,
             path: origin,
         };
+        // Generation stops on these and BOS is prepended: a value that is not a token id would
+        // otherwise be dropped by `token_id` and change what is generated.
+        for key in ["bos_token_id", "eos_token_id"] {
+            r.check_token_ids(key)?;
+        }
         let arch = match model_type.as_str() {
             "llama" => Architecture::Llama(r.llama(LlamaKind::Llama)?),
             "mistral" => Architecture::Llama(r.llama(LlamaKind::Mistral)?),
@@ -349,6 +354,21 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn err(&self, key: &str, what: &str) -> Error {
         Error::format(self.path, format!("key `{key}`: {what}"))
+    }
+
+    /// `key` absent, null, a token id or a list of token ids (integers in `0..2^32`).
+    fn check_token_ids(&self, key: &str) -> Result<()> {
+        let is_id = |v: &Value| v.as_u64().is_some_and(|n| n <= u32::MAX as u64);
+        let ok = match self.map.get(key) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.iter().all(is_id),
+            Some(v) => is_id(v),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(key, "should be a token id or a list of token ids"))
+        }
     }
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.map.get(key) {
@@ -778,6 +798,31 @@ mod tests {
             (8, 2, 10000.0)
         );
         assert!(c.to_json_string().contains("unused_key"));
+    }
+
+    #[test]
+    fn token_ids_that_are_not_ids_are_refused() {
+        let base = json!({"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":1,"num_attention_heads":4});
+        for (key, bad) in [
+            ("eos_token_id", json!("2")),
+            ("eos_token_id", json!([2, -1])),
+            ("bos_token_id", json!(1.5)),
+            ("eos_token_id", json!(1u64 << 40)),
+        ] {
+            let mut v = base.clone();
+            v[key] = bad.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("token id"),
+                "{bad}: {err}"
+            );
+        }
+        for good in [json!(null), json!(2), json!([2, 7])] {
+            let mut v = base.clone();
+            v["eos_token_id"] = good.clone();
+            assert!(parse(v).is_ok(), "{good}");
+        }
     }
 
     #[test]
