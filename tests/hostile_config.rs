@@ -508,6 +508,31 @@ fn lengths_past_the_context_are_refused_by_every_command() {
             "quantize", m, "--method", "gptq", "--calib", t, "--seqlen", "9000", "-o", o,
         ],
     ];
+    // Saved windows longer than the context, also when only estimating (--dry-run).
+    let windows = dir.path().join("windows.json");
+    std::fs::write(
+        &windows,
+        serde_json::to_vec(&vec![vec![1u32; 9000]]).unwrap(),
+    )
+    .unwrap();
+    let w = windows.to_str().unwrap();
+    let mut cases = cases;
+    for dry in [false, true] {
+        let mut args = vec![
+            "quantize",
+            m,
+            "--method",
+            "gptq",
+            "--calib-windows",
+            w,
+            "-o",
+            o,
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        cases.push(args);
+    }
     for args in cases {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_clear_error(&out, &["9000", "8192"]);

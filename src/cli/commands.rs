@@ -542,7 +542,16 @@ pub fn quantize(ctx: &Context, a: QuantizeArgs) -> Result<()> {
     // Saved windows say exactly how many tokens there are; text gives at most nsamples × seqlen.
     let calib_tokens = match &a.calib_windows {
         _ if !method.calibrated() => 0,
-        Some(path) => CalibData::from_windows_json(path)?.num_tokens(),
+        Some(path) => {
+            let windows = CalibData::from_windows_json(path)?;
+            if let Some(longest) = windows.samples.iter().map(Vec::len).max() {
+                ckpt.config.check_context(
+                    longest,
+                    &format!("a calibration window of {longest} tokens"),
+                )?;
+            }
+            windows.num_tokens()
+        }
         None => nsamples * seqlen,
     };
     if a.dry_run {
