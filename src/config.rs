@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// The model types we can build, with the family that implements each. Aliases share a family.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "opt", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"];
 
 /// Bounds on the sizes a config may declare (docs/formats.md, "Config bounds"). They sit well
 /// above every released model and far below what would make a size computation wrap around,
@@ -37,7 +37,8 @@ pub enum RopeScaling {
     },
 }
 
-/// Llama-style decoder (Llama 1-3, Mistral without sliding window, SmolLM, Qwen2 with biases).
+/// Llama-style decoder (Llama 1-3, Mistral, SmolLM, Qwen2 with q/k/v biases, Qwen3 with a
+/// per-head RMSNorm on queries and keys).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
@@ -52,13 +53,16 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    /// Bias on q/k/v projections (Qwen2 always; Llama and Qwen3 when `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on the output projection (Llama `attention_bias`; never in Qwen2).
+    /// Bias on the output projection (Llama and Qwen3 `attention_bias`; never in Qwen2).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm over each query and key head (weights `[head_dim]`, epsilon `rms_norm_eps`)
+    /// between the q/k projections and the rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Sliding-window attention: a query at cache index `i` sees keys `j` with
-    /// `i - window < j <= i` (Mistral on every layer; Qwen2 on the layers it selects).
+    /// `i - window < j <= i` (Mistral on every layer; Qwen2 and Qwen3 on the layers they select).
     pub sliding_window: Option<usize>,
     /// Which layers use the window (empty when there is none).
     pub sliding_layers: Vec<bool>,
@@ -138,6 +142,7 @@ impl Activation {
 pub enum Architecture {
     Llama(LlamaConfig),
     Qwen2(LlamaConfig),
+    Qwen3(LlamaConfig),
     Opt(OptConfig),
     Gpt2(Gpt2Config),
 }
@@ -198,6 +203,7 @@ impl AutoConfig {
             "llama" => Architecture::Llama(r.llama(LlamaKind::Llama)?),
             "mistral" => Architecture::Llama(r.llama(LlamaKind::Mistral)?),
             "qwen2" => Architecture::Qwen2(r.llama(LlamaKind::Qwen2)?),
+            "qwen3" => Architecture::Qwen3(r.llama(LlamaKind::Qwen3)?),
             "opt" => Architecture::Opt(r.opt()?),
             "gpt2" => Architecture::Gpt2(r.gpt2()?),
             other => {
@@ -220,7 +226,9 @@ impl AutoConfig {
 
     pub fn vocab_size(&self) -> usize {
         match &self.arch {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => c.vocab_size,
+            Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => {
+                c.vocab_size
+            }
             Architecture::Opt(c) => c.vocab_size,
             Architecture::Gpt2(c) => c.vocab_size,
         }
@@ -228,7 +236,9 @@ impl AutoConfig {
 
     pub fn num_layers(&self) -> usize {
         match &self.arch {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => c.num_hidden_layers,
+            Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => {
+                c.num_hidden_layers
+            }
             Architecture::Opt(c) => c.num_hidden_layers,
             Architecture::Gpt2(c) => c.n_layer,
         }
@@ -239,7 +249,7 @@ impl AutoConfig {
     pub fn with_num_layers(&self, n: usize) -> AutoConfig {
         let mut c = self.clone();
         let key = match &mut c.arch {
-            Architecture::Llama(a) | Architecture::Qwen2(a) => {
+            Architecture::Llama(a) | Architecture::Qwen2(a) | Architecture::Qwen3(a) => {
                 a.num_hidden_layers = n;
                 "num_hidden_layers"
             }
@@ -258,7 +268,9 @@ impl AutoConfig {
 
     pub fn hidden_size(&self) -> usize {
         match &self.arch {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => c.hidden_size,
+            Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => {
+                c.hidden_size
+            }
             Architecture::Opt(c) => c.hidden_size,
             Architecture::Gpt2(c) => c.n_embd,
         }
@@ -266,7 +278,9 @@ impl AutoConfig {
 
     pub fn max_positions(&self) -> usize {
         match &self.arch {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => c.max_position_embeddings,
+            Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => {
+                c.max_position_embeddings
+            }
             Architecture::Opt(c) => c.max_position_embeddings,
             Architecture::Gpt2(c) => c.n_positions,
         }
@@ -301,7 +315,9 @@ impl AutoConfig {
 
     pub fn tie_word_embeddings(&self) -> bool {
         match &self.arch {
-            Architecture::Llama(c) | Architecture::Qwen2(c) => c.tie_word_embeddings,
+            Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => {
+                c.tie_word_embeddings
+            }
             Architecture::Opt(c) => c.tie_word_embeddings,
             Architecture::Gpt2(c) => c.tie_word_embeddings,
         }
@@ -542,6 +558,7 @@ impl Reader<'_> {
     fn llama(&self, kind: LlamaKind) -> Result<LlamaConfig> {
         use limits::*;
         let qwen2 = kind == LlamaKind::Qwen2;
+        let qwen3 = kind == LlamaKind::Qwen3;
         let hidden_size = self.dim("hidden_size", MAX_HIDDEN)?;
         let heads = self.dim("num_attention_heads", MAX_HEADS)?;
         let kv_heads = self.dim_or("num_key_value_heads", heads, MAX_HEADS)?;
@@ -553,6 +570,9 @@ impl Reader<'_> {
         }
         let head_dim = match self.dim_opt("head_dim", MAX_HEAD_DIM)? {
             Some(d) => d,
+            // transformers' Qwen3Config declares `head_dim = 128`, so a config without the key
+            // gets 128, not hidden_size / num_attention_heads.
+            None if qwen3 => 128,
             None if hidden_size % heads == 0 => hidden_size / heads,
             None => {
                 return Err(self.err(
@@ -589,8 +609,9 @@ impl Reader<'_> {
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
-            // transformers' Qwen2 MLP has no biases whatever the config says.
-            mlp_bias: !qwen2 && self.bool_or("mlp_bias", false)?,
+            // transformers' Qwen2 and Qwen3 MLPs have no biases whatever the config says.
+            mlp_bias: !qwen2 && !qwen3 && self.bool_or("mlp_bias", false)?,
+            qk_norm: qwen3,
             sliding_window,
             sliding_layers,
         };
@@ -600,7 +621,12 @@ impl Reader<'_> {
             c.intermediate_size as u128,
         );
         let (q, kv) = ((heads * head_dim) as u128, (kv_heads * head_dim) as u128);
-        let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + (q + 2 * kv + h + 2 * i + h) + 2 * h;
+        let per_layer = h * (q + 2 * kv)
+            + q * h
+            + 3 * h * i
+            + (q + 2 * kv + h + 2 * i + h)
+            + 2 * h
+            + 2 * head_dim as u128;
         self.check_parameters(
             2 * v * h + num_hidden_layers as u128 * per_layer + h,
             "vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads × head_dim",
@@ -609,8 +635,8 @@ impl Reader<'_> {
     }
 
     /// Which layers attend through a sliding window, following transformers: Mistral windows
-    /// every layer when `sliding_window` is set; Qwen2 only with `use_sliding_window`, on the
-    /// layers `layer_types` marks `sliding_attention` (by default those from
+    /// every layer when `sliding_window` is set; Qwen2 and Qwen3 only with `use_sliding_window`,
+    /// on the layers `layer_types` marks `sliding_attention` (by default those from
     /// `max_window_layers` on); Llama has no window.
     fn sliding_window(&self, kind: LlamaKind, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
         let window = || self.dim_opt("sliding_window", u64::MAX);
@@ -620,7 +646,7 @@ impl Reader<'_> {
                 Some(w) => (Some(w), vec![true; layers]),
                 None => (None, vec![]),
             }),
-            LlamaKind::Qwen2 => {
+            LlamaKind::Qwen2 | LlamaKind::Qwen3 => {
                 let types: Option<Vec<bool>> = match self.map.get("layer_types") {
                     None | Some(Value::Null) => None,
                     Some(Value::Array(a)) if a.len() == layers => Some(
@@ -747,6 +773,7 @@ enum LlamaKind {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 #[cfg(test)]
@@ -859,5 +886,54 @@ mod tests {
             panic!("wrong arch")
         };
         assert!(l.qkv_bias && !l.o_bias);
+        assert!(!l.qk_norm);
+    }
+
+    #[test]
+    fn qwen3_follows_transformers_defaults() {
+        let base = json!({"model_type":"qwen3","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2,"mlp_bias":true});
+        let c = parse(base.clone()).unwrap();
+        let Architecture::Qwen3(l) = &c.arch else {
+            panic!("wrong arch")
+        };
+        // No `head_dim` key: Qwen3Config's default of 128, not 64 / 8.
+        assert_eq!(l.head_dim, 128);
+        assert!(l.qk_norm && !l.qkv_bias && !l.o_bias && !l.mlp_bias);
+        assert_eq!(l.sliding_window, None);
+
+        let mut v = base.clone();
+        v["head_dim"] = json!(16);
+        v["attention_bias"] = json!(true);
+        let Architecture::Qwen3(l) = parse(v).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!(l.head_dim, 16);
+        // attention_bias puts a bias on o_proj too in Qwen3 (unlike Qwen2).
+        assert!(l.qkv_bias && l.o_bias && !l.mlp_bias);
+
+        // The window is used only with use_sliding_window, from max_window_layers on.
+        let mut v = base.clone();
+        v["sliding_window"] = json!(4);
+        let Architecture::Qwen3(l) = parse(v.clone()).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!(l.sliding_window, None);
+        v["use_sliding_window"] = json!(true);
+        v["max_window_layers"] = json!(1);
+        let Architecture::Qwen3(l) = parse(v).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!((l.layer_window(0), l.layer_window(1)), (None, Some(4)));
+
+        let mut v = base;
+        v["rope_scaling"] =
+            json!({"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768});
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("yarn") && err.contains("config.json"), "{err}");
+        assert_eq!(
+            infer_model_type("Qwen/Qwen3-0.6B").as_deref(),
+            Some("qwen3")
+        );
     }
 }

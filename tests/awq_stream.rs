@@ -1,5 +1,5 @@
 //! Streamed AWQ (`quant::stream` with `Method::Awq` / `Method::AwqGptq`) on tiny llama (GQA and
-//! MHA), pre-norm OPT and GPT-2 models whose block norms have a few planted outlier channels,
+//! MHA), qwen3 (GQA, per-head q/k norms), pre-norm OPT and GPT-2 models whose block norms have a few planted outlier channels,
 //! so activation-aware scaling matters:
 //!
 //! * the scales are folded without changing the float function: every written norm, bias and
@@ -46,6 +46,15 @@ fn config_value(arch: &str) -> Value {
             "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "tie_word_embeddings": true, "bos_token_id": 1,
             "eos_token_id": 2, "hidden_act": "silu"
+        }),
+        // heads × head_dim (128) is not hidden_size (64): q_proj is [128, 64], o_proj [64, 128].
+        "qwen3" => json!({
+            "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 320,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "attention_bias": false, "use_sliding_window": false, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"
         }),
         "opt" | "opt_post_norm" => json!({
             "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": 320,
@@ -109,9 +118,10 @@ impl FloatModel {
             let v = if name.ends_with(".bias") {
                 seeded(&name, n, -23) // ±1/8
             } else if shape.len() == 1 {
-                // Norm weight: 1 ± 1/8, with planted outliers in the blocks.
+                // Norm weight: 1 ± 1/8, with planted outliers in the blocks' norms that feed
+                // linears (not qwen3's per-head q/k norms, which AWQ never scales).
                 let mut v: Vec<f32> = seeded(&name, n, -23).iter().map(|x| 1.0 + x).collect();
-                if in_block {
+                if in_block && !is_qk_norm(&name) {
                     for &c in &OUTLIERS {
                         v[c] *= OUTLIER_GAIN;
                     }
@@ -161,8 +171,13 @@ impl FloatModel {
     }
 
     fn is_mha(&self) -> bool {
-        self.arch != "llama_gqa"
+        !matches!(self.arch, "llama_gqa" | "qwen3")
     }
+}
+
+/// qwen3's per-head RMSNorm weights on queries and keys.
+fn is_qk_norm(name: &str) -> bool {
+    name.ends_with(".self_attn.q_norm.weight") || name.ends_with(".self_attn.k_norm.weight")
 }
 
 /// Token windows from an LCG (vocabulary 320), `n` of `len` tokens.
@@ -237,10 +252,11 @@ enum Prev {
 }
 
 /// AutoAWQ's `get_layers_for_scaling` for each architecture (GPT-2 has no c_fc → c_proj group:
-/// GELU does not commute with scaling; llama's v → o only without grouped-query heads).
+/// GELU does not commute with scaling; llama's v → o only without grouped-query heads). AutoAWQ's
+/// qwen3 groups are llama's (`awq/models/qwen3.py`): the q/k norms are in none.
 fn scaling_groups(m: &FloatModel) -> Vec<(Prev, Vec<&'static str>)> {
     match m.arch {
-        "llama_gqa" | "llama_mha" => {
+        "llama_gqa" | "llama_mha" | "qwen3" => {
             let mut g = vec![(
                 Prev::Norm("input_layernorm"),
                 vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -432,7 +448,7 @@ fn check_fold(m: &FloatModel, out: &Path, float: &dyn CausalLM, quant: &dyn Caus
 // ---------------------------------------------------------------------------------------------
 // 1. Function preservation and AWQ vs RTN
 
-const ARCHS: [&str; 4] = ["llama_gqa", "llama_mha", "opt", "gpt2"];
+const ARCHS: [&str; 5] = ["llama_gqa", "llama_mha", "qwen3", "opt", "gpt2"];
 
 /// For every architecture: the AWQ checkpoint is the float model with the scales folded in
 /// (each weight and bias, up to 4-bit rounding), the planted outlier channels get the largest
@@ -638,6 +654,90 @@ fn search_token_budget_limits_the_search_samples() {
     let one = run("one", Some(1));
     assert_ne!(all, one, "one sample searches like eight");
     assert_eq!(one.len(), all.len());
+}
+
+/// qwen3 through every streamed method: the per-head q/k norms are copied to the checkpoint
+/// unchanged (only stored in the float dtype, f16 here), never folded into; GPTQ runs the
+/// linears in llama's true-sequential order; every checkpoint loads back, holds the norms and
+/// computes something close to the float model.
+#[test]
+fn qwen3_every_method_keeps_the_qk_norms_and_loads_back() {
+    let calib = calibration();
+    let m = FloatModel::new("qwen3");
+    let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+    let qk_norms: Vec<(String, Vec<usize>)> = checkpoint_tensors(&m.config)
+        .into_iter()
+        .filter(|(n, _)| is_qk_norm(n))
+        .collect();
+    assert_eq!(qk_norms.len(), 4);
+    let tmp = tempfile::tempdir().unwrap();
+    for method in [Method::Rtn, Method::Gptq, Method::Awq, Method::AwqGptq] {
+        let out = tmp.path().join(method.name());
+        let calib = (method != Method::Rtn).then_some(&calib);
+        let report = m
+            .quantize(calib, &out, &options(method, 4, Some(32)))
+            .unwrap();
+        let name = method.name();
+        if method == Method::Gptq {
+            let order: Vec<&str> = report
+                .layers
+                .iter()
+                .filter_map(|l| l.name.strip_prefix("model.layers.0."))
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.q_proj",
+                    "self_attn.o_proj",
+                    "mlp.up_proj",
+                    "mlp.gate_proj",
+                    "mlp.down_proj"
+                ],
+                "{name}"
+            );
+        }
+        let written = open_weights(&out).unwrap();
+        let model = load_dir(&out, &LoadOptions::default()).unwrap();
+        let loaded: BTreeMap<String, Vec<f32>> = model
+            .other_tensors()
+            .into_iter()
+            .map(|(n, v, _)| (n, v))
+            .collect();
+        for (n, shape) in &qk_norms {
+            let orig = m.weights.read(n).unwrap().to_f32();
+            let stored = autoquant::tensor::WeightDType::F16
+                .encode(shape.clone(), &orig)
+                .to_f32();
+            assert_ne!(stored, vec![1.0; shape[0]], "{name} {n}: trivial norm");
+            let got = written
+                .read(n)
+                .unwrap_or_else(|e| panic!("{name}: {n} not written: {e}"));
+            assert_eq!(got.shape, *shape, "{name} {n}");
+            assert_eq!(got.to_f32(), stored, "{name} {n}: changed");
+            assert_eq!(loaded[n], stored, "{name} {n}: not loaded");
+        }
+        // The norms AWQ folds into did change (so the comparison above can tell).
+        let ln = "model.layers.0.input_layernorm.weight";
+        let folded = written.read(ln).unwrap().to_f32() != loaded_f16(&m, ln);
+        assert_eq!(
+            folded,
+            matches!(method, Method::Awq | Method::AwqGptq),
+            "{name}: {ln}"
+        );
+        let (rel, max) = logit_error(model.as_ref(), float.as_ref());
+        eprintln!("qwen3 {name}: logits vs float rel L2 {rel:.4} (max {max:.3})");
+        assert!(rel.is_finite() && rel > 1e-3 && rel < 0.5, "{name}: {rel}");
+    }
+}
+
+/// A float tensor of the source as the checkpoint stores it (f16).
+fn loaded_f16(m: &FloatModel, name: &str) -> Vec<f32> {
+    let t = m.weights.read(name).unwrap();
+    autoquant::tensor::WeightDType::F16
+        .encode(t.shape.clone(), &t.to_f32())
+        .to_f32()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -558,6 +558,104 @@ fn tiny_qwen2_matches_transformers() {
     );
 }
 
+/// tiny_qwen3.gguf holds the weights of tests/fixtures/tiny/qwen3 in f32, laid out as llama.cpp's
+/// converter writes a qwen3 (`attn_q_norm`/`attn_k_norm`, no q/k permutation, head size in
+/// `attention.key_length`). Read back, it must be that checkpoint exactly and give its
+/// transformers logits. (transformers' own GGUF loader is no reference here: it ignores
+/// `attention.key_length` for qwen3 and falls back to a head size of 128.)
+#[test]
+fn tiny_qwen3_is_the_hf_fixture_and_gives_its_transformers_logits() {
+    use autoquant::config::AutoConfig;
+    use autoquant::models::{AutoModelForCausalLM, LoadOptions};
+    let path = fixture("tiny_qwen3.gguf");
+    let weights = GgufWeights::open(&path).unwrap();
+    let hf_dir = common::fixture("tiny/qwen3");
+    let hf = autoquant::formats::open_weights(&hf_dir).unwrap();
+    assert_eq!(weights.names(), hf.names());
+    assert!(weights
+        .names()
+        .contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+    assert_eq!(
+        weights.gguf_name("model.layers.1.self_attn.q_norm.weight"),
+        Some("blk.1.attn_q_norm.weight")
+    );
+    for name in hf.names() {
+        let (got, want) = (weights.read(&name).unwrap(), hf.read(&name).unwrap());
+        assert_eq!(got.shape, want.shape, "{name}");
+        assert_same(&name, &got.to_f32(), &want.to_f32());
+    }
+
+    let config = weights.hf_config().unwrap();
+    let hf_config = common::read_json(&hf_dir.join("config.json"));
+    for key in [
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "attention_bias",
+        "bos_token_id",
+        "eos_token_id",
+    ] {
+        assert_eq!(config[key], hf_config[key], "{key}");
+    }
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["Qwen3ForCausalLM"])
+    );
+    assert_eq!(
+        config["rope_theta"],
+        hf_config["rope_parameters"]["rope_theta"]
+    );
+
+    let config = AutoConfig::from_value(config, &path, None).unwrap();
+    let model =
+        AutoModelForCausalLM::from_weights(config, &weights, &LoadOptions::default()).unwrap();
+    let expected = common::read_json(&hf_dir.join("expected.json"));
+    let case = &expected["cases"][0];
+    assert_eq!(case["name"], "single_12");
+    let ids = common::u32s(&case["input_ids"][0]);
+    let want: Vec<f32> = common::f64s(&case["logits"])
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let err = common::max_abs_diff(&common::logits(model.as_ref(), &ids), &want);
+    // The weights are the safetensors' bit for bit, so this is the safetensors model's error
+    // (1.43e-6 measured on the full fixture in tests/models_golden.rs); bound about 10× that.
+    assert!(err <= 1.5e-5, "max |Δlogit| {err}");
+}
+
+/// qwen2/qwen3 rotate whole heads; a GGUF asking for partial rotary embeddings is refused.
+#[test]
+fn qwen3_partial_rotary_is_refused() {
+    let bytes = std::fs::read(fixture("tiny_qwen3.gguf")).unwrap();
+    let key = b"qwen3.rope.dimension_count";
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key);
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
+        + needle.len();
+    // Value type (u32 = 4), then the value: 16 → 8.
+    assert_eq!(&bytes[at..at + 4], &4u32.to_le_bytes());
+    assert_eq!(&bytes[at + 4..at + 8], &16u32.to_le_bytes());
+    let mut bytes = bytes;
+    bytes[at + 4..at + 8].copy_from_slice(&8u32.to_le_bytes());
+    let (_f, r) = open_bytes(&bytes);
+    let msg = err_text(&r.unwrap().hf_config().unwrap_err());
+    assert!(
+        msg.contains("qwen3.rope.dimension_count") && msg.contains("partial"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
     let weights = GgufWeights::open(&fixture("llama3_rope.gguf")).unwrap();

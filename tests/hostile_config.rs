@@ -215,7 +215,7 @@ fn zero_dimensions_are_refused_with_the_key() {
         "max_position_embeddings",
     ];
     for key in llama_keys {
-        for model_type in ["llama", "mistral", "qwen2"] {
+        for model_type in ["llama", "mistral", "qwen2", "qwen3"] {
             let cfg = with(
                 with(tiny_llama(), key, json!(0)),
                 "model_type",
@@ -342,12 +342,18 @@ fn mistral_sliding_window_is_applied() {
     assert!(d < 1e-4, "unpadded row: max |diff| {d}");
 }
 
-/// Qwen2 windows only when `use_sliding_window` is true, and then only layers from
+/// Qwen2 and Qwen3 window only when `use_sliding_window` is true, and then only layers from
 /// `max_window_layers` on (or those `layer_types` names `sliding_attention`).
 #[test]
-fn qwen2_sliding_window_follows_its_switches() {
+fn qwen_sliding_window_follows_its_switches() {
+    for model_type in ["qwen2", "qwen3"] {
+        qwen_sliding_window(model_type);
+    }
+}
+
+fn qwen_sliding_window(model_type: &str) {
     let base = with(
-        with(tiny_llama(), "model_type", json!("qwen2")),
+        with(tiny_llama(), "model_type", json!(model_type)),
         "num_hidden_layers",
         json!(1),
     );
@@ -393,13 +399,13 @@ fn qwen2_sliding_window_follows_its_switches() {
         "layer_types",
         json!(["chunked_attention"]),
     )));
-    assert!(err.contains("layer_types"), "{err}");
+    assert!(err.contains("layer_types"), "{model_type}: {err}");
     let err = common::err_text(parse(with(
         with(base, "sliding_window", json!(0)),
         "use_sliding_window",
         json!(true),
     )));
-    assert!(err.contains("sliding_window"), "{err}");
+    assert!(err.contains("sliding_window"), "{model_type}: {err}");
 }
 
 #[test]

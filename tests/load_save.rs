@@ -29,7 +29,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn save_pretrained_round_trips_every_architecture_sharded() {
-    for name in ["llama_gqa_tied", "qwen2", "opt_350m_style", "gpt2"] {
+    for name in ["llama_gqa_tied", "qwen2", "qwen3", "opt_350m_style", "gpt2"] {
         let src = fixture(&format!("tiny/{name}"));
         let model = load_dir(&src, &LoadOptions::default()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
@@ -45,6 +45,20 @@ fn save_pretrained_round_trips_every_architecture_sharded() {
         );
         let again = load_dir(&out, &LoadOptions::default()).unwrap();
         assert_eq!(logits(model.as_ref()), logits(again.as_ref()), "{name}");
+        // Every tensor of the source is saved, with the same values (qwen3's q_norm/k_norm
+        // included).
+        let (from, to) = (
+            autoquant::formats::open_weights(&src).unwrap(),
+            autoquant::formats::open_weights(&out).unwrap(),
+        );
+        for t in from.names() {
+            let a = from.read(&t).unwrap().to_f32();
+            let b = to
+                .read(&t)
+                .unwrap_or_else(|e| panic!("{name}: {t} not saved: {e}"))
+                .to_f32();
+            assert_eq!(a, b, "{name}: {t}");
+        }
         // Parameter count and f32 footprint agree with the tensors actually saved.
         let saved: usize = autoquant::models::state_dict(model.as_ref(), WeightDType::F32)
             .iter()

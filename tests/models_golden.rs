@@ -12,6 +12,7 @@ const MODELS: &[&str] = &[
     "llama_gqa_tied",
     "llama_linear_rope",
     "qwen2",
+    "qwen3",
     "opt_prelayernorm",
     "opt_350m_style",
     "gpt2",
@@ -127,6 +128,31 @@ fn logits_match_transformers_f32() {
         // About 10× the largest measured (1.91e-6, llama_gqa_tied; AVX-512 machine).
         assert!(err <= 2e-5, "{name}: max |Δlogit| {err} > 2e-5");
     }
+}
+
+/// Qwen3 on its own bound: 1.43e-6 measured (AVX-512 machine), bound about 10× that. The same
+/// weights read as a plain llama (no q/k norm) must miss by far, so the case exercises the norm.
+#[test]
+fn qwen3_logits_match_transformers_and_need_the_qk_norm() {
+    let model = load("qwen3", WeightDType::F32);
+    let err = max_logit_error("qwen3", model.as_ref());
+    println!("qwen3: max |Δlogit| = {err:.2e}");
+    assert!(err <= 1.5e-5, "qwen3: max |Δlogit| {err} > 1.5e-5");
+
+    let dir = fixture("qwen3");
+    let mut config = AutoConfig::from_pretrained(&dir).unwrap();
+    config.raw.insert("model_type".into(), "llama".into());
+    let as_llama = AutoConfig::from_value(Value::Object(config.raw.clone()), &dir, None).unwrap();
+    let weights = autoquant::formats::open_weights(&dir).unwrap();
+    let llama =
+        AutoModelForCausalLM::from_weights(as_llama, weights.as_ref(), &LoadOptions::default())
+            .unwrap();
+    let err = max_logit_error("qwen3", llama.as_ref());
+    println!("qwen3 read as llama: max |Δlogit| = {err:.2e}");
+    assert!(
+        err > 0.05,
+        "qwen3 without q/k norm: max |Δlogit| only {err}"
+    );
 }
 
 /// bf16/f16 storage against transformers in f32: the rounding of the weights, not an error of

@@ -4,7 +4,10 @@
 Writes small GGUF files with the PyPI `gguf` package and records what the reference readers make
 of them: `gguf.quants.dequantize` for every tensor type, and transformers' own GGUF loader
 (`from_pretrained(..., gguf_file=...)`, which undoes llama.cpp's q/k row permutation) for the
-Hugging Face names, shapes, values and config of tiny llama / qwen2 models.
+Hugging Face names, shapes, values and config of tiny llama / qwen2 models. tiny_qwen3.gguf holds
+the weights of the tiny qwen3 of tests/fixtures/tiny/qwen3 (make_tiny_models.py) in f32, laid out
+as llama.cpp's converter writes a qwen3, so the test checks it against that fixture's
+transformers logits.
 
     python scripts/golden/make_gguf_fixtures.py [--smollm2 PATH/SmolLM2-135M-Instruct.Q4_1.gguf]
 
@@ -222,6 +225,65 @@ def make_tiny_model(rng, arch):
     (OUT / f"tiny_{arch}.json").write_text(json.dumps({"config": config, "tensors": manifest}, indent=1) + "\n")
 
 
+def make_qwen3_from_hf():
+    """tests/fixtures/tiny/qwen3 as llama.cpp's converter writes a qwen3 GGUF: no q/k permutation,
+    `attn_q_norm`/`attn_k_norm`, `attention.key_length`/`value_length` for the explicit head_dim,
+    tensors kept in f32 so the transformers logits of the fixture apply unchanged.
+
+    transformers' own GGUF loader cannot be the reference here: its qwen3 mapping ignores
+    `attention.key_length` and falls back to Qwen3Config's head_dim of 128."""
+    from safetensors.numpy import load_file
+
+    src = OUT.parent / "tiny" / "qwen3"
+    cfg = json.loads((src / "config.json").read_text())
+    state = load_file(str(src / "model.safetensors"))
+    w = gguf.GGUFWriter(str(OUT / "tiny_qwen3.gguf"), arch="qwen3")
+    w.add_name("tiny-qwen3")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"tok{i}" for i in range(cfg["vocab_size"])])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for hf_name in sorted(state):
+        if hf_name in top:
+            name = top[hf_name]
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{names[module]}.{suffix}"
+        w.add_tensor(name, np.ascontiguousarray(state[hf_name], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make_llama3_rope():
     """A weightless llama header plus the `rope_freqs` tensor llama.cpp's converter writes for
     Llama 3.1 scaling (factor 8, low/high freq factors 1/4, original context 8192): the reader
@@ -335,6 +397,7 @@ def main():
     make_tiny_model(rng, "llama")
     make_tiny_model(rng, "qwen2")
     make_llama3_rope()
+    make_qwen3_from_hf()
     if args.smollm2:
         make_smollm2_golden(args.smollm2)
     total = sum(f.stat().st_size for f in OUT.iterdir())

@@ -32,6 +32,8 @@ from transformers import (  # noqa: E402
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SEED = 20240601
@@ -127,6 +129,32 @@ SPECS = {
             initializer_range=WEIGHT_INIT_STD,
         ),
         config_style="legacy",
+        pad_token_id=0,
+    ),
+    "qwen3": dict(
+        model_class=Qwen3ForCausalLM,
+        config=Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            # Smaller than the others' 48 to keep the fixture under MAX_FIXTURE_BYTES.
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            # heads * head_dim (64) != hidden_size (32), and q_norm/k_norm are [16]: a norm
+            # over the whole projection, or a head_dim derived from hidden_size, both fail.
+            head_dim=16,
+            attention_bias=False,
+            tie_word_embeddings=False,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            use_sliding_window=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=WEIGHT_INIT_STD,
+        ),
+        config_style="v5",
         pad_token_id=0,
     ),
     "opt_prelayernorm": dict(

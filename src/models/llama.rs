@@ -1,6 +1,6 @@
-//! Llama-family decoder (Llama 1–3, Mistral-style, SmolLM; Qwen2 adds q/k/v biases):
-//! RMSNorm, rotary position embeddings (default, linear or llama3 scaling), grouped-query
-//! attention and a SwiGLU MLP.
+//! Llama-family decoder (Llama 1–3, Mistral-style, SmolLM; Qwen2 adds q/k/v biases; Qwen3 an
+//! RMSNorm over each query and key head before the rotary embedding): RMSNorm, rotary position
+//! embeddings (default, linear or llama3 scaling), grouped-query attention and a SwiGLU MLP.
 
 use super::attention::{attend, AttentionShape, KvCache};
 use super::{
@@ -18,6 +18,10 @@ pub struct LlamaLayer {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Qwen3's per-head RMSNorm on queries and keys (`[head_dim]` weights), applied after the
+    /// projections and before the rotary embedding; `None` for the other members.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub post_attention_layernorm: RmsNorm,
     pub gate_proj: Linear,
     pub up_proj: Linear,
@@ -132,6 +136,26 @@ impl LlamaLayer {
             k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, cfg.qkv_bias)?,
             v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, cfg.qkv_bias)?,
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, cfg.o_bias)?,
+            q_norm: cfg
+                .qk_norm
+                .then(|| {
+                    ld.rms_norm(
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        hd,
+                        cfg.rms_norm_eps,
+                    )
+                })
+                .transpose()?,
+            k_norm: cfg
+                .qk_norm
+                .then(|| {
+                    ld.rms_norm(
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        hd,
+                        cfg.rms_norm_eps,
+                    )
+                })
+                .transpose()?,
             post_attention_layernorm: ld.rms_norm(
                 &format!("{p}.post_attention_layernorm.weight"),
                 h,
@@ -203,6 +227,8 @@ impl DecoderBlock for LlamaLayer {
         });
         g
     }
+    /// q_norm/k_norm are not listed: nothing AWQ scales feeds them, so they are never folded
+    /// into and are copied to a checkpoint unchanged.
     fn norm_names(&self) -> &'static [&'static str] {
         &["input_layernorm", "post_attention_layernorm"]
     }
@@ -228,6 +254,14 @@ impl DecoderBlock for LlamaLayer {
                         .try_into()
                         .expect("three outputs");
                 let s = &self.attention;
+                // Qwen3: each head normalized on its own (the weights are `[head_dim]`, so
+                // the norm's rows are heads), before the rotation.
+                if let Some(n) = &self.q_norm {
+                    q = n.forward(&q);
+                }
+                if let Some(n) = &self.k_norm {
+                    k = n.forward(&k);
+                }
                 apply_rope(&mut q, s.heads, s.head_dim, ctx.positions, &self.inv_freq);
                 apply_rope(
                     &mut k,
@@ -361,6 +395,15 @@ impl CausalLM for Llama {
                 l.post_attention_layernorm.weight.clone(),
                 vec![h],
             ));
+            for (name, norm) in [("q_norm", &l.q_norm), ("k_norm", &l.k_norm)] {
+                if let Some(n) = norm {
+                    out.push((
+                        format!("model.layers.{i}.self_attn.{name}.weight"),
+                        n.weight.clone(),
+                        vec![n.weight.len()],
+                    ));
+                }
+            }
         }
         out.push((
             "model.norm.weight".into(),
@@ -399,6 +442,10 @@ pub fn tensor_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             if bias {
                 v.push((format!("{p}.{n}.bias"), vec![o]));
             }
+        }
+        if c.qk_norm {
+            v.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            v.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
         }
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
     }

@@ -376,7 +376,7 @@ pub trait Family: Send + Sync {
 /// The [`Family`] of `config`'s architecture: the one `match` over architectures.
 pub fn family(config: &AutoConfig) -> &dyn Family {
     match &config.arch {
-        Architecture::Llama(c) | Architecture::Qwen2(c) => c,
+        Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => c,
         Architecture::Opt(c) => c,
         Architecture::Gpt2(c) => c,
     }

@@ -53,7 +53,7 @@ impl GgufFile {
             .ok_or_else(|| Error::format(&self.path, format!("metadata key `{key}` is missing")))
     }
 
-    /// The Hugging Face `config.json` equivalent to this GGUF (llama and qwen2).
+    /// The Hugging Face `config.json` equivalent to this GGUF (llama, qwen2 and qwen3).
     pub fn hf_config(&self) -> Result<Value> {
         let arch = self.known_architecture()?;
         let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
@@ -71,6 +71,21 @@ impl GgufFile {
             None
         };
         let head_dim = key_length.or(rope_dims).unwrap_or(hidden / n_head);
+        if arch.model_type != "llama" {
+            // llama.cpp rotates the first `rope.dimension_count` dimensions of each head;
+            // transformers' qwen2/qwen3 rotate them all.
+            let key = k("rope.dimension_count");
+            if let Some(d) = self.size_opt(&key, 1, limits::MAX_HEAD_DIM)? {
+                if d != head_dim {
+                    return Err(Error::format(
+                        &self.path,
+                        format!(
+                            "metadata key `{key}` is {d}, not the head size {head_dim}: partial                              rotary embeddings are not supported"
+                        ),
+                    ));
+                }
+            }
+        }
         let vocab_size = match self.size_opt(&k("vocab_size"), 1, limits::MAX_VOCAB)? {
             Some(v) => v,
             None => match self.get_array("tokenizer.ggml.tokens") {
@@ -110,7 +125,8 @@ impl GgufFile {
         );
         c.insert("num_attention_heads".into(), json!(n_head));
         c.insert("num_key_value_heads".into(), json!(n_kv));
-        if arch.model_type == "llama" || head_dim != hidden / n_head {
+        // Qwen3Config's default head_dim is 128, not hidden / heads: always written for qwen3.
+        if arch.model_type != "qwen2" || head_dim != hidden / n_head {
             c.insert("head_dim".into(), json!(head_dim));
         }
         c.insert("hidden_act".into(), json!("silu"));
@@ -127,9 +143,15 @@ impl GgufFile {
             "tie_word_embeddings".into(),
             json!(self.tensor_info("output.weight").is_none()),
         );
-        if arch.model_type == "llama" {
-            c.insert("attention_bias".into(), json!(has_bias));
-            c.insert("mlp_bias".into(), json!(false));
+        match arch.model_type {
+            "llama" => {
+                c.insert("attention_bias".into(), json!(has_bias));
+                c.insert("mlp_bias".into(), json!(false));
+            }
+            "qwen3" => {
+                c.insert("attention_bias".into(), json!(has_bias));
+            }
+            _ => {}
         }
         for (gguf_key, hf_key) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),

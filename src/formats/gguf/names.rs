@@ -16,8 +16,10 @@ pub(super) struct Arch {
     pub(super) prefix: &'static str,
     pub(super) model_type: &'static str,
     pub(super) hf_class: &'static str,
-    /// llama.cpp's converter permutes q/k rows for llama but not for qwen2.
+    /// llama.cpp's converter permutes q/k rows for llama but not for qwen2 or qwen3.
     pub(super) permuted_qk: bool,
+    /// Per-head q/k norms (`attn_q_norm`, `attn_k_norm`; qwen3).
+    pub(super) qk_norm: bool,
 }
 
 pub(super) const ARCHITECTURES: &[Arch] = &[
@@ -26,12 +28,21 @@ pub(super) const ARCHITECTURES: &[Arch] = &[
         model_type: "llama",
         hf_class: "LlamaForCausalLM",
         permuted_qk: true,
+        qk_norm: false,
     },
     Arch {
         prefix: "qwen2",
         model_type: "qwen2",
         hf_class: "Qwen2ForCausalLM",
         permuted_qk: false,
+        qk_norm: false,
+    },
+    Arch {
+        prefix: "qwen3",
+        model_type: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        permuted_qk: false,
+        qk_norm: true,
     },
 ];
 
@@ -48,10 +59,16 @@ const LAYER_TENSORS: &[(&str, &str)] = &[
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
+/// Per-layer tensors only architectures with q/k norms have.
+const QK_NORM_TENSORS: &[(&str, &str)] = &[
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+];
+
 /// Tensors llama.cpp stores that have no Hugging Face parameter (they feed the config instead).
 const NON_PARAMETER_TENSORS: &[&str] = &["rope_freqs.weight"];
 
-fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+fn hf_tensor_name(gguf_name: &str, arch: &Arch) -> Option<String> {
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -70,7 +87,11 @@ fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let (_, hf) = LAYER_TENSORS.iter().find(|(g, _)| *g == stem)?;
+    let qk_norm: &[(&str, &str)] = if arch.qk_norm { QK_NORM_TENSORS } else { &[] };
+    let (_, hf) = LAYER_TENSORS
+        .iter()
+        .chain(qk_norm)
+        .find(|(g, _)| *g == stem)?;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
@@ -82,7 +103,7 @@ struct WeightEntry {
     unpermute_heads: Option<usize>,
 }
 
-/// The tensors of a llama / qwen2 GGUF under Hugging Face names, dequantized to f32, with
+/// The tensors of a llama / qwen2 / qwen3 GGUF under Hugging Face names, dequantized to f32, with
 /// llama.cpp's q/k row permutation undone.
 pub struct GgufWeights {
     file: GgufFile,
@@ -126,7 +147,7 @@ impl GgufWeights {
             if NON_PARAMETER_TENSORS.contains(&t.name.as_str()) {
                 continue;
             }
-            let hf = hf_tensor_name(&t.name).ok_or_else(|| {
+            let hf = hf_tensor_name(&t.name, arch).ok_or_else(|| {
                 Error::tensor(
                     &path,
                     &t.name,
@@ -233,24 +254,40 @@ impl WeightSource for GgufWeights {
 mod tests {
     use super::*;
 
+    const LLAMA: &Arch = &ARCHITECTURES[0];
+
+    #[test]
+    fn qk_norms_map_for_qwen3_only() {
+        let qwen3 = ARCHITECTURES.iter().find(|a| a.prefix == "qwen3").unwrap();
+        assert_eq!(
+            hf_tensor_name("blk.2.attn_q_norm.weight", qwen3).as_deref(),
+            Some("model.layers.2.self_attn.q_norm.weight")
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.attn_k_norm.weight", qwen3).as_deref(),
+            Some("model.layers.0.self_attn.k_norm.weight")
+        );
+        assert_eq!(hf_tensor_name("blk.0.attn_k_norm.weight", LLAMA), None);
+    }
+
     #[test]
     fn hf_names_follow_the_llama_mapping() {
         assert_eq!(
-            hf_tensor_name("blk.12.attn_output.weight").as_deref(),
+            hf_tensor_name("blk.12.attn_output.weight", LLAMA).as_deref(),
             Some("model.layers.12.self_attn.o_proj.weight")
         );
         assert_eq!(
-            hf_tensor_name("blk.0.attn_q.bias").as_deref(),
+            hf_tensor_name("blk.0.attn_q.bias", LLAMA).as_deref(),
             Some("model.layers.0.self_attn.q_proj.bias")
         );
         assert_eq!(
-            hf_tensor_name("blk.3.ffn_norm.weight").as_deref(),
+            hf_tensor_name("blk.3.ffn_norm.weight", LLAMA).as_deref(),
             Some("model.layers.3.post_attention_layernorm.weight")
         );
-        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_tensor_name("blk.01.attn_q.weight"), None);
-        assert_eq!(hf_tensor_name("blk.0.attn_qkv.weight"), None);
-        assert_eq!(hf_tensor_name("blk.0.attn_q.scale"), None);
+        assert_eq!(hf_tensor_name("blk.x.attn_q.weight", LLAMA), None);
+        assert_eq!(hf_tensor_name("blk.01.attn_q.weight", LLAMA), None);
+        assert_eq!(hf_tensor_name("blk.0.attn_qkv.weight", LLAMA), None);
+        assert_eq!(hf_tensor_name("blk.0.attn_q.scale", LLAMA), None);
     }
 
     #[test]
