@@ -35,6 +35,20 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// YaRN: frequencies blended between interpolated (÷ `factor`) and original by a linear
+    /// ramp over the dimensions whose rotation count at `original_max_position_embeddings`
+    /// lies between `beta_slow` and `beta_fast`; cos and sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Given, or `0.1·ln(factor) + 1` (with `mscale`/`mscale_all_dim`: the ratio of the
+        /// two such terms), 1 when `factor ≤ 1`.
+        attention_factor: f64,
+        /// Round the ramp's ends to whole dimensions (transformers' default, true).
+        truncate: bool,
+    },
 }
 
 /// Llama-style decoder (Llama 1-3, Mistral, SmolLM, Qwen2 with q/k/v biases, Qwen3 with a
@@ -544,14 +558,94 @@ impl Reader<'_> {
                     original_max_position_embeddings: original as usize,
                 })
             }
+            "yarn" => Some(self.yarn(key, obj, num("factor")?)?),
             other => {
                 return Err(self.err(
                     key,
                     &format!(
-                        "rope type `{other}` is not supported (supported: default, linear, llama3)"
+                        "rope type `{other}` is not supported (supported: default, linear, \
+                         llama3, yarn)"
                     ),
                 ))
             }
+        })
+    }
+
+    /// YaRN's parameters with transformers' defaults: `original_max_position_embeddings` from
+    /// the top level, else the rope object, else `max_position_embeddings`; `beta_fast` 32,
+    /// `beta_slow` 1 when absent or 0; `truncate` true.
+    fn yarn(&self, key: &str, obj: &Map<String, Value>, factor: f64) -> Result<RopeScaling> {
+        let opt = |k: &str| -> Result<Option<f64>> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .map(Some)
+                    .ok_or_else(|| self.err(key, &format!("`{k}` is not a non-negative number"))),
+            }
+        };
+        let original = match self.map.get("original_max_position_embeddings") {
+            Some(v) if !v.is_null() => Some(v.clone()),
+            _ => obj.get("original_max_position_embeddings").cloned(),
+        };
+        let original = match original {
+            Some(v) => v
+                .as_f64()
+                .filter(|v| v.is_finite() && *v >= 1.0)
+                .ok_or_else(|| {
+                    self.err(
+                        key,
+                        "`original_max_position_embeddings` is not a positive number",
+                    )
+                })?,
+            None => self
+                .map
+                .get("max_position_embeddings")
+                .and_then(Value::as_f64)
+                .filter(|v| *v >= 1.0)
+                .ok_or_else(|| self.err(key, "yarn needs `original_max_position_embeddings`"))?,
+        };
+        if original > limits::MAX_POSITIONS as f64 {
+            return Err(self.err(
+                key,
+                &format!(
+                    "`original_max_position_embeddings` {original} is out of range (at most {})",
+                    limits::MAX_POSITIONS
+                ),
+            ));
+        }
+        let beta_fast = opt("beta_fast")?.filter(|v| *v != 0.0).unwrap_or(32.0);
+        let beta_slow = opt("beta_slow")?.filter(|v| *v != 0.0).unwrap_or(1.0);
+        let mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        let attention_factor = match opt("attention_factor")? {
+            Some(a) => a,
+            None => match (opt("mscale")?, opt("mscale_all_dim")?) {
+                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            },
+        };
+        let truncate = match obj.get("truncate") {
+            None | Some(Value::Null) => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, "`truncate` is not a boolean"))?,
+        };
+        Ok(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
         })
     }
 

@@ -738,3 +738,33 @@ fn gguf_sizes_are_bounded_and_named() {
         }
     }
 }
+
+#[test]
+fn gguf_yarn_scaling_is_read_or_refused() {
+    use autoquant::formats::gguf::GgufWeights;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut kv = tiny_gguf_kv(2, 2048);
+    kv.push(("llama.rope.scaling.type", GgufKv::Str("yarn")));
+    kv.push(("llama.rope.scaling.factor", GgufKv::F32(4.0)));
+    kv.push((
+        "llama.rope.scaling.original_context_length",
+        GgufKv::U32(512),
+    ));
+    kv.push(("llama.rope.scaling.yarn_beta_fast", GgufKv::F32(16.0)));
+    std::fs::write(&path, gguf_bytes(&kv)).unwrap();
+    let config = GgufWeights::open(&path).unwrap().hf_config().unwrap();
+    assert_eq!(
+        config["rope_scaling"],
+        json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+               "beta_fast": 16.0})
+    );
+    // A YaRN key whose llama.cpp meaning transformers' parameters do not carry is refused.
+    kv.push(("llama.rope.scaling.yarn_log_multiplier", GgufKv::F32(0.1)));
+    std::fs::write(&path, gguf_bytes(&kv)).unwrap();
+    let err = match GgufWeights::open(&path).and_then(|w| w.hf_config()) {
+        Ok(c) => panic!("accepted: {}", c["rope_scaling"]),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("yarn_log_multiplier"), "{err}");
+}

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 const MODELS: &[&str] = &[
     "llama_gqa_tied",
     "llama_linear_rope",
+    "llama_yarn",
     "qwen2",
     "qwen3",
     "opt_prelayernorm",

@@ -110,6 +110,35 @@ SPECS = {
         config_style="v5",
         pad_token_id=0,
     ),
+    "llama_yarn": dict(
+        model_class=LlamaForCausalLM,
+        config=LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            # With head_dim 16 and theta 1e4, an original context of 4096 puts YaRN's ramp
+            # (beta_fast 32, beta_slow 1) over dimensions 2..6 of 8: frequencies kept, blended
+            # and interpolated all occur; attention factor 0.1·ln 4 + 1.
+            max_position_embeddings=16384,
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 4096,
+            },
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=WEIGHT_INIT_STD,
+        ),
+        config_style="v5",
+        pad_token_id=0,
+    ),
     "qwen2": dict(
         model_class=Qwen2ForCausalLM,
         config=Qwen2Config(

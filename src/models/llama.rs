@@ -28,6 +28,8 @@ pub struct LlamaLayer {
     pub down_proj: Linear,
     attention: AttentionShape,
     inv_freq: Arc<[f32]>,
+    /// YaRN's cos/sin factor (1 otherwise).
+    rope_attention: f32,
 }
 
 pub struct Llama {
@@ -73,6 +75,52 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>)
                 })
                 .collect()
         }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        }) => {
+            // The dimension (of head_dim) whose frequency turns `rotations` times over the
+            // original context; the ramp runs between the dimensions of beta_fast and beta_slow.
+            let dim = head_dim as f64;
+            let correction = |rotations: f64| {
+                dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
+                    / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+            if *truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+            if low == high {
+                high += 0.001; // as transformers: no division by zero
+            }
+            let factor = *factor as f32;
+            base.iter()
+                .enumerate()
+                .map(|(i, &extrapolated)| {
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp; // share of the original frequency
+                    let interpolated = 1.0 / (factor * (1.0 / extrapolated));
+                    interpolated * (1.0 - keep) + extrapolated * keep
+                })
+                .collect()
+        }
+    }
+}
+
+/// The factor YaRN multiplies cos and sin by (1 for the other scalings); applied to the
+/// rotated queries and keys, which is the same product.
+pub fn rope_attention_factor(scaling: Option<&RopeScaling>) -> f32 {
+    match scaling {
+        Some(RopeScaling::Yarn {
+            attention_factor, ..
+        }) => *attention_factor as f32,
+        _ => 1.0,
     }
 }
 
@@ -172,6 +220,7 @@ impl LlamaLayer {
                 window: cfg.layer_window(i),
             },
             inv_freq,
+            rope_attention: rope_attention_factor(cfg.rope_scaling.as_ref()),
         })
     }
 }
@@ -270,6 +319,10 @@ impl DecoderBlock for LlamaLayer {
                     ctx.positions,
                     &self.inv_freq,
                 );
+                if self.rope_attention != 1.0 {
+                    let f = self.rope_attention;
+                    q.iter_mut().chain(k.iter_mut()).for_each(|v| *v *= f);
+                }
                 st.input = attend(ctx.cache, ctx.cache_layer, s, ctx.t, &q, &k, &v);
             }
             1 => {

@@ -238,6 +238,27 @@ impl GgufFile {
             )? {
                 s.insert("original_max_position_embeddings".into(), json!(orig));
             }
+            if kind == "yarn" {
+                for (key, name) in [
+                    ("yarn_beta_fast", "beta_fast"),
+                    ("yarn_beta_slow", "beta_slow"),
+                ] {
+                    if let Some(v) = self.get_f64(&k(&format!("rope.scaling.{key}"))) {
+                        s.insert(name.into(), json!(v));
+                    }
+                }
+                // Keys whose meaning in llama.cpp differs from transformers' parameters: refused
+                // rather than read as something else.
+                for key in ["yarn_log_multiplier", "attn_factor", "yarn_ext_factor"] {
+                    let full = k(&format!("rope.scaling.{key}"));
+                    if self.get_f64(&full).is_some() {
+                        return Err(Error::format(
+                            &self.path,
+                            format!("`{full}` (YaRN) is not supported"),
+                        ));
+                    }
+                }
+            }
             return Ok(Some(Value::Object(s)));
         }
         if let Some(factor) = self.get_f64(&k("rope.scale_linear")) {
