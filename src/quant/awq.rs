@@ -240,11 +240,30 @@ pub fn pseudo_quantize(
     k: usize,
     opts: &AwqOptions,
 ) -> Result<QuantizedLinear> {
+    let (bits, zp) = (opts.bits, opts.zero_point);
+    quantize_by_group(w, n, k, opts, |wg, cg| {
+        let (scale, zero) = group_grid(wg, bits, zp);
+        // `level + zero` is an integer in 0..=2^b−1 in both variants.
+        for (c, &x) in cg.iter_mut().zip(wg) {
+            *c = (level(x, scale, zero, bits, zp) + zero) as u8;
+        }
+        (scale, zero as u32)
+    })
+}
+
+/// The frame both quantizers share: checks, then `group(weights, codes) -> (scale, zero)` for
+/// every group of every row in parallel, then the parameters transposed to `[G, N]`.
+fn quantize_by_group(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    opts: &AwqOptions,
+    group_fn: impl Fn(&[f32], &mut [u8]) -> (f32, u32) + Sync,
+) -> Result<QuantizedLinear> {
     opts.validate()?;
     check_matrix("weight", w, n, k)?;
     let group = opts.group_len(k)?;
     let groups = k / group;
-    let (bits, zp) = (opts.bits, opts.zero_point);
     // Per row: codes, then (scale, zero) per group.
     let mut codes = vec![0u8; n * k];
     let mut params = vec![(0f32, 0u32); n * groups];
@@ -258,12 +277,7 @@ pub fn pseudo_quantize(
                 .zip(wrow.chunks_exact(group))
                 .zip(prow.iter_mut())
             {
-                let (scale, zero) = group_grid(wg, bits, zp);
-                // `level + zero` is an integer in 0..=2^b−1 in both variants.
-                for (c, &x) in cg.iter_mut().zip(wg) {
-                    *c = (level(x, scale, zero, bits, zp) + zero) as u8;
-                }
-                *p = (scale, zero as u32);
+                *p = group_fn(wg, cg);
             }
         });
     let mut scales = vec![0f32; groups * n];
@@ -276,7 +290,7 @@ pub fn pseudo_quantize(
         }
     }
     Ok(QuantizedLinear {
-        bits: Bits::new(bits)?,
+        bits: Bits::new(opts.bits)?,
         group_size: GroupSize::from_size((opts.group_size != 0).then_some(group)),
         n,
         k,
@@ -300,10 +314,7 @@ pub fn pseudo_quantize_half(
     k: usize,
     opts: &AwqOptions,
 ) -> Result<QuantizedLinear> {
-    opts.validate()?;
-    check_matrix("weight", w, n, k)?;
-    let group = opts.group_len(k)?;
-    let groups = k / group;
+    opts.validate()?; // before the shifts below
     let (bits, zp) = (opts.bits, opts.zero_point);
     let (lo_level, hi_level) = if zp {
         (0.0, ((1u32 << bits) - 1) as f32)
@@ -311,53 +322,19 @@ pub fn pseudo_quantize_half(
         let half = (1u32 << (bits - 1)) as f32;
         (-half, half - 1.0)
     };
-    let mut codes = vec![0u8; n * k];
-    let mut params = vec![(0f32, 0u32); n * groups];
-    codes
-        .par_chunks_mut(k)
-        .zip(params.par_chunks_mut(groups))
-        .zip(w.par_chunks(k))
-        .for_each(|((crow, prow), wrow)| {
-            let mut g16 = vec![0f32; group];
-            for ((cg, wg), p) in crow
-                .chunks_exact_mut(group)
-                .zip(wrow.chunks_exact(group))
-                .zip(prow.iter_mut())
-            {
-                for (d, &x) in g16.iter_mut().zip(wg) {
-                    *d = h(x);
-                }
-                let (scale, zero) = group_grid_half(&g16, bits, zp);
-                for (c, &x) in cg.iter_mut().zip(&g16) {
-                    // Asymmetric: clamp(round(x/s) + z); symmetric: clamp(round(x/s)) + 2^(b−1).
-                    let q = h(x / scale).round_ties_even();
-                    *c = if zp {
-                        (q + zero).clamp(lo_level, hi_level) as u8
-                    } else {
-                        (q.clamp(lo_level, hi_level) + zero) as u8
-                    };
-                }
-                *p = (scale, zero as u32);
-            }
-        });
-    let mut scales = vec![0f32; groups * n];
-    let mut zeros = vec![0u32; groups * n];
-    for row in 0..n {
-        for g in 0..groups {
-            let (s, z) = params[row * groups + g];
-            scales[g * n + row] = s;
-            zeros[g * n + row] = z;
+    quantize_by_group(w, n, k, opts, |wg, cg| {
+        let g16: Vec<f32> = wg.iter().map(|&x| h(x)).collect();
+        let (scale, zero) = group_grid_half(&g16, bits, zp);
+        for (c, &x) in cg.iter_mut().zip(&g16) {
+            // Asymmetric: clamp(round(x/s) + z); symmetric: clamp(round(x/s)) + 2^(b−1).
+            let q = h(x / scale).round_ties_even();
+            *c = if zp {
+                (q + zero).clamp(lo_level, hi_level) as u8
+            } else {
+                (q.clamp(lo_level, hi_level) + zero) as u8
+            };
         }
-    }
-    Ok(QuantizedLinear {
-        bits: Bits::new(bits)?,
-        group_size: GroupSize::from_size((opts.group_size != 0).then_some(group)),
-        n,
-        k,
-        codes,
-        scales,
-        zeros,
-        g_idx: (0..k).map(|c| (c / group) as u32).collect(),
+        (scale, zero as u32)
     })
 }
 
