@@ -302,6 +302,35 @@ fn scale_close(stored: f32, want: f32) -> bool {
     stored >= lo && stored <= hi
 }
 
+/// Quantize case `c` with `opts` into `out`, compare with the golden and print the agreement.
+fn quantize_and_compare(
+    m: &FloatModel,
+    calib: &CalibData,
+    c: &Value,
+    out: &Path,
+    opts: &StreamOptions,
+) -> (StreamReport, Agreement) {
+    let name = c["name"].as_str().unwrap();
+    let report = m.quantize(Some(calib), out, opts).unwrap();
+    let layers = case_layers(c);
+    assert_eq!(report.layers.len(), layers.len(), "{name}");
+    let a = compare_with_golden(name, &read_output(out, &layers));
+    eprintln!(
+        "{name}: codes {}/{} differ ({:.4}% agree; worst layer {} with {}), scales {}/{} \
+         beyond 1e-5, zero points {} differ, g_idx {} differ",
+        a.code_mismatches,
+        a.codes,
+        100.0 * (1.0 - a.code_mismatches as f64 / a.codes as f64),
+        a.worst_layer.0,
+        a.worst_layer.1,
+        a.scale_mismatches,
+        a.scales,
+        a.zero_mismatches,
+        a.g_idx_mismatches
+    );
+    (report, a)
+}
+
 fn compare_with_golden(case_name: &str, got: &[QuantizedLinear]) -> Agreement {
     let c = case(case_name);
     let layers = case_layers(c);
@@ -395,25 +424,8 @@ fn streamed_gptq_matches_reference_driver() {
         let out_root = tempfile::tempdir().unwrap();
         let out = out_root.path().join(name);
         let opts = gptq_options(c);
-        let report = m.quantize(Some(&calib), &out, &opts).unwrap();
-        let layers = case_layers(c);
-        assert_eq!(report.layers.len(), layers.len(), "{name}");
-        let got = read_output(&out, &layers);
-        let a = compare_with_golden(name, &got);
+        let (report, a) = quantize_and_compare(m, &calib, c, &out, &opts);
         let code_agreement = 1.0 - a.code_mismatches as f64 / a.codes as f64;
-        eprintln!(
-            "{name}: codes {}/{} differ ({:.4}% agree; worst layer {} with {}), scales {}/{} \
-             beyond 1e-5, zero points {} differ, g_idx {} differ",
-            a.code_mismatches,
-            a.codes,
-            100.0 * code_agreement,
-            a.worst_layer.0,
-            a.worst_layer.1,
-            a.scale_mismatches,
-            a.scales,
-            a.zero_mismatches,
-            a.g_idx_mismatches
-        );
         if code_agreement < 0.999 {
             failures.push(format!(
                 "{name}: codes agree {:.4}%",
@@ -520,25 +532,7 @@ fn streamed_default_gptq_matches_reference_with_documented_differences() {
         // The library's defaults, not the recorded settings: a changed default must show up as
         // changed codes. The settings the golden was made with are checked afterwards.
         let opts = StreamOptions::new(Method::Gptq, case_params(c));
-        let report = m.quantize(Some(&calib), &out, &opts).unwrap();
-        let layers = case_layers(c);
-        assert_eq!(report.layers.len(), layers.len(), "{name}");
-        let got = read_output(&out, &layers);
-        let a = compare_with_golden(name, &got);
-        let code_agreement = 1.0 - a.code_mismatches as f64 / a.codes as f64;
-        eprintln!(
-            "{name}: codes {}/{} differ ({:.4}% agree; worst layer {} with {}), scales {}/{} \
-             beyond 1e-5, zero points {} differ, g_idx {} differ",
-            a.code_mismatches,
-            a.codes,
-            100.0 * code_agreement,
-            a.worst_layer.0,
-            a.worst_layer.1,
-            a.scale_mismatches,
-            a.scales,
-            a.zero_mismatches,
-            a.g_idx_mismatches
-        );
+        let (report, a) = quantize_and_compare(m, &calib, c, &out, &opts);
         let (max_codes, max_scales, max_zeros) = DEFAULT_PATH_BOUNDS;
         if a.code_mismatches as f64 > max_codes * a.codes as f64 {
             failures.push(format!(
