@@ -6,7 +6,9 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// The model types we can build, with the family that implements each. Aliases share a family.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox",
+];
 
 /// Bounds on the sizes a config may declare (docs/formats.md, "Config bounds"). They sit well
 /// above every released model and far below what would make a size computation wrap around,
@@ -125,6 +127,32 @@ pub struct Gpt2Config {
     pub tie_word_embeddings: bool,
 }
 
+/// GPT-NeoX (Pythia, GPT-NeoX-20B): LayerNorm pre-norms, one fused q/k/v projection laid out
+/// per head, rotary embeddings on the first `rotary_ndims` dimensions of each head, a GELU MLP
+/// and, by default, the attention and the MLP both reading the block input (parallel residual).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptNeoxConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// `hidden_size / num_attention_heads`.
+    pub head_dim: usize,
+    /// Leading dimensions of each head that are rotated: `int(head_dim × partial_rotary_factor)`
+    /// (`rotary_pct` in older configs), even and at least 2.
+    pub rotary_ndims: usize,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    /// `x + attn(ln1(x)) + mlp(ln2(x))` when true; `y = x + attn(ln1(x)); y + mlp(ln2(y))` when false.
+    pub use_parallel_residual: bool,
+    /// Bias on `attention.query_key_value` and `attention.dense`.
+    pub attention_bias: bool,
+    pub tie_word_embeddings: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     Relu,
@@ -159,6 +187,7 @@ pub enum Architecture {
     Qwen3(LlamaConfig),
     Opt(OptConfig),
     Gpt2(Gpt2Config),
+    GptNeox(GptNeoxConfig),
 }
 
 /// A parsed `config.json`: the typed view the models use plus the original JSON object.
@@ -220,6 +249,7 @@ impl AutoConfig {
             "qwen3" => Architecture::Qwen3(r.llama(LlamaKind::Qwen3)?),
             "opt" => Architecture::Opt(r.opt()?),
             "gpt2" => Architecture::Gpt2(r.gpt2()?),
+            "gpt_neox" => Architecture::GptNeox(r.gpt_neox()?),
             other => {
                 return Err(Error::format(
                     origin,
@@ -245,6 +275,7 @@ impl AutoConfig {
             }
             Architecture::Opt(c) => c.vocab_size,
             Architecture::Gpt2(c) => c.vocab_size,
+            Architecture::GptNeox(c) => c.vocab_size,
         }
     }
 
@@ -255,6 +286,7 @@ impl AutoConfig {
             }
             Architecture::Opt(c) => c.num_hidden_layers,
             Architecture::Gpt2(c) => c.n_layer,
+            Architecture::GptNeox(c) => c.num_hidden_layers,
         }
     }
 
@@ -275,6 +307,10 @@ impl AutoConfig {
                 a.n_layer = n;
                 "n_layer"
             }
+            Architecture::GptNeox(a) => {
+                a.num_hidden_layers = n;
+                "num_hidden_layers"
+            }
         };
         c.raw.insert(key.into(), n.into());
         c
@@ -287,6 +323,7 @@ impl AutoConfig {
             }
             Architecture::Opt(c) => c.hidden_size,
             Architecture::Gpt2(c) => c.n_embd,
+            Architecture::GptNeox(c) => c.hidden_size,
         }
     }
 
@@ -297,6 +334,7 @@ impl AutoConfig {
             }
             Architecture::Opt(c) => c.max_position_embeddings,
             Architecture::Gpt2(c) => c.n_positions,
+            Architecture::GptNeox(c) => c.max_position_embeddings,
         }
     }
 
@@ -334,6 +372,7 @@ impl AutoConfig {
             }
             Architecture::Opt(c) => c.tie_word_embeddings,
             Architecture::Gpt2(c) => c.tie_word_embeddings,
+            Architecture::GptNeox(c) => c.tie_word_embeddings,
         }
     }
 
@@ -862,6 +901,109 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    fn gpt_neox(&self) -> Result<GptNeoxConfig> {
+        use limits::*;
+        let hidden_size = self.dim("hidden_size", MAX_HIDDEN)?;
+        let heads = self.dim("num_attention_heads", MAX_HEADS)?;
+        if hidden_size % heads != 0 {
+            return Err(self.err("num_attention_heads", "does not divide hidden_size"));
+        }
+        let head_dim = hidden_size / heads;
+        // The attention always splits hidden_size into heads; a `head_dim` key would only move
+        // the rotary dimensions, so one that disagrees is refused rather than half-honoured.
+        if let Some(d) = self.dim_opt("head_dim", MAX_HEAD_DIM)? {
+            if d != head_dim {
+                return Err(self.err(
+                    "head_dim",
+                    &format!("{d} differs from hidden_size / num_attention_heads = {head_dim}"),
+                ));
+            }
+        }
+        // Only the default rotary embedding is implemented: any other `rope_type` is refused.
+        if let Some(s) = self.rope_scaling()? {
+            return Err(self.err(
+                "rope_scaling",
+                &format!("{s:?} is not supported for gpt_neox (default rotary embedding only)"),
+            ));
+        }
+        // transformers ≥ 5 keeps `rope_theta` and `partial_rotary_factor` in `rope_parameters`;
+        // older configs write `rotary_emb_base` and `rotary_pct`.
+        let rope_obj = self.rope_object()?;
+        let from_obj = |k: &str| -> Result<Option<f64>> {
+            match rope_obj.and_then(|(_, o)| o.get(k).map(|v| (v, o))) {
+                None => Ok(None),
+                Some((Value::Null, _)) => Ok(None),
+                Some((v, _)) => v.as_f64().map(Some).ok_or_else(|| {
+                    self.err(
+                        rope_obj.map_or(k, |(key, _)| key),
+                        &format!("`{k}` is not a number"),
+                    )
+                }),
+            }
+        };
+        let rope_theta = match from_obj("rope_theta")? {
+            Some(t) => t,
+            None if self.map.contains_key("rope_theta") => {
+                self.nonneg_f64_or("rope_theta", 10000.0, true)?
+            }
+            None => self.nonneg_f64_or("rotary_emb_base", 10000.0, true)?,
+        };
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(self.err("rope_theta", "is not a positive number"));
+        }
+        let (factor_key, factor) = match from_obj("partial_rotary_factor")? {
+            Some(f) => ("partial_rotary_factor", f),
+            None if self.map.contains_key("partial_rotary_factor") => (
+                "partial_rotary_factor",
+                self.f64_or("partial_rotary_factor", 0.25)?,
+            ),
+            None => ("rotary_pct", self.f64_or("rotary_pct", 0.25)?),
+        };
+        if !(factor.is_finite() && factor > 0.0 && factor <= 1.0) {
+            return Err(self.err(factor_key, &format!("{factor} is not in (0, 1]")));
+        }
+        let rotary_ndims = (head_dim as f64 * factor) as usize;
+        if rotary_ndims < 2 || rotary_ndims % 2 != 0 {
+            return Err(self.err(
+                factor_key,
+                &format!(
+                    "gives {rotary_ndims} rotary dimensions of a head of {head_dim}; an even \
+                     number of at least 2 is needed"
+                ),
+            ));
+        }
+        let activation = Activation::parse(self.str_or("hidden_act", "gelu")?, self.path)?;
+        let c = GptNeoxConfig {
+            vocab_size: self.dim("vocab_size", MAX_VOCAB)?,
+            hidden_size,
+            intermediate_size: self.dim("intermediate_size", MAX_INTERMEDIATE)?,
+            num_hidden_layers: self.count("num_hidden_layers", MAX_LAYERS)?,
+            num_attention_heads: heads,
+            head_dim,
+            rotary_ndims,
+            rope_theta,
+            max_position_embeddings: self.dim_or("max_position_embeddings", 2048, MAX_POSITIONS)?,
+            layer_norm_eps: self.nonneg_f64_or("layer_norm_eps", 1e-5, false)?,
+            activation,
+            use_parallel_residual: self.bool_or("use_parallel_residual", true)?,
+            attention_bias: self.bool_or("attention_bias", true)?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+        };
+        let (v, h, i) = (
+            c.vocab_size as u128,
+            hidden_size as u128,
+            c.intermediate_size as u128,
+        );
+        let per_layer = 4 * h * h + 2 * h * i + 10 * h + i;
+        self.check_parameters(
+            2 * v * h + c.num_hidden_layers as u128 * per_layer + 2 * h,
+            "vocab_size, hidden_size, intermediate_size, num_hidden_layers",
+        )?;
+        Ok(c)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum LlamaKind {
     Llama,
@@ -1029,5 +1171,63 @@ mod tests {
             infer_model_type("Qwen/Qwen3-0.6B").as_deref(),
             Some("qwen3")
         );
+    }
+
+    #[test]
+    fn gpt_neox_keys_old_and_new_and_refusals() {
+        let base = json!({"model_type":"gpt_neox","vocab_size":10,"hidden_size":64,
+            "intermediate_size":256,"num_hidden_layers":2,"num_attention_heads":4});
+        let Architecture::GptNeox(c) = parse(base.clone()).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        // transformers' defaults: rotary_pct 0.25, base 10000, parallel residual, untied.
+        assert_eq!((c.head_dim, c.rotary_ndims, c.rope_theta), (16, 4, 10000.0));
+        assert!(c.use_parallel_residual && c.attention_bias && !c.tie_word_embeddings);
+        assert_eq!(c.activation, Activation::Gelu);
+
+        let mut v = base.clone();
+        v["rotary_pct"] = json!(0.5);
+        v["rotary_emb_base"] = json!(500.0);
+        let Architecture::GptNeox(c) = parse(v).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!((c.rotary_ndims, c.rope_theta), (8, 500.0));
+
+        let mut v = base.clone();
+        v["rope_parameters"] =
+            json!({"rope_type":"default","rope_theta":20.0,"partial_rotary_factor":1.0});
+        let Architecture::GptNeox(c) = parse(v).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        assert_eq!((c.rotary_ndims, c.rope_theta), (16, 20.0));
+
+        for (key, bad, word) in [
+            (
+                "rope_scaling",
+                json!({"type":"linear","factor":2.0}),
+                "rope_scaling",
+            ),
+            (
+                "rope_scaling",
+                json!({"type":"dynamic","factor":2.0}),
+                "dynamic",
+            ),
+            ("rotary_pct", json!(0.1), "rotary_pct"),
+            ("rotary_pct", json!(0.0), "rotary_pct"),
+            ("rotary_pct", json!(1.5), "rotary_pct"),
+            ("head_dim", json!(8), "head_dim"),
+            ("hidden_act", json!("quick_gelu"), "quick_gelu"),
+            ("hidden_size", json!(0), "hidden_size"),
+            ("num_attention_heads", json!(3), "num_attention_heads"),
+            ("intermediate_size", json!(0), "intermediate_size"),
+        ] {
+            let mut v = base.clone();
+            v[key] = bad.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.contains(word) && err.contains("config.json"),
+                "{key}={bad}: {err}"
+            );
+        }
     }
 }

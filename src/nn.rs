@@ -218,21 +218,33 @@ impl<'a> Loader<'a> {
         in_features: usize,
         vocab: usize,
     ) -> Result<Option<Linear>> {
+        self.output_projection_named("lm_head", tied, embed, in_features, vocab)
+    }
+    /// [`Loader::output_projection`] for an architecture whose checkpoints give the output
+    /// projection another name (GPT-NeoX's `embed_out`).
+    pub fn output_projection_named(
+        &self,
+        name: &str,
+        tied: bool,
+        embed: &DenseMatrix,
+        in_features: usize,
+        vocab: usize,
+    ) -> Result<Option<Linear>> {
         if !self.lm_head_int8 {
             return Ok(if tied {
                 None
             } else {
-                Some(self.linear("lm_head", in_features, vocab, false)?)
+                Some(self.linear(name, in_features, vocab, false)?)
             });
         }
         let w = if tied {
             embed.to_f32()
         } else {
-            if let Some(weight) = self.factory_kernel("lm_head", in_features, vocab, false)? {
+            if let Some(weight) = self.factory_kernel(name, in_features, vocab, false)? {
                 // Already quantized by the checkpoint: keep it as it is.
                 return Ok(Some(Linear { weight, bias: None }));
             }
-            read_f32_checked(self.src, "lm_head.weight", &[vocab, in_features])?
+            read_f32_checked(self.src, &format!("{name}.weight"), &[vocab, in_features])?
         };
         let q = crate::qtypes::bnb::quantize_int8(&w, vocab, in_features)?;
         let m = crate::kernels::bnb::Int8Matrix::new(

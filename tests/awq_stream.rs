@@ -71,6 +71,15 @@ fn config_value(arch: &str) -> Value {
             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
             "tie_word_embeddings": true, "bos_token_id": 319, "eos_token_id": 319
         }),
+        // Pythia's layout: half of each head rotated, parallel (or sequential) residual.
+        "gpt_neox" | "gpt_neox_sequential" => json!({
+            "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 320,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "rotary_pct": 0.5, "rotary_emb_base": 10000,
+            "max_position_embeddings": 128, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+            "use_parallel_residual": arch == "gpt_neox", "tie_word_embeddings": false,
+            "bos_token_id": 0, "eos_token_id": 0
+        }),
         other => panic!("no tiny model {other}"),
     }
 }
@@ -166,6 +175,7 @@ impl FloatModel {
         match self.arch {
             "gpt2" => format!("transformer.h.{block}"),
             "opt" | "opt_post_norm" => format!("model.decoder.layers.{block}"),
+            "gpt_neox" | "gpt_neox_sequential" => format!("gpt_neox.layers.{block}"),
             _ => format!("model.layers.{block}"),
         }
     }
@@ -730,6 +740,87 @@ fn qwen3_every_method_keeps_the_qk_norms_and_loads_back() {
         eprintln!("qwen3 {name}: logits vs float rel L2 {rel:.4} (max {max:.3})");
         assert!(rel.is_finite() && rel > 1e-3 && rel < 0.5, "{name}: {rel}");
     }
+}
+
+/// gpt_neox (parallel and sequential residual) through every streamed method: GPTQ takes the
+/// fused query_key_value as one linear, in true-sequential order; AWQ folds into both block
+/// LayerNorms (weight and bias) and nothing else; every checkpoint loads back, keeps the float
+/// `embed_out`, and computes something close to the float model, AWQ and GPTQ closer than RTN.
+#[test]
+fn gpt_neox_every_method_loads_back_and_beats_rtn() {
+    let calib = calibration();
+    let mut failures = vec![];
+    for arch in ["gpt_neox", "gpt_neox_sequential"] {
+        let m = FloatModel::new(arch);
+        let float = load_dir(&m.dir, &LoadOptions::default()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rel_of = BTreeMap::new();
+        for method in [Method::Rtn, Method::Gptq, Method::Awq, Method::AwqGptq] {
+            let out = tmp.path().join(method.name());
+            let calib = (method != Method::Rtn).then_some(&calib);
+            let report = m
+                .quantize(calib, &out, &options(method, 4, Some(32)))
+                .unwrap();
+            let name = method.name();
+            let order: Vec<&str> = report
+                .layers
+                .iter()
+                .filter_map(|l| l.name.strip_prefix("gpt_neox.layers.0."))
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "attention.query_key_value",
+                    "attention.dense",
+                    "mlp.dense_h_to_4h",
+                    "mlp.dense_4h_to_h"
+                ],
+                "{arch} {name}"
+            );
+            let written = open_weights(&out).unwrap();
+            let head = written.read("embed_out.weight").unwrap().to_f32();
+            assert_eq!(head, loaded_f16(&m, "embed_out.weight"), "{arch} {name}");
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                for part in ["weight", "bias"] {
+                    let n = format!("gpt_neox.layers.1.{norm}.{part}");
+                    let folded = written.read(&n).unwrap().to_f32() != loaded_f16(&m, &n);
+                    assert_eq!(
+                        folded,
+                        matches!(method, Method::Awq | Method::AwqGptq),
+                        "{arch} {name}: {n}"
+                    );
+                }
+            }
+            let n = "gpt_neox.final_layer_norm.weight";
+            assert_eq!(
+                written.read(n).unwrap().to_f32(),
+                loaded_f16(&m, n),
+                "{arch} {name}"
+            );
+            let model = load_dir(&out, &LoadOptions::default()).unwrap();
+            for l in model.linears() {
+                if l.name.contains(".layers.") {
+                    let s = l.linear.weight.storage_name();
+                    assert!(s.contains("4bit"), "{arch} {name} {}: {s}", l.name);
+                }
+            }
+            let (rel, max) = logit_error(model.as_ref(), float.as_ref());
+            eprintln!("{arch} {name}: logits vs float rel L2 {rel:.4} (max {max:.3})");
+            assert!(
+                rel.is_finite() && rel > 1e-3 && rel < 0.5,
+                "{arch} {name}: {rel}"
+            );
+            rel_of.insert(name, rel);
+        }
+        for better in ["gptq", "awq", "awq-gptq"] {
+            if let (Some(b), Some(r)) = (rel_of.get(better), rel_of.get("rtn")) {
+                if !(b <= r) {
+                    failures.push(format!("{arch}: {better} {b:.4} > rtn {r:.4}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// A float tensor of the source as the checkpoint stores it (f16).

@@ -971,3 +971,31 @@ fn bad_configs_and_weights_are_refused() {
     });
     assert!(load_err(d.path()).contains("row-major"));
 }
+
+/// GPT-NeoX's output projection is `embed_out`: bitsandbytes keeps it in float as it keeps
+/// `lm_head` (transformers never quantizes the output embeddings), while every block linear is
+/// quantized, and the memory report counts exactly the block linears.
+#[test]
+fn gpt_neox_embed_out_stays_float_under_bitsandbytes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gpt_neox");
+    for v in ["nf4", "int8"] {
+        let opts = LoadOptions {
+            bnb: Some(variant_config(v)),
+            ..Default::default()
+        };
+        let model = load_dir(&dir, &opts).unwrap();
+        let mut block = 0;
+        for l in model.linears() {
+            let s = l.linear.weight.storage_name();
+            if l.name == "embed_out" {
+                assert!(!s.starts_with("bnb-"), "{v}: embed_out is {s}");
+            } else {
+                assert!(s.starts_with("bnb-"), "{v} {}: {s}", l.name);
+                block += l.linear.in_features() * l.linear.out_features();
+            }
+        }
+        // Per layer: query_key_value 96×32, dense 32×32, h_to_4h 64×32, 4h_to_h 32×64.
+        assert_eq!(block, 2 * (96 * 32 + 32 * 32 + 2 * 64 * 32), "{v}");
+        assert_eq!(memory_report(model.as_ref()).quantized_params, block as u64);
+    }
+}

@@ -790,3 +790,72 @@ fn smollm2_config_and_tensors() {
     }
     assert_eq!(total, 134_515_008);
 }
+
+/// tiny_gpt_neox.gguf holds the weights of tests/fixtures/tiny/gpt_neox in f32, laid out as
+/// llama.cpp's converter writes a `gptneox` (fused `attn_qkv` rows regrouped to all queries,
+/// keys, values; LayerNorm biases; `rope.dimension_count` 8 of a head of 16; parallel
+/// residual). Read back, it must be that checkpoint exactly — the q/k/v rows in transformers'
+/// per-head order — and give its transformers logits.
+#[test]
+fn tiny_gpt_neox_is_the_hf_fixture_and_gives_its_transformers_logits() {
+    use autoquant::config::AutoConfig;
+    use autoquant::models::{AutoModelForCausalLM, LoadOptions};
+    let path = fixture("tiny_gpt_neox.gguf");
+    let weights = GgufWeights::open(&path).unwrap();
+    let hf_dir = common::fixture("tiny/gpt_neox");
+    let hf = autoquant::formats::open_weights(&hf_dir).unwrap();
+    assert_eq!(weights.names(), hf.names());
+    let qkv = "gpt_neox.layers.1.attention.query_key_value.weight";
+    assert_eq!(weights.gguf_name(qkv), Some("blk.1.attn_qkv.weight"));
+    // The file's own row order is not transformers': the reader must regroup.
+    let file = GgufFile::open(&path).unwrap();
+    assert_ne!(
+        file.dequantize("blk.1.attn_qkv.weight").unwrap(),
+        hf.read(qkv).unwrap().to_f32()
+    );
+    for name in hf.names() {
+        let (got, want) = (weights.read(&name).unwrap(), hf.read(&name).unwrap());
+        assert_eq!(got.shape, want.shape, "{name}");
+        assert_same(&name, &got.to_f32(), &want.to_f32());
+    }
+
+    let config = weights.hf_config().unwrap();
+    let hf_config = common::read_json(&hf_dir.join("config.json"));
+    for key in [
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "layer_norm_eps",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "use_parallel_residual",
+        "attention_bias",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+    ] {
+        assert_eq!(config[key], hf_config[key], "{key}");
+    }
+    let rope = &hf_config["rope_parameters"];
+    assert_eq!(config["rotary_pct"], rope["partial_rotary_factor"]);
+    assert_eq!(config["rotary_emb_base"], rope["rope_theta"]);
+
+    let config = AutoConfig::from_value(config, &path, None).unwrap();
+    let model =
+        AutoModelForCausalLM::from_weights(config, &weights, &LoadOptions::default()).unwrap();
+    let expected = common::read_json(&hf_dir.join("expected.json"));
+    let case = &expected["cases"][0];
+    assert_eq!(case["name"], "single_12");
+    let ids = common::u32s(&case["input_ids"][0]);
+    let want: Vec<f32> = common::f64s(&case["logits"])
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let err = common::max_abs_diff(&common::logits(model.as_ref(), &ids), &want);
+    // The weights are the safetensors' bit for bit, so this is the safetensors model's error
+    // (1.43e-6 measured in tests/models_golden.rs); bound about 10× that.
+    assert!(err <= 1.6e-5, "max |Δlogit| {err}");
+}

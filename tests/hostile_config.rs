@@ -248,6 +248,28 @@ fn zero_dimensions_are_refused_with_the_key() {
         let err = common::err_text(parse(with(opt.clone(), key, json!(0))));
         assert!(err.contains(key), "opt {key}: {err}");
     }
+    let neox = json!({"model_type": "gpt_neox", "vocab_size": 64, "hidden_size": 32,
+                      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "max_position_embeddings": 64, "rotary_pct": 0.25});
+    for key in [
+        "intermediate_size",
+        "hidden_size",
+        "num_attention_heads",
+        "vocab_size",
+        "max_position_embeddings",
+    ] {
+        let err = common::err_text(parse(with(neox.clone(), key, json!(0))));
+        assert!(err.contains(key), "gpt_neox {key}: {err}");
+    }
+    for (key, v) in [
+        ("hidden_size", json!(1u64 << 40)),
+        ("rotary_emb_base", json!(0.0)),
+        ("rotary_pct", json!(-0.5)),
+        ("layer_norm_eps", json!(-1.0)),
+    ] {
+        let err = common::err_text(parse(with(neox.clone(), key, v)));
+        assert!(err.contains(key), "gpt_neox {key}: {err}");
+    }
     // Numbers that make every output NaN are refused as well.
     for (key, v) in [("rms_norm_eps", json!(-1.0)), ("rope_theta", json!(0.0))] {
         let err = common::err_text(parse(with(tiny_llama(), key, v)));

@@ -29,7 +29,15 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn save_pretrained_round_trips_every_architecture_sharded() {
-    for name in ["llama_gqa_tied", "qwen2", "qwen3", "opt_350m_style", "gpt2"] {
+    for name in [
+        "llama_gqa_tied",
+        "qwen2",
+        "qwen3",
+        "opt_350m_style",
+        "gpt2",
+        "gpt_neox",
+        "gpt_neox_sequential",
+    ] {
         let src = fixture(&format!("tiny/{name}"));
         let model = load_dir(&src, &LoadOptions::default()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
@@ -171,6 +179,42 @@ fn rewrite_tensor(dir: &Path, f: impl Fn(&mut Vec<(String, autoquant::tensor::Ra
     .unwrap();
 }
 
+/// A GPT-NeoX checkpoint whose output projection is `lm_head.weight` (transformers ≥ 5 names
+/// the module so) loads as one holding `embed_out.weight`, and is saved under the name released
+/// checkpoints use; one with neither is refused naming `embed_out.weight`.
+#[test]
+fn gpt_neox_reads_lm_head_or_embed_out_and_saves_embed_out() {
+    let src = fixture("tiny/gpt_neox");
+    let model = load_dir(&src, &LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("renamed");
+    copy_dir(&src, &dir);
+    rewrite_tensor(&dir, |t| {
+        for (n, _) in t.iter_mut() {
+            if n == "embed_out.weight" {
+                *n = "lm_head.weight".into();
+            }
+        }
+    });
+    let renamed = load_dir(&dir, &LoadOptions::default()).unwrap();
+    assert_eq!(logits(model.as_ref()), logits(renamed.as_ref()));
+    let out = tmp.path().join("saved");
+    save_pretrained(renamed.as_ref(), None, None, &out, &SaveOptions::default()).unwrap();
+    let saved = autoquant::formats::open_weights(&out).unwrap();
+    assert!(saved.info("embed_out.weight").is_some());
+    assert!(saved.info("lm_head.weight").is_none());
+
+    rewrite_tensor(&dir, |t| t.retain(|(n, _)| n != "lm_head.weight"));
+    let err = load_dir(&dir, &LoadOptions::default())
+        .err()
+        .expect("no output projection")
+        .to_string();
+    assert!(
+        err.contains("embed_out.weight") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_checkpoints_give_clear_errors() {
     broken(
@@ -230,6 +274,12 @@ fn bad_checkpoints_give_clear_errors() {
             file.set_len(len - 100).unwrap();
         },
         &["model.safetensors"],
+    );
+    let qkv = "gpt_neox.layers.1.attention.query_key_value.bias";
+    broken(
+        "gpt_neox",
+        |d| rewrite_tensor(d, |t| t.retain(|(n, _)| n != qkv)),
+        &["model.safetensors", qkv, "missing"],
     );
     broken(
         "gpt2",

@@ -17,6 +17,8 @@ const MODELS: &[&str] = &[
     "opt_prelayernorm",
     "opt_350m_style",
     "gpt2",
+    "gpt_neox",
+    "gpt_neox_sequential",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -156,6 +158,60 @@ fn qwen3_logits_match_transformers_and_need_the_qk_norm() {
     );
 }
 
+/// GPT-NeoX on its own bound: 1.43e-6 (parallel) and 1.59e-6 (sequential) measured, bound
+/// about 10× that; the wrong layouts miss by 0.9 to 4.5. The same weights read with the other residual
+/// layout, or with whole heads rotated, must miss by far, so the cases exercise both.
+#[test]
+fn gpt_neox_logits_match_transformers_and_need_its_layout() {
+    for name in ["gpt_neox", "gpt_neox_sequential"] {
+        let model = load(name, WeightDType::F32);
+        let err = max_logit_error(name, model.as_ref());
+        println!("{name}: max |Δlogit| = {err:.2e}");
+        assert!(err <= 1.6e-5, "{name}: max |Δlogit| {err} > 1.6e-5");
+
+        let dir = fixture(name);
+        let config = AutoConfig::from_pretrained(&dir).unwrap();
+        let weights = autoquant::formats::open_weights(&dir).unwrap();
+        let parallel = config.raw["use_parallel_residual"].as_bool().unwrap();
+        for (key, value) in [
+            ("use_parallel_residual", Value::Bool(!parallel)),
+            ("rotary_pct", serde_json::json!(1.0)),
+        ] {
+            let mut raw = config.raw.clone();
+            raw.remove("rope_parameters");
+            raw.insert(key.into(), value);
+            if key != "rotary_pct" {
+                // Keep the fixture's rotary dimensions when only the residual changes.
+                let factor = match &config.arch {
+                    autoquant::config::Architecture::GptNeox(c) => {
+                        c.rotary_ndims as f64 / c.head_dim as f64
+                    }
+                    _ => unreachable!(),
+                };
+                raw.insert("rotary_pct".into(), serde_json::json!(factor));
+                let theta = match &config.arch {
+                    autoquant::config::Architecture::GptNeox(c) => c.rope_theta,
+                    _ => unreachable!(),
+                };
+                raw.insert("rotary_emb_base".into(), serde_json::json!(theta));
+            }
+            let changed = AutoConfig::from_value(Value::Object(raw), &dir, None).unwrap();
+            let wrong = AutoModelForCausalLM::from_weights(
+                changed,
+                weights.as_ref(),
+                &LoadOptions::default(),
+            )
+            .unwrap();
+            let err = max_logit_error(name, wrong.as_ref());
+            println!("{name} with {key} changed: max |Δlogit| = {err:.2e}");
+            assert!(
+                err > 0.05,
+                "{name} with {key} changed: max |Δlogit| only {err}"
+            );
+        }
+    }
+}
+
 /// bf16/f16 storage against transformers in f32: the rounding of the weights, not an error of
 /// the arithmetic (measured up to 3.09e-2 in bf16 and 4.10e-3 in f16).
 #[test]
@@ -191,7 +247,8 @@ fn int8_lm_head_stays_close_to_transformers_and_is_not_saved() {
         let head = int8
             .linears()
             .into_iter()
-            .find(|l| l.name == "lm_head")
+            // GPT-NeoX checkpoints call the output projection `embed_out`.
+            .find(|l| l.name == "lm_head" || l.name == "embed_out")
             .unwrap_or_else(|| panic!("{name}: no lm_head"));
         assert_eq!(head.linear.weight.storage_name(), "bnb-int8", "{name}");
         let (n, k) = (head.linear.out_features(), head.linear.in_features());

@@ -284,6 +284,67 @@ def make_qwen3_from_hf():
     w.close()
 
 
+def make_gpt_neox_from_hf():
+    """tests/fixtures/tiny/gpt_neox as llama.cpp's converter writes a `gptneox` GGUF: the fused
+    `attn_qkv` weight and bias regrouped from transformers' per-head [heads, 3, head_dim] rows to
+    all queries, then all keys, then all values (as convert_hf_to_gguf.py's GPTNeoXModel does),
+    LayerNorm biases, `rope.dimension_count` for the rotated share of each head, and
+    `use_parallel_residual`; tensors kept in f32 so the fixture's transformers logits apply."""
+    from safetensors.numpy import load_file
+
+    src = OUT.parent / "tiny" / "gpt_neox"
+    cfg = json.loads((src / "config.json").read_text())
+    state = load_file(str(src / "model.safetensors"))
+    n_head, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    head_dim = hidden // n_head
+    rope = cfg["rope_parameters"]
+    w = gguf.GGUFWriter(str(OUT / "tiny_gpt_neox.gguf"), arch="gptneox")
+    w.add_name("tiny-gpt-neox")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * head_dim))
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_head_count(n_head)
+    w.add_parallel_residual(cfg["use_parallel_residual"])
+    w.add_layer_norm_eps(cfg["layer_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"tok{i}" for i in range(cfg["vocab_size"])])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "attention.query_key_value": "attn_qkv",
+        "attention.dense": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.dense_h_to_4h": "ffn_up",
+        "mlp.dense_4h_to_h": "ffn_down",
+    }
+    top = {"gpt_neox.embed_in.weight": "token_embd.weight",
+           "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+           "gpt_neox.final_layer_norm.bias": "output_norm.bias",
+           "embed_out.weight": "output.weight"}
+    for hf_name in sorted(state):
+        data = np.ascontiguousarray(state[hf_name], dtype=np.float32)
+        if hf_name in top:
+            name = top[hf_name]
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{names[module]}.{suffix}"
+            if module == "attention.query_key_value":
+                grouped = data.reshape((n_head, 3, head_dim) + data.shape[1:])
+                data = np.ascontiguousarray(np.concatenate(
+                    [grouped[:, p].reshape((n_head * head_dim,) + data.shape[1:]) for p in range(3)]))
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make_llama3_rope():
     """A weightless llama header plus the `rope_freqs` tensor llama.cpp's converter writes for
     Llama 3.1 scaling (factor 8, low/high freq factors 1/4, original context 8192): the reader
@@ -389,8 +450,13 @@ def make_smollm2_golden(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (optional)")
+    ap.add_argument("--only-gpt-neox", action="store_true",
+                    help="write tiny_gpt_neox.gguf alone, leaving the other fixtures as they are")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.only_gpt_neox:
+        make_gpt_neox_from_hf()
+        return
     rng = np.random.default_rng(20240611)
     make_all_types(rng)
     make_unsupported(rng)
@@ -398,6 +464,7 @@ def main():
     make_tiny_model(rng, "qwen2")
     make_llama3_rope()
     make_qwen3_from_hf()
+    make_gpt_neox_from_hf()
     if args.smollm2:
         make_smollm2_golden(args.smollm2)
     total = sum(f.stat().st_size for f in OUT.iterdir())

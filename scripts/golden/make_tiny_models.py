@@ -26,6 +26,8 @@ import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -54,7 +56,8 @@ MIN_DISTINCT_GENERATED = 3
 
 # Config styles: "v5" keeps config.json exactly as transformers 5 writes it (`rope_parameters`
 # holding rope_theta and the scaling). "legacy" rewrites it to the layout found in most hub
-# checkpoints (top-level `rope_theta`, `rope_scaling`, `torch_dtype`); both must load.
+# checkpoints (top-level `rope_theta`, `rope_scaling`, `torch_dtype`); "neox_legacy" to the
+# layout of the Pythia checkpoints (`rotary_emb_base`, `rotary_pct`); all must load.
 SPECS = {
     "llama_gqa_tied": dict(
         model_class=LlamaForCausalLM,
@@ -248,6 +251,55 @@ SPECS = {
         config_style="v5",
         pad_token_id=0,
     ),
+    # Pythia layout: parallel residual, exact GELU, untied embed_out; half of each head rotated
+    # (8 of 16 dimensions), so rotating whole heads, or splitting q/k/v as thirds of the fused
+    # projection instead of per head, both fail.
+    "gpt_neox": dict(
+        model_class=GPTNeoXForCausalLM,
+        config=GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act="gelu",
+            max_position_embeddings=128,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.5},
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=WEIGHT_INIT_STD,
+        ),
+        config_style="v5",
+        pad_token_id=0,
+    ),
+    # Sequential residual, tied embeddings, tanh GELU, a quarter of each head rotated, and the
+    # config keys older checkpoints write (rotary_emb_base, rotary_pct).
+    "gpt_neox_sequential": dict(
+        model_class=GPTNeoXForCausalLM,
+        config=GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act="gelu_new",
+            max_position_embeddings=128,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=False,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                             "partial_rotary_factor": 0.25},
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=WEIGHT_INIT_STD,
+        ),
+        config_style="neox_legacy",
+        pad_token_id=0,
+    ),
 }
 
 
@@ -275,6 +327,21 @@ def rewrite_config_legacy(path):
     rope = dict(cfg.pop("rope_parameters"))
     cfg["rope_theta"] = rope.pop("rope_theta")
     cfg["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    with open(path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def rewrite_config_neox_legacy(path):
+    """Turn a transformers-5 GPT-NeoX config.json into the layout of the Pythia checkpoints."""
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rotary_emb_base"] = rope.pop("rope_theta")
+    cfg["rotary_pct"] = rope.pop("partial_rotary_factor")
+    if rope.get("rope_type", "default") != "default":
+        raise SystemExit("neox_legacy style takes the default rotary embedding only")
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
     with open(path, "w") as f:
@@ -428,6 +495,8 @@ def build_with_seed(name, spec, out_root, seed):
     model.save_pretrained(folder, safe_serialization=True)
     if spec["config_style"] == "legacy":
         rewrite_config_legacy(os.path.join(folder, "config.json"))
+    elif spec["config_style"] == "neox_legacy":
+        rewrite_config_neox_legacy(os.path.join(folder, "config.json"))
 
     # Expected values come from the reloaded files; check they hold the same weights.
     reloaded = spec["model_class"].from_pretrained(

@@ -44,6 +44,8 @@ pub fn count_parameters(config: &AutoConfig) -> ParamCounts {
         } else if name.contains("embed_tokens")
             || name == "transformer.wte.weight"
             || name == "lm_head.weight"
+            || name == "gpt_neox.embed_in.weight"
+            || name == "embed_out.weight"
         {
             c.embeddings_and_head += n;
         } else {

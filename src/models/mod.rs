@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod gpt2;
+pub mod gpt_neox;
 pub mod llama;
 pub mod opt;
 
@@ -379,6 +380,7 @@ pub fn family(config: &AutoConfig) -> &dyn Family {
         Architecture::Llama(c) | Architecture::Qwen2(c) | Architecture::Qwen3(c) => c,
         Architecture::Opt(c) => c,
         Architecture::Gpt2(c) => c,
+        Architecture::GptNeox(c) => c,
     }
 }
 
@@ -548,6 +550,8 @@ pub fn unexpected_tensors(config: &AutoConfig, weights: &dyn WeightSource) -> Ve
             !n.ends_with("rotary_emb.inv_freq")
                 && !n.ends_with(".attn.bias")
                 && !n.ends_with(".attn.masked_bias")
+                && !n.ends_with(".attention.bias")
+                && !n.ends_with(".attention.masked_bias")
         })
         .filter(|n| n != "lm_head.weight")
         .collect()
@@ -584,9 +588,15 @@ pub fn check_against_weights(config: &AutoConfig, weights: &dyn WeightSource) ->
         ));
     }
     for (name, shape) in checkpoint_tensors(config) {
-        let table = ["embed_tokens", "embed_positions", "wte.", "wpe."]
-            .iter()
-            .any(|t| name.contains(t));
+        let table = [
+            "embed_tokens",
+            "embed_positions",
+            "wte.",
+            "wpe.",
+            "embed_in.",
+        ]
+        .iter()
+        .any(|t| name.contains(t));
         if !table {
             continue;
         }

@@ -221,10 +221,13 @@ impl BitsAndBytesConfig {
         Ok(())
     }
 
-    /// Whether the linear layer `prefix` stays in float: `lm_head` always, and any module whose
-    /// dotted name equals or ends with an entry of `skip_modules` (or lies under one).
+    /// Whether the linear layer `prefix` stays in float: the output projection always (`lm_head`,
+    /// GPT-NeoX's `embed_out`), and any module whose dotted name equals or ends with an entry of
+    /// `skip_modules` (or lies under one).
     pub fn skips(&self, prefix: &str) -> bool {
-        prefix == "lm_head" || self.skip_modules.iter().any(|s| module_matches(prefix, s))
+        prefix == "lm_head"
+            || prefix == "embed_out"
+            || self.skip_modules.iter().any(|s| module_matches(prefix, s))
     }
 
     /// Short storage name for reports: "bnb-nf4", "bnb-fp4-dq", "bnb-int8".

@@ -258,7 +258,11 @@ pub fn memory_report(model: &dyn crate::models::CausalLM) -> BnbMemoryReport {
     let mut q_bytes = 0u64;
     let mut method = String::from("none");
     // bitsandbytes never quantizes lm_head; an int8 one is `--lm-head-int8`, not the method.
-    for l in model.linears().into_iter().filter(|l| l.name != "lm_head") {
+    for l in model
+        .linears()
+        .into_iter()
+        .filter(|l| l.name != "lm_head" && l.name != "embed_out")
+    {
         let name = l.linear.weight.storage_name();
         if name.starts_with("bnb-") {
             q_params += (l.linear.in_features() * l.linear.out_features()) as u64;

@@ -56,6 +56,9 @@ impl GgufFile {
     /// The Hugging Face `config.json` equivalent to this GGUF (llama, qwen2 and qwen3).
     pub fn hf_config(&self) -> Result<Value> {
         let arch = self.known_architecture()?;
+        if arch.neox {
+            return self.gpt_neox_config(arch);
+        }
         let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
         let hidden = self.size(&k("embedding_length"), 1, limits::MAX_HIDDEN)?;
         let n_head = self.size(&k("attention.head_count"), 1, limits::MAX_HEADS)?;
@@ -164,6 +167,80 @@ impl GgufFile {
         }
         if let Some(scaling) = self.rope_scaling(arch.prefix, head_dim)? {
             c.insert("rope_scaling".into(), scaling);
+        }
+        c.insert("torch_dtype".into(), json!("float32"));
+        Ok(Value::Object(c))
+    }
+
+    /// The `config.json` of a llama.cpp `gptneox` GGUF (`GPTNeoXForCausalLM`).
+    fn gpt_neox_config(&self, arch: &Arch) -> Result<Value> {
+        let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
+        let hidden = self.size(&k("embedding_length"), 1, limits::MAX_HIDDEN)?;
+        let n_head = self.size(&k("attention.head_count"), 1, limits::MAX_HEADS)?;
+        let head_dim = hidden / n_head;
+        let rope_key = k("rope.dimension_count");
+        let rope_dims = self
+            .size_opt(&rope_key, 1, limits::MAX_HEAD_DIM)?
+            .unwrap_or(head_dim);
+        let vocab_size = self
+            .tensor_info("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| Error::format(&self.path, "tensor `token_embd.weight` is missing"))?;
+        let eps_key = k("attention.layer_norm_epsilon");
+        let eps = self.get_f64(&eps_key).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata key `{eps_key}` is missing or not a number"),
+            )
+        })?;
+        let mut c = Map::new();
+        c.insert("architectures".into(), json!([arch.hf_class]));
+        c.insert("model_type".into(), json!(arch.model_type));
+        c.insert("hidden_size".into(), json!(hidden));
+        c.insert(
+            "intermediate_size".into(),
+            json!(self.size(&k("feed_forward_length"), 1, limits::MAX_INTERMEDIATE)?),
+        );
+        c.insert(
+            "num_hidden_layers".into(),
+            json!(self.size(&k("block_count"), 0, limits::MAX_LAYERS)?),
+        );
+        c.insert("num_attention_heads".into(), json!(n_head));
+        // The rotated share of each head; the config refuses one that gives an odd count.
+        c.insert(
+            "rotary_pct".into(),
+            json!(rope_dims as f64 / head_dim as f64),
+        );
+        c.insert(
+            "rotary_emb_base".into(),
+            json!(self.get_f64(&k("rope.freq_base")).unwrap_or(10000.0)),
+        );
+        c.insert(
+            "use_parallel_residual".into(),
+            json!(self.get_bool(&k("use_parallel_residual")).unwrap_or(true)),
+        );
+        c.insert("layer_norm_eps".into(), json!(eps));
+        c.insert("hidden_act".into(), json!("gelu"));
+        c.insert(
+            "attention_bias".into(),
+            json!(self.tensor_info("blk.0.attn_qkv.bias").is_some()),
+        );
+        if let Some(ctx) = self.size_opt(&k("context_length"), 1, limits::MAX_POSITIONS)? {
+            c.insert("max_position_embeddings".into(), json!(ctx));
+        }
+        c.insert("vocab_size".into(), json!(vocab_size));
+        c.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tensor_info("output.weight").is_none()),
+        );
+        for (gguf_key, hf_key) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ] {
+            if let Some(id) = self.get_u64(gguf_key) {
+                c.insert(hf_key.into(), json!(id));
+            }
         }
         c.insert("torch_dtype".into(), json!("float32"));
         Ok(Value::Object(c))

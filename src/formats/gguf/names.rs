@@ -20,6 +20,9 @@ pub(super) struct Arch {
     pub(super) permuted_qk: bool,
     /// Per-head q/k norms (`attn_q_norm`, `attn_k_norm`; qwen3).
     pub(super) qk_norm: bool,
+    /// GPT-NeoX names (`gpt_neox.layers.N.*`, fused `attn_qkv`, LayerNorm biases) instead of
+    /// the llama family's.
+    pub(super) neox: bool,
 }
 
 pub(super) const ARCHITECTURES: &[Arch] = &[
@@ -29,6 +32,7 @@ pub(super) const ARCHITECTURES: &[Arch] = &[
         hf_class: "LlamaForCausalLM",
         permuted_qk: true,
         qk_norm: false,
+        neox: false,
     },
     Arch {
         prefix: "qwen2",
@@ -36,6 +40,7 @@ pub(super) const ARCHITECTURES: &[Arch] = &[
         hf_class: "Qwen2ForCausalLM",
         permuted_qk: false,
         qk_norm: false,
+        neox: false,
     },
     Arch {
         prefix: "qwen3",
@@ -43,6 +48,15 @@ pub(super) const ARCHITECTURES: &[Arch] = &[
         hf_class: "Qwen3ForCausalLM",
         permuted_qk: false,
         qk_norm: true,
+        neox: false,
+    },
+    Arch {
+        prefix: "gptneox",
+        model_type: "gpt_neox",
+        hf_class: "GPTNeoXForCausalLM",
+        permuted_qk: false,
+        qk_norm: false,
+        neox: true,
     },
 ];
 
@@ -65,10 +79,29 @@ const QK_NORM_TENSORS: &[(&str, &str)] = &[
     ("attn_k_norm", "self_attn.k_norm"),
 ];
 
+/// Per-layer GGUF tensor stems of llama.cpp's `gptneox` and their Hugging Face module paths.
+const NEOX_LAYER_TENSORS: &[(&str, &str)] = &[
+    ("attn_qkv", "attention.query_key_value"),
+    ("attn_output", "attention.dense"),
+    ("ffn_up", "mlp.dense_h_to_4h"),
+    ("ffn_down", "mlp.dense_4h_to_h"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// Tensors llama.cpp stores that have no Hugging Face parameter (they feed the config instead).
 const NON_PARAMETER_TENSORS: &[&str] = &["rope_freqs.weight"];
 
 fn hf_tensor_name(gguf_name: &str, arch: &Arch) -> Option<String> {
+    if arch.neox {
+        match gguf_name {
+            "token_embd.weight" => return Some("gpt_neox.embed_in.weight".into()),
+            "output_norm.weight" => return Some("gpt_neox.final_layer_norm.weight".into()),
+            "output_norm.bias" => return Some("gpt_neox.final_layer_norm.bias".into()),
+            "output.weight" => return Some("embed_out.weight".into()),
+            _ => {}
+        }
+    }
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -87,6 +120,10 @@ fn hf_tensor_name(gguf_name: &str, arch: &Arch) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
+    if arch.neox {
+        let (_, hf) = NEOX_LAYER_TENSORS.iter().find(|(g, _)| *g == stem)?;
+        return Some(format!("gpt_neox.layers.{layer}.{hf}.{suffix}"));
+    }
     let qk_norm: &[(&str, &str)] = if arch.qk_norm { QK_NORM_TENSORS } else { &[] };
     let (_, hf) = LAYER_TENSORS
         .iter()
@@ -101,6 +138,8 @@ struct WeightEntry {
     shape: Vec<usize>,
     /// Heads whose rows llama.cpp interleaved (attn_q: n_head, attn_k: n_head_kv).
     unpermute_heads: Option<usize>,
+    /// Heads of a GPT-NeoX `attn_qkv` (weight or bias) whose rows llama.cpp regrouped.
+    qkv_heads: Option<usize>,
 }
 
 /// The tensors of a llama / qwen2 / qwen3 GGUF under Hugging Face names, dequantized to f32, with
@@ -158,6 +197,20 @@ impl GgufWeights {
                 )
             })?;
             let shape = t.shape();
+            let mut qkv_heads = None;
+            if arch.neox && t.name.split('.').nth(2) == Some("attn_qkv") {
+                let n =
+                    file.require_u64(&format!("{}.attention.head_count", arch.prefix))? as usize;
+                let rows = shape.first().copied().unwrap_or(0);
+                if n == 0 || rows == 0 || !rows.is_multiple_of(3 * n) {
+                    return Err(Error::tensor(
+                        &path,
+                        &t.name,
+                        format!("{rows} rows cannot be split into q, k and v of {n} heads"),
+                    ));
+                }
+                qkv_heads = Some(n);
+            }
             let mut unpermute_heads = None;
             if arch.permuted_qk {
                 let stem = t.name.split('.').nth(2).unwrap_or("");
@@ -179,6 +232,7 @@ impl GgufWeights {
                     gguf_name: t.name.clone(),
                     shape,
                     unpermute_heads,
+                    qkv_heads,
                 },
             );
         }
@@ -218,6 +272,26 @@ fn unpermute_rows(values: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
     out
 }
 
+/// Undo llama.cpp's regrouping of GPT-NeoX's fused q/k/v rows: GGUF holds every query row,
+/// then every key row, then every value row (`[3, heads, head_dim]`); transformers holds them
+/// head by head (`[heads, 3, head_dim]`). GGUF row `p·n·hd + h·hd + i` is Hugging Face row
+/// `h·3·hd + p·hd + i`.
+fn ungroup_qkv_rows(values: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
+    let row_len = values.len() / rows;
+    let head_dim = rows / (3 * n_head);
+    let mut out = vec![0f32; values.len()];
+    for p in 0..3 {
+        for h in 0..n_head {
+            for i in 0..head_dim {
+                let src = (p * n_head * head_dim + h * head_dim + i) * row_len;
+                let dst = (h * 3 * head_dim + p * head_dim + i) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
+            }
+        }
+    }
+    out
+}
+
 impl WeightSource for GgufWeights {
     fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
@@ -237,6 +311,9 @@ impl WeightSource for GgufWeights {
         let mut values = self.file.dequantize(&entry.gguf_name)?;
         if let Some(n_head) = entry.unpermute_heads {
             values = unpermute_rows(&values, entry.shape[0], n_head);
+        }
+        if let Some(n_head) = entry.qkv_heads {
+            values = ungroup_qkv_rows(&values, entry.shape[0], n_head);
         }
         Ok(RawTensor::from_f32(entry.shape.clone(), &values))
     }
@@ -288,6 +365,51 @@ mod tests {
         assert_eq!(hf_tensor_name("blk.01.attn_q.weight", LLAMA), None);
         assert_eq!(hf_tensor_name("blk.0.attn_qkv.weight", LLAMA), None);
         assert_eq!(hf_tensor_name("blk.0.attn_q.scale", LLAMA), None);
+    }
+
+    #[test]
+    fn gptneox_names_and_qkv_rows() {
+        let neox = ARCHITECTURES
+            .iter()
+            .find(|a| a.prefix == "gptneox")
+            .unwrap();
+        for (g, hf) in [
+            ("token_embd.weight", "gpt_neox.embed_in.weight"),
+            ("output_norm.bias", "gpt_neox.final_layer_norm.bias"),
+            ("output.weight", "embed_out.weight"),
+            (
+                "blk.3.attn_qkv.bias",
+                "gpt_neox.layers.3.attention.query_key_value.bias",
+            ),
+            (
+                "blk.0.ffn_up.weight",
+                "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+            ),
+            (
+                "blk.1.ffn_norm.bias",
+                "gpt_neox.layers.1.post_attention_layernorm.bias",
+            ),
+        ] {
+            assert_eq!(hf_tensor_name(g, neox).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(hf_tensor_name("blk.0.attn_q.weight", neox), None);
+        assert_eq!(hf_tensor_name("blk.0.attn_qkv.weight", LLAMA), None);
+        // Converter: HF row h·3·hd + p·hd + i → GGUF row p·n·hd + h·hd + i.
+        let (n_head, head_dim, row_len) = (2, 4, 3);
+        let rows = 3 * n_head * head_dim;
+        let hf: Vec<f32> = (0..rows * row_len).map(|v| v as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for p in 0..3 {
+                for i in 0..head_dim {
+                    let src = (h * 3 * head_dim + p * head_dim + i) * row_len;
+                    let dst = (p * n_head * head_dim + h * head_dim + i) * row_len;
+                    gguf[dst..dst + row_len].copy_from_slice(&hf[src..src + row_len]);
+                }
+            }
+        }
+        assert_ne!(gguf, hf);
+        assert_eq!(ungroup_qkv_rows(&gguf, rows, n_head), hf);
     }
 
     #[test]
