@@ -22,7 +22,7 @@ AUTOQUANT_SKIP_LOG="$(mktemp)"
 export AUTOQUANT_SKIP_LOG
 trap 'rm -f "$AUTOQUANT_SKIP_LOG"' EXIT
 status=0
-cargo test --release "$@" || status=$?
+cargo test --release --no-fail-fast "$@" || status=$?
 skipped="$(sort -u "$AUTOQUANT_SKIP_LOG" | grep -c . || true)"
 if [ "$skipped" -gt 0 ]; then
   echo "test.sh: $skipped test(s) SKIPPED for missing assets:" >&2

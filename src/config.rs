@@ -1165,8 +1165,25 @@ mod tests {
         let mut v = base;
         v["rope_scaling"] =
             json!({"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768});
-        let err = parse(v).unwrap_err().to_string();
-        assert!(err.contains("yarn") && err.contains("config.json"), "{err}");
+        // Qwen3's long-context setting: YaRN with transformers' defaults.
+        let Architecture::Qwen3(l) = parse(v).unwrap().arch else {
+            panic!("wrong arch")
+        };
+        match l.rope_scaling {
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            }) => {
+                assert_eq!((factor, original_max_position_embeddings), (4.0, 32768.0));
+                assert_eq!((beta_fast, beta_slow, truncate), (32.0, 1.0, true));
+                assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             infer_model_type("Qwen/Qwen3-0.6B").as_deref(),
             Some("qwen3")

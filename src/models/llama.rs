@@ -379,18 +379,13 @@ impl CausalLM for Llama {
     }
 
     fn embed(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<usize>)> {
-        let (_, t) = input.dims(cache, self.config.vocab_size())?;
-        let h = self.cfg.hidden_size;
-        let mut x = vec![0f32; input.ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h).zip(&input.ids) {
-            self.embed_tokens.row_into(id as usize, row);
-        }
-        cache.push_positions(t, input.attention_mask.as_deref());
-        let positions: Vec<usize> = match &input.position_ids {
-            Some(p) => p.iter().flatten().copied().collect(),
-            None => cache.default_positions(t).into_iter().flatten().collect(),
-        };
-        Ok((x, positions))
+        super::embed_tokens_and_positions(
+            input,
+            cache,
+            self.config.vocab_size(),
+            &self.embed_tokens,
+            self.cfg.hidden_size,
+        )
     }
 
     fn blocks(&self) -> Vec<&dyn DecoderBlock> {

@@ -289,6 +289,29 @@ pub(crate) fn select_rows(
     }
 }
 
+/// Token embeddings of `input` (rows of `embed`) and the position of each row: the given
+/// `position_ids`, else those the cache assigns (after the mask's padding); the embedding step
+/// of the families with rotary positions.
+pub(crate) fn embed_tokens_and_positions(
+    input: &ForwardInput,
+    cache: &mut KvCache,
+    vocab_size: usize,
+    embed: &DenseMatrix,
+    hidden: usize,
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    let (_, t) = input.dims(cache, vocab_size)?;
+    let mut x = vec![0f32; input.ids.len() * hidden];
+    for (row, &id) in x.chunks_exact_mut(hidden).zip(&input.ids) {
+        embed.row_into(id as usize, row);
+    }
+    cache.push_positions(t, input.attention_mask.as_deref());
+    let positions: Vec<usize> = match &input.position_ids {
+        Some(p) => p.iter().flatten().copied().collect(),
+        None => cache.default_positions(t).into_iter().flatten().collect(),
+    };
+    Ok((x, positions))
+}
+
 /// Project hidden states to the vocabulary with `lm_head`, or the tied embedding matrix.
 pub(crate) fn project_logits(x: &[f32], lm_head: Option<&Linear>, embed: &DenseMatrix) -> Vec<f32> {
     match lm_head {
