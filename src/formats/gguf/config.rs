@@ -114,19 +114,7 @@ impl GgufFile {
             })?;
         let has_bias = self.tensor_info("blk.0.attn_q.bias").is_some();
 
-        let mut c = Map::new();
-        c.insert("architectures".into(), json!([arch.hf_class]));
-        c.insert("model_type".into(), json!(arch.model_type));
-        c.insert("hidden_size".into(), json!(hidden));
-        c.insert(
-            "intermediate_size".into(),
-            json!(self.size(&k("feed_forward_length"), 1, limits::MAX_INTERMEDIATE)?),
-        );
-        c.insert(
-            "num_hidden_layers".into(),
-            json!(self.size(&k("block_count"), 0, limits::MAX_LAYERS)?),
-        );
-        c.insert("num_attention_heads".into(), json!(n_head));
+        let mut c = self.common_config(arch, hidden, n_head)?;
         c.insert("num_key_value_heads".into(), json!(n_kv));
         // Qwen3Config's default head_dim is 128, not hidden / heads: always written for qwen3.
         if arch.model_type != "qwen2" || head_dim != hidden / n_head {
@@ -173,6 +161,26 @@ impl GgufFile {
     }
 
     /// The `config.json` of a llama.cpp `gptneox` GGUF (`GPTNeoXForCausalLM`).
+    /// The config keys every architecture writes the same way: class, type, hidden size,
+    /// MLP width, block count and head count.
+    fn common_config(&self, arch: &Arch, hidden: u64, n_head: u64) -> Result<Map<String, Value>> {
+        let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
+        let mut c = Map::new();
+        c.insert("architectures".into(), json!([arch.hf_class]));
+        c.insert("model_type".into(), json!(arch.model_type));
+        c.insert("hidden_size".into(), json!(hidden));
+        c.insert(
+            "intermediate_size".into(),
+            json!(self.size(&k("feed_forward_length"), 1, limits::MAX_INTERMEDIATE)?),
+        );
+        c.insert(
+            "num_hidden_layers".into(),
+            json!(self.size(&k("block_count"), 0, limits::MAX_LAYERS)?),
+        );
+        c.insert("num_attention_heads".into(), json!(n_head));
+        Ok(c)
+    }
+
     fn gpt_neox_config(&self, arch: &Arch) -> Result<Value> {
         let k = |suffix: &str| format!("{}.{suffix}", arch.prefix);
         let hidden = self.size(&k("embedding_length"), 1, limits::MAX_HIDDEN)?;
@@ -193,19 +201,7 @@ impl GgufFile {
                 format!("metadata key `{eps_key}` is missing or not a number"),
             )
         })?;
-        let mut c = Map::new();
-        c.insert("architectures".into(), json!([arch.hf_class]));
-        c.insert("model_type".into(), json!(arch.model_type));
-        c.insert("hidden_size".into(), json!(hidden));
-        c.insert(
-            "intermediate_size".into(),
-            json!(self.size(&k("feed_forward_length"), 1, limits::MAX_INTERMEDIATE)?),
-        );
-        c.insert(
-            "num_hidden_layers".into(),
-            json!(self.size(&k("block_count"), 0, limits::MAX_LAYERS)?),
-        );
-        c.insert("num_attention_heads".into(), json!(n_head));
+        let mut c = self.common_config(arch, hidden, n_head)?;
         // The rotated share of each head; the config refuses one that gives an odd count.
         c.insert(
             "rotary_pct".into(),
